@@ -1,0 +1,273 @@
+"""Privacy accounting on Google's dp-accounting.
+
+Privacy costs are data: every mechanism emits a ``dp_accounting.DpEvent``; a ledger stores events
+per partition (label); this module turns events into epsilon.
+
+Which bound is reported
+-----------------------
+We report the epsilon of the PLD (privacy loss distribution) accountant under add/remove-one
+neighbours with *pessimistic* discretisation: dp-accounting rounds privacy losses upwards, so the
+value is an upper bound on the true epsilon at every discretisation interval. The library default
+interval (1e-4) is slow (seconds per composition, minutes per calibration); we use 1e-3, which on
+the reference setting changes epsilon by under 0.001 % and is about 10x faster. Events the PLD
+accountant does not support (e.g. zCDP events of the exponential mechanism) make the whole
+partition fall back to the RDP accountant, which is also an upper bound, only a looser one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import attrs
+import dp_accounting as dpa
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+
+#: PLD value-discretisation interval used everywhere (ledger and calibration checks).
+PLD_DISCRETIZATION = 1e-3
+#: Coarser interval used only while bisecting during calibration; the result is re-checked
+#: at ``PLD_DISCRETIZATION`` so the calibrated sigma is never below what the ledger needs.
+_CALIBRATION_SEARCH_DISCRETIZATION = 1e-2
+
+#: Partition name for events that touch the whole dataset (they compose into every label).
+WHOLE_DATASET = "*"
+
+
+def make_accountant(kind: str = "pld", discretization: float = PLD_DISCRETIZATION) -> dpa.PrivacyAccountant:
+    """A fresh add/remove-one accountant: ``"pld"`` (default) or ``"rdp"``."""
+    if kind == "pld":
+        return pld_privacy_accountant.PLDAccountant(value_discretization_interval=discretization)
+    if kind == "rdp":
+        return rdp_privacy_accountant.RdpAccountant()
+    raise ValueError(f"unknown accountant {kind!r}; use 'pld' or 'rdp'")
+
+
+def pld_supports(event: dpa.DpEvent) -> bool:
+    """Whether the PLD accountant can compose ``event`` exactly."""
+    return make_accountant("pld").supports(event)
+
+
+def epsilon_of(events: Iterable[dpa.DpEvent], delta: float, accountant: str = "auto") -> float:
+    """Epsilon at ``delta`` of the composition of ``events`` (PLD unless unsupported, then RDP)."""
+    events = list(events)
+    kind = accountant
+    if kind == "auto":
+        kind = "pld" if all(pld_supports(e) for e in events) else "rdp"
+    acc = make_accountant(kind)
+    for e in events:
+        acc.compose(e)
+    return float(acc.get_epsilon(delta))
+
+
+# ---------------------------------------------------------------------------------------------
+# Serialisation: the ledger stores events as JSON.
+
+_EVENT_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        dpa.NoOpDpEvent,
+        dpa.NonPrivateDpEvent,
+        dpa.GaussianDpEvent,
+        dpa.LaplaceDpEvent,
+        dpa.ZCDpEvent,
+        dpa.PoissonSampledDpEvent,
+        dpa.SampledWithoutReplacementDpEvent,
+        dpa.SampledWithReplacementDpEvent,
+        dpa.SelfComposedDpEvent,
+        dpa.ComposedDpEvent,
+        dpa.RandomizedResponseDpEvent,
+    )
+}
+
+
+def event_to_dict(event: dpa.DpEvent) -> dict[str, Any]:
+    """JSON-able dict of a DpEvent (nested events are nested dicts, tagged by class name)."""
+    out: dict[str, Any] = {"type": type(event).__name__}
+    for f in attrs.fields(type(event)):
+        value = getattr(event, f.name)
+        if isinstance(value, dpa.DpEvent):
+            value = event_to_dict(value)
+        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], dpa.DpEvent):
+            value = [event_to_dict(v) for v in value]
+        out[f.name] = value
+    return out
+
+
+def event_from_dict(data: Mapping[str, Any]) -> dpa.DpEvent:
+    """Inverse of :func:`event_to_dict`."""
+    kind = data.get("type")
+    cls = _EVENT_TYPES.get(str(kind))
+    if cls is None:
+        raise ValueError(f"unknown DpEvent type {kind!r}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "type":
+            continue
+        if isinstance(value, Mapping):
+            value = event_from_dict(value)
+        elif isinstance(value, list) and value and isinstance(value[0], Mapping):
+            value = [event_from_dict(v) for v in value]
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration.
+
+
+def calibrate_sigma(
+    make_event: Callable[[float], dpa.DpEvent],
+    target_epsilon: float,
+    delta: float,
+    rel_tol: float = 1e-3,
+) -> float:
+    """Smallest noise multiplier (within ``rel_tol``) whose event costs at most ``target_epsilon``.
+
+    Fast path: bracket with RDP (cheap, and an upper bound on PLD's epsilon, so RDP's sigma is
+    always sufficient), bisect with a coarse pessimistic PLD, then check at the ledger's
+    discretisation and step sigma up until the check passes. The returned sigma therefore
+    satisfies ``epsilon_of([make_event(sigma)], delta) <= target_epsilon`` exactly as the ledger
+    will compute it.
+    """
+    if not target_epsilon > 0 or math.isinf(target_epsilon):
+        raise ValueError("target epsilon must be a positive finite number")
+    if not 0 < delta < 1:
+        raise ValueError("delta must be in (0, 1)")
+
+    def eps(sigma: float, kind: str, disc: float = PLD_DISCRETIZATION) -> float:
+        acc = make_accountant(kind, disc)
+        acc.compose(make_event(sigma))
+        return float(acc.get_epsilon(delta))
+
+    kind = "pld" if pld_supports(make_event(1.0)) else "rdp"
+    # RDP upper-bounds epsilon, so its calibrated sigma is an upper end of the PLD bracket.
+    with _quiet_absl():
+        hi = dpa.calibrate_dp_mechanism(
+            lambda: make_accountant("rdp"), make_event, target_epsilon, delta,
+            bracket_interval=dpa.LowerEndpointAndGuess(1e-6, 1.0), tol=rel_tol * 1e-2,
+        )
+    hi = float(hi) * (1 + rel_tol)
+    if kind == "rdp":
+        return _step_up(lambda s: eps(s, "rdp"), hi, target_epsilon, rel_tol)
+    lo = hi / 4
+    while eps(lo, "pld", _CALIBRATION_SEARCH_DISCRETIZATION) <= target_epsilon and lo > 1e-6:
+        lo /= 4
+    # Bisection on the coarse PLD.
+    while hi - lo > rel_tol * hi:
+        mid = 0.5 * (lo + hi)
+        if eps(mid, "pld", _CALIBRATION_SEARCH_DISCRETIZATION) <= target_epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return _step_up(lambda s: eps(s, "pld"), hi, target_epsilon, rel_tol)
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """dp-accounting's RDP code logs a warning for every skipped order while bracketing; the
+    skipped orders only make the bound looser, so hide the noise for the bracketing phase."""
+    logger = logging.getLogger("absl")
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def _step_up(eps_fn: Callable[[float], float], sigma: float, target: float, rel_tol: float) -> float:
+    for _ in range(200):
+        if eps_fn(sigma) <= target:
+            return sigma
+        sigma *= 1 + rel_tol
+    raise RuntimeError("calibration did not converge")  # pragma: no cover - defensive
+
+
+# ---------------------------------------------------------------------------------------------
+# Ledger maths: per-partition composition with cached accountants.
+
+
+@dataclass
+class _Partition:
+    accountant: dpa.PrivacyAccountant
+    kind: str
+    events: list[dpa.DpEvent] = field(default_factory=list)
+    epsilon: float = 0.0
+
+
+class PartitionedLedger:
+    """Composes events per partition and reports a dataset's spent epsilon.
+
+    Partitions are disjoint pools (one per label). Under add/remove neighbours a record touches one
+    partition only, so the dataset's epsilon is the max over partitions (parallel composition).
+    Events recorded on :data:`WHOLE_DATASET` compose into every partition, including ones that
+    first appear later. Accountants are kept composed, so adding an event costs one composition and
+    reading the spent epsilon costs nothing.
+    """
+
+    def __init__(self, delta: float):
+        if not 0 < delta < 1:
+            raise ValueError("delta must be in (0, 1)")
+        self.delta = delta
+        self._whole: list[dpa.DpEvent] = []
+        self._parts: dict[str, _Partition] = {}
+        self.entries = 0
+
+    def _new_partition(self, events: Sequence[dpa.DpEvent]) -> _Partition:
+        kind = "pld" if all(pld_supports(e) for e in events) else "rdp"
+        part = _Partition(make_accountant(kind), kind)
+        for e in events:
+            part.accountant.compose(e)
+            part.events.append(e)
+        part.epsilon = float(part.accountant.get_epsilon(self.delta)) if events else 0.0
+        return part
+
+    def _compose(self, part: _Partition, event: dpa.DpEvent) -> _Partition:
+        if part.kind == "pld" and not pld_supports(event):
+            # Fall back to RDP for this partition: rebuild from its full history.
+            return self._new_partition([*part.events, event])
+        part.accountant.compose(event)
+        part.events.append(event)
+        part.epsilon = float(part.accountant.get_epsilon(self.delta))
+        return part
+
+    def add(self, partition: str, event: dpa.DpEvent) -> None:
+        """Record ``event`` on ``partition`` (a label, or :data:`WHOLE_DATASET`)."""
+        self.entries += 1
+        if partition == WHOLE_DATASET:
+            self._whole.append(event)
+            if not self._parts:
+                self._parts[WHOLE_DATASET] = self._new_partition([])
+            for name in list(self._parts):
+                self._parts[name] = self._compose(self._parts[name], event)
+            return
+        part = self._parts.get(partition)
+        if part is None:
+            part = self._new_partition(self._whole)
+        self._parts[partition] = self._compose(part, event)
+
+    def epsilon_if(self, partition: str, event: dpa.DpEvent) -> float:
+        """Dataset epsilon if ``event`` were added on ``partition`` (the ledger is unchanged)."""
+        trial = copy.deepcopy(self)
+        trial.add(partition, event)
+        return trial.spent()
+
+    def epsilon_if_many(self, charges: Sequence[tuple[str, dpa.DpEvent]]) -> float:
+        """Dataset epsilon if all ``(partition, event)`` charges were added."""
+        trial = copy.deepcopy(self)
+        for partition, event in charges:
+            trial.add(partition, event)
+        return trial.spent()
+
+    def spent(self) -> float:
+        """The dataset's spent epsilon: max over partitions (0 when nothing is recorded)."""
+        return max((p.epsilon for p in self._parts.values()), default=0.0)
+
+    def per_partition(self) -> dict[str, float]:
+        """Spent epsilon of each partition (whole-dataset events included in each)."""
+        return {name: p.epsilon for name, p in self._parts.items()}

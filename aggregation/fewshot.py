@@ -1,0 +1,291 @@
+"""Token-by-token DP generation of few-shot demonstrations.
+
+Privacy flow: :func:`plan_demonstrations` computes every DpEvent from public quantities only
+(configuration and DP pool-size estimates), so a caller can charge its ledger *before*
+:func:`generate_demonstration` reads a single private record. Noise, sampling and their accounting
+live in :mod:`aggregation.mechanisms`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Mapping, Sequence
+
+import dp_accounting as dpa
+import numpy as np
+
+from aggregation import accounting
+from aggregation.mechanisms import (
+    Noise,
+    demonstration_event,
+    exponential_noisy_max,
+    gaussian_report_noisy_max,
+    poisson_subsets,
+)
+from aggregation.prompts import Example, TaskPrompt
+from aggregation.sources.base import NextTokenSource, Token
+
+#: Noise multiplier of the DP label histogram that sets each pool's sampling rate. One record
+#: changes one count by 1 (L2 sensitivity 1). With 20, counts are off by ~20 records, which only
+#: nudges q, and the event adds little epsilon once composed with the demonstrations' events.
+COUNT_SIGMA = 20.0
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Parameters of DP demonstration generation (DESIGN.md section 3 notation)."""
+
+    mode: Literal["resample", "fixed"] = "resample"
+    mechanism: Literal["gaussian", "exponential"] = "gaussian"
+    num_subsets: int = 10  # M
+    shots_per_subset: int = 2  # N
+    max_tokens: int = 20  # T
+    top_k: int | None = 100  # K; None = full vocabulary (no reduced vocabulary)
+    epsilon: float | None = 4.0  # target per demonstration set; math.inf = no noise
+    sigma: float | None = None  # explicit noise multiplier instead of a target epsilon
+    public_only: bool = False  # epsilon 0: public prompt only, no private data read
+
+    def validate(self) -> None:
+        if self.mode not in ("resample", "fixed"):
+            raise ValueError("mode must be 'resample' or 'fixed'")
+        if self.mechanism not in ("gaussian", "exponential"):
+            raise ValueError("mechanism must be 'gaussian' or 'exponential'")
+        if self.num_subsets < 1 or self.shots_per_subset < 1:
+            raise ValueError("num_subsets and shots_per_subset must be at least 1")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError("top_k must be at least 1 (or None for the full vocabulary)")
+        if self.public_only:
+            return
+        if self.sigma is None and self.epsilon is None:
+            raise ValueError("give a target epsilon or a sigma")
+        if self.sigma is not None and self.sigma <= 0:
+            raise ValueError("sigma must be positive")
+        if self.sigma is None and self.epsilon is not None and not self.epsilon > 0:
+            raise ValueError("epsilon must be positive (use public_only for epsilon 0)")
+
+    @property
+    def private(self) -> bool:
+        """Whether noise is added (false for public-only and epsilon = infinity)."""
+        return not self.public_only and (self.sigma is not None or not math.isinf(self.epsilon or 0.0))
+
+
+@dataclass
+class LabelPlan:
+    """What generating ``shots`` demonstrations for one label costs, fixed before data is read."""
+
+    label: str
+    shots: int
+    q: float
+    sigma: float | None  # Gaussian noise multiplier
+    epsilon_per_token: float | None  # exponential mechanism
+    event: dpa.DpEvent  # event of the whole label's demonstrations (composed over shots)
+
+    def demonstration_event(self, config: GenerationConfig) -> dpa.DpEvent:
+        """The event of a single demonstration."""
+        return _single_event(config, self.q, self.sigma, self.epsilon_per_token)
+
+
+@dataclass
+class Plan:
+    """Costs of a demonstration set: one :class:`LabelPlan` per label plus the epsilon."""
+
+    config: GenerationConfig
+    delta: float
+    labels: dict[str, LabelPlan] = field(default_factory=dict)
+
+    def charges(self) -> list[tuple[str, dpa.DpEvent]]:
+        """``(partition, event)`` pairs to record in a ledger before generation."""
+        return [(lp.label, lp.event) for lp in self.labels.values()]
+
+    def epsilon(self) -> float:
+        """Epsilon of this set alone at ``delta`` (max over labels: pools are disjoint)."""
+        ledger = accounting.PartitionedLedger(self.delta)
+        for part, event in self.charges():
+            ledger.add(part, event)
+        return ledger.spent()
+
+
+@dataclass
+class Demonstration:
+    """One generated demonstration with its cost and statistics."""
+
+    text: str
+    label: str
+    token_ids: list[Token]
+    event: dpa.DpEvent
+    tokens: int
+    model_calls: int
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning (public quantities only).
+
+
+def noisy_pool_sizes(counts: Mapping[str, int], noise: Noise, sigma: float = COUNT_SIGMA) -> tuple[dict[str, float], dpa.DpEvent]:
+    """DP estimate of each label's pool size, and its event (charge it on the whole dataset).
+
+    The sampling rate ``q = M*N/n_y`` must not depend on exact private counts, or the released
+    demonstrations would depend on them outside the accounting. Gaussian noise of std ``sigma`` on
+    the label histogram (L2 sensitivity 1 under add/remove) makes ``q`` a post-processing of a DP
+    release.
+    """
+    labels = sorted(counts)
+    draws = noise.normal(sigma, len(labels))
+    noisy = {lab: float(counts[lab]) + float(z) for lab, z in zip(labels, draws)}
+    return noisy, dpa.GaussianDpEvent(sigma)
+
+
+def _single_event(config: GenerationConfig, q: float, sigma: float | None, ept: float | None) -> dpa.DpEvent:
+    if config.public_only:
+        return dpa.NoOpDpEvent()
+    if not config.private:
+        return dpa.NonPrivateDpEvent()
+    return demonstration_event(config.mode, q, config.max_tokens, sigma=sigma, epsilon_per_token=ept)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrate(mode: str, mechanism: str, q: float, tokens: int, shots: int, target: float, delta: float) -> float:
+    """Noise parameter (sigma, or epsilon per token) so that ``shots`` demonstrations cost target."""
+    if mechanism == "gaussian":
+        return accounting.calibrate_sigma(
+            lambda s: dpa.SelfComposedDpEvent(demonstration_event(mode, q, tokens, sigma=s), shots),
+            target, delta,
+        )
+    # Exponential: the per-token epsilon is inversely related to noise; calibrate 1/eps_t.
+    inv = accounting.calibrate_sigma(
+        lambda s: dpa.SelfComposedDpEvent(demonstration_event(mode, q, tokens, epsilon_per_token=1.0 / s), shots),
+        target, delta,
+    )
+    return 1.0 / inv
+
+
+def plan_demonstrations(
+    config: GenerationConfig,
+    shots: Mapping[str, int],
+    pool_sizes: Mapping[str, float],
+    delta: float,
+) -> Plan:
+    """Fix noise and events for ``shots[label]`` demonstrations per label from public inputs.
+
+    ``pool_sizes`` must be public or DP estimates (see :func:`noisy_pool_sizes`). With a target
+    epsilon, sigma is calibrated per label so that the label's demonstrations together cost at
+    most the target; the set then costs at most the target too (labels are disjoint).
+    """
+    config.validate()
+    plan = Plan(config, delta)
+    m_n = config.num_subsets * config.shots_per_subset
+    for label, count in shots.items():
+        if count < 1:
+            continue
+        n_est = float(pool_sizes.get(label, 0.0))
+        if not config.public_only and n_est < m_n:
+            raise ValueError(
+                f"the pool of label {label!r} is too small for M*N = {m_n} sampled records "
+                f"(estimated size {max(0, round(n_est))}); lower num_subsets or shots_per_subset"
+            )
+        q = min(1.0, m_n / n_est) if n_est > 0 else 1.0
+        sigma = ept = None
+        if config.private:
+            if config.mechanism == "gaussian":
+                sigma = config.sigma if config.sigma is not None else _calibrate(
+                    config.mode, "gaussian", q, config.max_tokens, count, float(config.epsilon), delta)
+            else:
+                ept = (1.0 / config.sigma) if config.sigma is not None else _calibrate(
+                    config.mode, "exponential", q, config.max_tokens, count, float(config.epsilon), delta)
+        single = _single_event(config, q, sigma, ept)
+        event = single if count == 1 else dpa.SelfComposedDpEvent(single, count)
+        plan.labels[label] = LabelPlan(label, count, q, sigma, ept, event)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation (reads private data; charge the plan first).
+
+
+def generate_demonstration(
+    source: NextTokenSource,
+    prompt: TaskPrompt,
+    pool: Sequence[Example],
+    label: str,
+    config: GenerationConfig,
+    label_plan: LabelPlan,
+    noise: Noise,
+    on_token: Callable[[int], None] | None = None,
+) -> Demonstration:
+    """Generate one demonstration for ``label`` from ``pool`` (that label's private records)."""
+    started = time.perf_counter()
+    calls = 0
+    m = config.num_subsets
+    public = source.open([prompt.public_prompt(label)], keep_state=True) if config.top_k else None
+    vocab = source.vocabulary()
+    if config.top_k is None and vocab is None:
+        raise ValueError("this source cannot score the full vocabulary; set top_k")
+
+    def private_prompts() -> list[str]:
+        subsets = poisson_subsets(len(pool), label_plan.q, m, noise)
+        return [prompt.generation_prompt([pool[i] for i in idx], label) for idx in subsets]
+
+    private = None
+    if not config.public_only and config.mode == "fixed":
+        private = source.open(private_prompts(), keep_state=True)
+
+    generated: list[Token] = []
+    text = ""
+    for step in range(config.max_tokens):
+        candidates = public.top_tokens(config.top_k) if public is not None else list(vocab)  # type: ignore[arg-type]
+        if config.public_only:
+            assert public is not None
+            choice = 0  # top_tokens is sorted: greedy decoding of the public prompt
+        else:
+            if config.mode == "resample":
+                private = source.open(private_prompts(), suffix=generated, keep_state=False)
+            assert private is not None
+            probs = private.probs(candidates)
+            if label_plan.sigma is not None:
+                choice, _ = gaussian_report_noisy_max(probs, label_plan.sigma, noise)
+            elif label_plan.epsilon_per_token is not None:
+                choice, _ = exponential_noisy_max(probs, label_plan.epsilon_per_token, noise)
+            else:  # epsilon = infinity: no noise
+                choice = int(np.argmax(probs.sum(axis=0)))
+        token = candidates[choice]
+        if on_token is not None:
+            on_token(step)
+        if source.is_end(token):
+            break
+        generated.append(token)
+        text = source.decode(generated)
+        if prompt.stop in text:
+            text = text.split(prompt.stop, 1)[0]
+            break
+        if step + 1 < config.max_tokens:
+            if public is not None:
+                public.advance(token)
+            if private is not None and config.mode == "fixed":
+                private.advance(token)
+        if private is not None and config.mode == "resample":
+            calls += private.calls
+            private = None
+    calls += (public.calls if public is not None else 0) + (private.calls if private is not None else 0)
+    return Demonstration(
+        text=text.strip(),
+        label=label,
+        token_ids=generated,
+        event=label_plan.demonstration_event(config),
+        tokens=len(generated),
+        model_calls=calls,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def pools_by_label(records: Sequence[Example]) -> dict[str, list[Example]]:
+    """Split records into disjoint per-label pools."""
+    pools: dict[str, list[Example]] = {}
+    for r in records:
+        pools.setdefault(r.label, []).append(r)
+    return pools

@@ -1,0 +1,76 @@
+"""Prompt formats of a task, derived from one set of fields.
+
+Generation conditions the new text on its label, so the label header comes first
+("Answer type: location / Question: ..."). Serving shows the downstream model the usual order
+("Question: ... / Answer type: location"). Both come from the same fields, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled text (private record or generated demonstration)."""
+
+    text: str
+    label: str
+
+
+@dataclass(frozen=True)
+class TaskPrompt:
+    """The fields a task's prompts are built from.
+
+    ``input_prefix`` introduces the text ("Question:"), ``label_prefix`` the label
+    ("Answer type:"); a space separates prefix and value. Headers end without a trailing space so
+    that BPE models generate the space together with the first word, as in their training data. ``label_words`` optionally maps a dataset label to the word shown to the
+    model (e.g. ``LOC`` -> ``location``).
+    """
+
+    instruction: str
+    input_prefix: str = "Text:"
+    label_prefix: str = "Label:"
+    label_words: tuple[tuple[str, str], ...] = ()
+
+    def word(self, label: str) -> str:
+        """The word shown to the model for ``label``."""
+        return dict(self.label_words).get(label, label)
+
+    # -- generation format (label first) -------------------------------------------------------
+    def generation_example(self, ex: Example) -> str:
+        return f"{self.label_prefix} {self.word(ex.label)}\n{self.input_prefix} {_one_line(ex.text)}\n\n"
+
+    def generation_header(self, label: str) -> str:
+        return f"{self.label_prefix} {self.word(label)}\n{self.input_prefix}"
+
+    def generation_prompt(self, examples: Sequence[Example], label: str) -> str:
+        """Instruction, the examples in generation format, then the header for ``label``."""
+        body = "".join(self.generation_example(e) for e in examples)
+        return f"{self.instruction}\n\n{body}{self.generation_header(label)}"
+
+    def public_prompt(self, label: str) -> str:
+        """The generation prompt without private examples (free to query)."""
+        return self.generation_prompt((), label)
+
+    # -- serving format (text first) ----------------------------------------------------------
+    def serving_example(self, ex: Example) -> str:
+        return f"{self.input_prefix} {_one_line(ex.text)}\n{self.label_prefix} {self.word(ex.label)}\n\n"
+
+    def serving_prefix(self, demos: Sequence[Example]) -> str:
+        """Instruction plus demonstrations in serving format (what gets injected)."""
+        return f"{self.instruction}\n\n" + "".join(self.serving_example(d) for d in demos)
+
+    def query(self, text: str) -> str:
+        """A query in serving format, ending where the label word is expected."""
+        return f"{self.input_prefix} {_one_line(text)}\n{self.label_prefix}"
+
+    @property
+    def stop(self) -> str:
+        """Generated text ends at a newline (the example template's end marker)."""
+        return "\n"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

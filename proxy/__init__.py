@@ -1,0 +1,1 @@
+"""The dpicl service: OpenAI-compatible proxy, admin API, stores, jobs and CLI."""

@@ -1,0 +1,194 @@
+"""``dpicl account`` and ``dpicl generate``: the DP engine from the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+class ModeOpt(str, Enum):
+    resample = "resample"
+    fixed = "fixed"
+
+
+class MechanismOpt(str, Enum):
+    gaussian = "gaussian"
+    exponential = "exponential"
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def account(
+    mode: ModeOpt = typer.Option(ModeOpt.resample, help="Sampling mode: fresh Poisson sample per token, or one per demonstration."),
+    sigma: Optional[float] = typer.Option(None, help="Noise multiplier; prints the epsilon it costs."),
+    epsilon: Optional[float] = typer.Option(None, help="Target epsilon; prints the calibrated sigma instead."),
+    sample_size: int = typer.Option(..., "--sample-size", help="Expected records per step, M*N."),
+    pool_size: int = typer.Option(..., "--pool-size", help="Records in the pool, n."),
+    tokens: int = typer.Option(..., help="Tokens per demonstration, T (charged in full)."),
+    delta: float = typer.Option(..., help="Target delta."),
+    demonstrations: int = typer.Option(1, help="Demonstrations from the same pool (composed)."),
+    accountant: str = typer.Option("pld", help="pld (tight, default) or rdp (looser upper bound)."),
+) -> None:
+    """Epsilon of DP demonstration generation for given parameters, or sigma for a target epsilon."""
+    import dp_accounting as dpa
+
+    from aggregation import accounting
+    from aggregation.mechanisms import demonstration_event
+
+    if (sigma is None) == (epsilon is None):
+        _fail("give exactly one of --sigma or --epsilon")
+    if sample_size < 1 or pool_size < sample_size:
+        _fail("--sample-size must be at least 1 and at most --pool-size")
+    if tokens < 1 or demonstrations < 1:
+        _fail("--tokens and --demonstrations must be at least 1")
+    if not 0 < delta < 1:
+        _fail("--delta must be in (0, 1)")
+    if accountant not in ("pld", "rdp"):
+        _fail("--accountant must be pld or rdp")
+    q = sample_size / pool_size
+
+    def event(s: float) -> dpa.DpEvent:
+        e = demonstration_event(mode.value, q, tokens, sigma=s)
+        return e if demonstrations == 1 else dpa.SelfComposedDpEvent(e, demonstrations)
+
+    out: dict = {"mode": mode.value, "q": q, "tokens": tokens, "delta": delta, "demonstrations": demonstrations,
+                 "accountant": accountant, "neighbours": "add/remove one record"}
+    if epsilon is not None:
+        if not epsilon > 0 or math.isinf(epsilon):
+            _fail("--epsilon must be a positive finite number")
+        sigma = accounting.calibrate_sigma(event, epsilon, delta)
+        out["target_epsilon"] = epsilon
+    elif sigma is not None and sigma <= 0:
+        _fail("--sigma must be positive")
+    assert sigma is not None
+    out["sigma"] = sigma
+    out["epsilon"] = accounting.epsilon_of([event(sigma)], delta, accountant=accountant)
+    out["event"] = accounting.event_to_dict(event(sigma))
+    typer.echo(json.dumps(out, indent=2))
+
+
+def generate(
+    data: Path = typer.Option(..., exists=False, help="JSONL (or CSV) file with 'text' and 'label'."),
+    label: str = typer.Option(..., help="Label to generate demonstrations for."),
+    shots: int = typer.Option(1, help="Number of demonstrations."),
+    epsilon: float = typer.Option(..., help="Target epsilon of the whole output ('inf' = no noise)."),
+    delta: Optional[float] = typer.Option(None, help="Target delta (default 1/rows)."),
+    mode: ModeOpt = typer.Option(ModeOpt.resample, help="Sampling mode."),
+    mechanism: MechanismOpt = typer.Option(MechanismOpt.gaussian, help="Noisy-max mechanism."),
+    num_subsets: int = typer.Option(10, "--num-subsets", "-M", help="Disjoint subsets (parallel prompts), M."),
+    shots_per_subset: int = typer.Option(2, "--shots-per-subset", "-N", help="Private examples per prompt, N."),
+    max_tokens: int = typer.Option(20, "--max-tokens", "-T", help="Max tokens per demonstration, T."),
+    top_k: int = typer.Option(100, help="Candidates from the public prompt (0 = full vocabulary)."),
+    instruction: str = typer.Option("Generate an example text for the given label.", help="Task instruction."),
+    input_prefix: str = typer.Option("Text:", help="Prefix of the text field."),
+    label_prefix: str = typer.Option("Label:", help="Prefix of the label field."),
+    model: Optional[str] = typer.Option(None, help="Local HF model directory (default: SmolLM2-135M-Instruct)."),
+    api_base: Optional[str] = typer.Option(None, help="Use an OpenAI-compatible server's logprobs instead of a local model."),
+    api_model: Optional[str] = typer.Option(None, help="Model name on --api-base (litellm form, e.g. openai/name)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for reproducible noise (default: OS CSPRNG)."),
+) -> None:
+    """Generate DP few-shot demonstrations for one label and print them as JSON with their epsilon."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.console import Console
+
+    from aggregation import accounting
+    from aggregation.datasets import DataError, read_jsonl
+    from aggregation.fewshot import GenerationConfig, generate_demonstration, noisy_pool_sizes, plan_demonstrations, pools_by_label
+    from aggregation.mechanisms import Noise
+    from aggregation.prompts import TaskPrompt
+
+    if not data.exists():
+        _fail(f"no such file: {data}")
+    if shots < 1:
+        _fail("--shots must be at least 1")
+    if not epsilon > 0:
+        _fail("--epsilon must be positive (use 'inf' for no noise)")
+    try:
+        records = read_jsonl(data)
+    except DataError as exc:
+        _fail(f"{data}: {exc}")
+    pools = pools_by_label(records)
+    if label not in pools:
+        _fail(f"label {label!r} is not in the data (labels: {', '.join(sorted(pools))})")
+    delta = delta if delta is not None else 1.0 / len(records)
+    if not 0 < delta < 1:
+        _fail("--delta must be in (0, 1)")
+    m_n = num_subsets * shots_per_subset
+    if len(pools[label]) < m_n:
+        _fail(f"the pool of label {label!r} has {len(pools[label])} records, fewer than M*N = {m_n}")
+    config = GenerationConfig(mode=mode.value, mechanism=mechanism.value, num_subsets=num_subsets,
+                              shots_per_subset=shots_per_subset, max_tokens=max_tokens,
+                              top_k=top_k or None, epsilon=epsilon)
+    try:
+        config.validate()
+    except ValueError as exc:
+        _fail(str(exc))
+    noise = Noise(seed)
+    ledger = accounting.PartitionedLedger(delta)
+    counts = {lab: len(p) for lab, p in pools.items()}
+    if config.private:
+        sizes, count_event = noisy_pool_sizes(counts, noise)
+        ledger.add(accounting.WHOLE_DATASET, count_event)
+    else:
+        sizes = {k: float(v) for k, v in counts.items()}
+    try:
+        plan = plan_demonstrations(config, {label: shots}, sizes, delta)
+    except ValueError as exc:
+        _fail(str(exc))
+    for part, ev in plan.charges():
+        ledger.add(part, ev)
+
+    if api_base:
+        from aggregation.sources.openai_compat import OpenAICompatSource
+
+        source = OpenAICompatSource(model=api_model or "openai/default", api_base=api_base)
+    else:
+        from aggregation.sources.local import LocalSource
+
+        try:
+            source = LocalSource.from_pretrained(model)
+        except FileNotFoundError as exc:
+            _fail(str(exc))
+    prompt = TaskPrompt(instruction, input_prefix, label_prefix)
+    demos = []
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        bar = progress.add_task(f"generating {shots} x {label}", total=shots * max_tokens)
+        for i in range(shots):
+            done = i * max_tokens
+            demo = generate_demonstration(source, prompt, pools[label], label, config, plan.labels[label], noise,
+                                          on_token=lambda step: progress.update(bar, completed=done + step + 1))
+            progress.update(bar, completed=(i + 1) * max_tokens)
+            demos.append(demo)
+    lp = plan.labels[label]
+    out = {
+        "demonstrations": [{"text": d.text, "label": d.label} for d in demos],
+        "epsilon": ledger.spent(),
+        "epsilon_demonstrations": plan.epsilon(),
+        "delta": delta,
+        "mode": mode.value,
+        "mechanism": mechanism.value,
+        "sigma": lp.sigma,
+        "epsilon_per_token": lp.epsilon_per_token,
+        "q": lp.q,
+        "accountant": "pld" if all(accounting.pld_supports(e) for _, e in plan.charges()) else "rdp",
+        "stats": {"tokens": sum(d.tokens for d in demos), "model_calls": sum(d.model_calls for d in demos),
+                  "seconds": round(sum(d.seconds for d in demos), 3)},
+    }
+    typer.echo(json.dumps(out, indent=2, ensure_ascii=False))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the engine commands to the ``dpicl`` app."""
+    app.command("account")(account)
+    app.command("generate")(generate)

@@ -1,0 +1,58 @@
+"""Store backends and :func:`open_store`, which picks one from a URL.
+
+``sqlite:///path/to/file.db`` (the embedded default) or ``redis://host:port/db`` (several replicas
+sharing one Redis). See ``docs/stores.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from proxy.store.base import (
+    BudgetCheck,
+    BudgetExceeded,
+    Charge,
+    DatasetMeta,
+    LedgerEntry,
+    NotFound,
+    Store,
+    StoreError,
+)
+
+__all__ = [
+    "BudgetCheck", "BudgetExceeded", "Charge", "DatasetMeta", "LedgerEntry", "NotFound", "Store",
+    "StoreError", "default_store_url", "open_store",
+]
+
+
+def default_store_url() -> str:
+    """``sqlite:///<DPICL_DATA_DIR or ~/.local/share/dpicl>/dpicl.db``."""
+    base = os.environ.get("DPICL_DATA_DIR") or str(Path.home() / ".local" / "share" / "dpicl")
+    return f"sqlite:///{Path(base).expanduser() / 'dpicl.db'}"
+
+
+def open_store(url: str | None = None) -> Store:
+    """Open the store named by ``url``.
+
+    ``None`` or ``""`` means ``$DPICL_STORE_URL`` if set, else :func:`default_store_url`. Redis
+    keys are prefixed with ``dpicl:`` unless the URL has ``?prefix=...`` or
+    ``$DPICL_REDIS_PREFIX`` is set (the URL wins). Raises ValueError for an
+    unknown scheme; the message never echoes the URL (it may contain a password).
+    """
+    url = url or os.environ.get("DPICL_STORE_URL") or default_store_url()
+    if url.startswith("sqlite:///"):
+        # SQLAlchemy's convention: sqlite:///relative/path.db, sqlite:////absolute/path.db.
+        from proxy.store.sqlite import SqliteStore
+
+        path = url[len("sqlite:///"):]
+        if not path or path == ":memory:":
+            raise ValueError("a sqlite store URL needs a file path, e.g. sqlite:///data/dpicl.db")
+        return SqliteStore(path)
+    if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
+        from proxy.store.redis_store import RedisStore, split_prefix
+
+        env_prefix = os.environ.get("DPICL_REDIS_PREFIX") or None
+        url, prefix = split_prefix(url, default=env_prefix or "dpicl:")
+        return RedisStore(url, prefix=prefix)
+    raise ValueError("unknown store URL scheme; use sqlite:///path/to/file.db or redis://host:port/db")

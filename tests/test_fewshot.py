@@ -1,0 +1,156 @@
+"""Generator mechanics on a tiny random model; one real-model test (slow)."""
+
+import math
+
+import dp_accounting as dpa
+import numpy as np
+import pytest
+
+from aggregation import accounting
+from aggregation.fewshot import (
+    GenerationConfig,
+    generate_demonstration,
+    noisy_pool_sizes,
+    plan_demonstrations,
+    pools_by_label,
+)
+from aggregation.mechanisms import Noise, demonstration_event
+from aggregation.prompts import Example, TaskPrompt
+from tests.tiny_model import tiny_source
+
+PROMPT = TaskPrompt("Write a question.", "Question:", "Answer type:", (("LOC", "location"),))
+POOL = [Example(f"Where is city number {i} located ?", "LOC") for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def source():
+    return tiny_source()
+
+
+def _plan(config, n=60, shots=1, delta=1e-4):
+    return plan_demonstrations(config, {"LOC": shots}, {"LOC": float(n)}, delta)
+
+
+def test_kv_cached_decoding_matches_full_reencode(source):
+    prompts = ["Question: where", "Answer type: location\nQuestion: Where is the longest river in the world"]
+    cached = source.open(prompts, keep_state=True)
+    suffix = []
+    for tok in source.encode(" and why is it so"):
+        cached.advance(tok)
+        suffix.append(tok)
+        fresh = source.open(prompts, suffix=suffix, keep_state=False)
+        np.testing.assert_allclose(cached.probs(None), fresh.probs(None), atol=2e-5)
+    # Left padding does not change a row's distribution.
+    alone = source.open(prompts[:1], suffix=suffix)
+    np.testing.assert_allclose(alone.probs(None)[0], fresh.probs(None)[0], atol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["resample", "fixed"])
+def test_generation_mechanics(source, mode):
+    config = GenerationConfig(mode=mode, num_subsets=4, shots_per_subset=2, max_tokens=6, top_k=20, sigma=0.5)
+    plan = _plan(config)
+    demo = generate_demonstration(source, PROMPT, POOL, "LOC", config, plan.labels["LOC"], Noise(0))
+    assert demo.tokens <= 6
+    assert "\n" not in demo.text
+    assert demo.event == demonstration_event(mode, 8 / 60, 6, sigma=0.5)
+    if mode == "fixed":
+        # one prefill per state (public + private), then one decode step each per generated token
+        assert demo.model_calls <= 2 * (1 + demo.tokens)
+    else:
+        assert demo.model_calls >= demo.tokens
+
+
+def test_seeded_generation_is_reproducible(source):
+    config = GenerationConfig(num_subsets=3, shots_per_subset=2, max_tokens=5, top_k=10, sigma=0.3)
+    plan = _plan(config)
+    a = generate_demonstration(source, PROMPT, POOL, "LOC", config, plan.labels["LOC"], Noise(7))
+    b = generate_demonstration(source, PROMPT, POOL, "LOC", config, plan.labels["LOC"], Noise(7))
+    assert a.token_ids == b.token_ids
+
+
+def test_full_vocabulary_and_exponential_mechanism(source):
+    config = GenerationConfig(num_subsets=2, shots_per_subset=2, max_tokens=3, top_k=None,
+                              mechanism="exponential", epsilon=6.0)
+    plan = _plan(config)
+    lp = plan.labels["LOC"]
+    assert lp.epsilon_per_token is not None and lp.sigma is None
+    assert accounting.epsilon_of([plan.charges()[0][1]], 1e-4) <= 6.0
+    demo = generate_demonstration(source, PROMPT, POOL, "LOC", config, lp, Noise(1))
+    assert demo.tokens <= 3
+
+
+def test_public_only_reads_no_private_data_and_costs_nothing(source):
+    config = GenerationConfig(public_only=True, max_tokens=4, top_k=5)
+    plan = _plan(config)
+    assert isinstance(plan.labels["LOC"].event, dpa.NoOpDpEvent)
+
+    class Exploding(list):
+        def __getitem__(self, i):
+            raise AssertionError("private pool was read")
+
+        def __len__(self):
+            return 60
+
+    demo = generate_demonstration(source, PROMPT, Exploding(), "LOC", config, plan.labels["LOC"], Noise(0))
+    again = generate_demonstration(source, PROMPT, Exploding(), "LOC", config, plan.labels["LOC"], Noise(1))
+    assert demo.token_ids == again.token_ids  # greedy on the public prompt: no randomness
+
+
+def test_infinite_epsilon_is_non_private(source):
+    config = GenerationConfig(num_subsets=2, shots_per_subset=2, max_tokens=3, top_k=10, epsilon=math.inf)
+    plan = _plan(config)
+    assert isinstance(plan.labels["LOC"].event, dpa.NonPrivateDpEvent)
+    assert math.isinf(plan.epsilon())
+
+
+def test_plan_calibrates_each_label_to_the_target():
+    config = GenerationConfig(num_subsets=5, shots_per_subset=2, max_tokens=8, epsilon=2.0)
+    plan = plan_demonstrations(config, {"a": 2, "b": 1}, {"a": 500.0, "b": 100.0}, 1e-5)
+    assert plan.labels["a"].q == pytest.approx(10 / 500)
+    assert plan.labels["b"].q == pytest.approx(10 / 100)
+    for lp in plan.labels.values():
+        assert accounting.epsilon_of([lp.event], 1e-5) <= 2.0
+    assert plan.epsilon() <= 2.0
+    # More shots from one pool need more noise each.
+    assert plan.labels["a"].sigma > plan_demonstrations(config, {"a": 1}, {"a": 500.0}, 1e-5).labels["a"].sigma
+
+
+def test_plan_rejects_a_pool_too_small_and_bad_configs():
+    with pytest.raises(ValueError, match="too small"):
+        plan_demonstrations(GenerationConfig(epsilon=1.0), {"a": 1}, {"a": 5.0}, 1e-5)
+    with pytest.raises(ValueError):
+        plan_demonstrations(GenerationConfig(epsilon=-1.0), {"a": 1}, {"a": 500.0}, 1e-5)
+    with pytest.raises(ValueError):
+        plan_demonstrations(GenerationConfig(mode="other"), {"a": 1}, {"a": 500.0}, 1e-5)
+
+
+def test_noisy_pool_sizes_are_noisy_and_charged():
+    counts = {"a": 1000, "b": 50}
+    sizes, event = noisy_pool_sizes(counts, Noise(3))
+    assert set(sizes) == {"a", "b"} and sizes != {k: float(v) for k, v in counts.items()}
+    assert isinstance(event, dpa.GaussianDpEvent) and event.noise_multiplier > 1
+
+
+def test_pools_by_label_are_disjoint():
+    recs = [Example("x", "a"), Example("y", "b"), Example("z", "a")]
+    pools = pools_by_label(recs)
+    assert [e.text for e in pools["a"]] == ["x", "z"] and [e.text for e in pools["b"]] == ["y"]
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_real_smollm2_generates_a_trec_question_at_epsilon_8():
+    from aggregation.datasets import TREC_PROMPT, load_trec
+    from aggregation.sources.local import LocalSource
+
+    records = load_trec()
+    pools = pools_by_label(records)
+    config = GenerationConfig(mode="resample", num_subsets=10, shots_per_subset=2, max_tokens=15, epsilon=8.0)
+    plan = plan_demonstrations(config, {"LOC": 1}, {k: float(len(v)) for k, v in pools.items()}, 1 / len(records))
+    assert plan.epsilon() <= 8.0
+    demo = generate_demonstration(LocalSource.from_pretrained(), TREC_PROMPT, pools["LOC"], "LOC", config,
+                                  plan.labels["LOC"], Noise(0))
+    words = demo.text.split()
+    assert len(words) >= 3, demo.text
+    assert demo.text not in {r.text for r in records}  # not a verbatim private record
+    assert any(c.isalpha() for c in demo.text)
