@@ -1,0 +1,95 @@
+"""`dpicl account` and `dpicl generate` from the command line."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from proxy.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_account_reference_setting_both_modes():
+    common = ["--sample-size", "20", "--pool-size", "30000", "--tokens", "100", "--delta", str(1 / 30000)]
+    res = _run("account", "--mode", "resample", "--sigma", "0.39", *common)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert 3.78 < out["epsilon"] < 3.85
+    fixed = json.loads(_run("account", "--mode", "fixed", "--sigma", "0.39", *common).output)
+    assert fixed["epsilon"] > out["epsilon"]  # one sample for all tokens: far less amplification
+
+
+def test_account_calibrates_sigma_for_a_target_epsilon():
+    res = _run("account", "--mode", "resample", "--epsilon", "3.81", "--sample-size", "20", "--pool-size",
+               "30000", "--tokens", "100", "--delta", str(1 / 30000))
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["sigma"] == pytest.approx(0.39, abs=0.01)
+    assert out["epsilon"] <= 3.81
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--sigma", "1", "--epsilon", "1"], "exactly one"),
+    (["--epsilon", "-1"], "positive"),
+    (["--sigma", "0"], "positive"),
+])
+def test_account_rejects_bad_input(args, msg):
+    res = _run("account", *args, "--sample-size", "20", "--pool-size", "300", "--tokens", "10", "--delta", "1e-5")
+    assert res.exit_code == 2
+    assert msg in res.output
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    p = tmp_path / "d.jsonl"
+    rows = [{"text": f"where is place {i} ?", "label": "LOC"} for i in range(40)]
+    rows += [{"text": f"how many items {i} ?", "label": "NUM"} for i in range(5)]
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    return p
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--label", "NOPE"], "not in the data"),
+    (["--label", "NUM"], "fewer than M*N"),
+    (["--label", "LOC", "--epsilon", "0"], "positive"),
+])
+def test_generate_errors(data_file, extra, msg):
+    args = ["generate", "--data", str(data_file), "--epsilon", "1"] + extra
+    if "--label" not in extra:
+        args += ["--label", "LOC"]
+    res = _run(*args)
+    assert res.exit_code == 2, res.output
+    assert msg in res.output
+    assert "where is place" not in res.output  # never echo private rows
+
+
+def test_generate_missing_file_and_bad_rows(tmp_path):
+    res = _run("generate", "--data", str(tmp_path / "nope.jsonl"), "--label", "x", "--epsilon", "1")
+    assert res.exit_code == 2 and "no such file" in res.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "secret row", "label": "a"}\n{"text": 5}\n')
+    res = _run("generate", "--data", str(bad), "--label", "a", "--epsilon", "1")
+    assert res.exit_code == 2 and "row 2" in res.output and "secret row" not in res.output
+
+
+def test_generate_end_to_end_with_a_tiny_model(data_file, tmp_path):
+    from tests.tiny_model import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer()
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    res = _run("generate", "--data", str(data_file), "--label", "LOC", "--shots", "2", "--epsilon", "6",
+               "-M", "4", "-N", "2", "-T", "4", "--top-k", "10", "--model", str(model_dir), "--seed", "1")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index("{"):])
+    assert len(out["demonstrations"]) == 2
+    assert all(d["label"] == "LOC" for d in out["demonstrations"])
+    # demonstrations' own cost is at most the target; the DP label histogram adds to the total
+    assert out["epsilon_demonstrations"] <= 6.0
+    assert out["epsilon"] > out["epsilon_demonstrations"]
