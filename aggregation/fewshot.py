@@ -47,6 +47,11 @@ class GenerationConfig:
     epsilon: float | None = 4.0  # target per demonstration set; math.inf = no noise
     sigma: float | None = None  # explicit noise multiplier instead of a target epsilon
     public_only: bool = False  # epsilon 0: public prompt only, no private data read
+    #: Token budget of one prompt. Examples that do not fit are left out of that prompt (a function
+    #: of its own subset only, so the sensitivity argument is unchanged). In ``fixed`` mode on a
+    #: batched local model every row is padded to exactly this width, which lets the public prompt
+    #: share the private rows' batch without its numerics depending on private prompt lengths.
+    max_prompt_tokens: int = 256
 
     def validate(self) -> None:
         if self.mode not in ("resample", "fixed"):
@@ -59,6 +64,8 @@ class GenerationConfig:
             raise ValueError("max_tokens must be at least 1")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError("top_k must be at least 1 (or None for the full vocabulary)")
+        if self.max_prompt_tokens < 16:
+            raise ValueError("max_prompt_tokens must be at least 16")
         if self.public_only:
             return
         if self.sigma is None and self.epsilon is None:
@@ -222,31 +229,46 @@ def generate_demonstration(
     started = time.perf_counter()
     calls = 0
     m = config.num_subsets
-    public = source.open([prompt.public_prompt(label)], keep_state=True) if config.top_k else None
+    width = config.max_prompt_tokens
+    public_prompt = prompt.public_prompt(label)
     vocab = source.vocabulary()
     if config.top_k is None and vocab is None:
         raise ValueError("this source cannot score the full vocabulary; set top_k")
+    if (source.count_tokens(public_prompt) or 0) > width:
+        raise ValueError(f"the public prompt is longer than max_prompt_tokens = {width}")
+    # In fixed mode on a batched, KV-cached backend the public prompt rides in row 0 of the private
+    # batch (one decode step per token instead of two). That is sound only because every row is
+    # padded to the public width ``max_prompt_tokens``: the batch shape then carries nothing private.
+    shared = (not config.public_only and config.mode == "fixed" and source.caches_state
+              and config.top_k is not None)
 
     def private_prompts() -> list[str]:
         subsets = poisson_subsets(len(pool), label_plan.q, m, noise)
-        return [prompt.generation_prompt([pool[i] for i in idx], label) for idx in subsets]
+        return [_fit_prompt(source, prompt, [pool[i] for i in idx], label, width) for idx in subsets]
 
+    public = None
     private = None
-    if not config.public_only and config.mode == "fixed":
-        private = source.open(private_prompts(), keep_state=True)
+    offset = 0  # row of the first private prompt in ``private``
+    if shared:
+        private = source.open([public_prompt, *private_prompts()], keep_state=True, width=width)
+        public, offset = private, 1
+    else:
+        if config.top_k:
+            public = source.open([public_prompt], keep_state=True)
+        if not config.public_only and config.mode == "fixed":
+            private = source.open(private_prompts(), keep_state=True, width=width)
 
     generated: list[Token] = []
     text = ""
     for step in range(config.max_tokens):
         candidates = public.top_tokens(config.top_k) if public is not None else list(vocab)  # type: ignore[arg-type]
         if config.public_only:
-            assert public is not None
             choice = 0  # top_tokens is sorted: greedy decoding of the public prompt
         else:
             if config.mode == "resample":
                 private = source.open(private_prompts(), suffix=generated, keep_state=False)
             assert private is not None
-            probs = private.probs(candidates)
+            probs = private.probs(candidates)[offset:]
             if label_plan.sigma is not None:
                 choice, _ = gaussian_report_noisy_max(probs, label_plan.sigma, noise)
             elif label_plan.epsilon_per_token is not None:
@@ -264,13 +286,15 @@ def generate_demonstration(
             text = text.split(prompt.stop, 1)[0]
             break
         if step + 1 < config.max_tokens:
-            if public is not None:
+            if public is not None and not shared:
                 public.advance(token)
             if private is not None and config.mode == "fixed":
                 private.advance(token)
         if private is not None and config.mode == "resample":
             calls += private.calls
             private = None
+    if shared:
+        public = None
     calls += (public.calls if public is not None else 0) + (private.calls if private is not None else 0)
     return Demonstration(
         text=text.strip(),
@@ -281,6 +305,23 @@ def generate_demonstration(
         model_calls=calls,
         seconds=time.perf_counter() - started,
     )
+
+
+def _fit_prompt(source: NextTokenSource, prompt: TaskPrompt, examples: Sequence[Example], label: str,
+                width: int) -> str:
+    """The generation prompt with as many of ``examples`` (in order) as fit in ``width`` tokens.
+
+    Depends only on this subset's examples, so one record still changes at most one prompt.
+    """
+    full = prompt.generation_prompt(examples, label)
+    n = source.count_tokens(full)
+    if n is None or n <= width:  # API backends cannot count: their prompts are not batched
+        return full
+    kept: list[Example] = []
+    for ex in examples:
+        if (source.count_tokens(prompt.generation_prompt([*kept, ex], label)) or 0) <= width:
+            kept.append(ex)
+    return prompt.generation_prompt(kept, label)
 
 
 def pools_by_label(records: Sequence[Example]) -> dict[str, list[Example]]:

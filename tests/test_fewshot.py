@@ -154,3 +154,31 @@ def test_real_smollm2_generates_a_trec_question_at_epsilon_8():
     assert len(words) >= 3, demo.text
     assert demo.text not in {r.text for r in records}  # not a verbatim private record
     assert any(c.isalpha() for c in demo.text)
+
+
+def test_fixed_mode_pads_every_row_to_the_public_width(source, monkeypatch):
+    """The public row shares the private batch only with a data-independent batch shape."""
+    widths = []
+    real_open = type(source).open
+
+    def spy(self, prompts, suffix=(), keep_state=False, width=None):
+        state = real_open(self, prompts, suffix, keep_state, width)
+        widths.append((len(prompts), state._mask.shape[1]))
+        return state
+
+    monkeypatch.setattr(type(source), "open", spy)
+    config = GenerationConfig(mode="fixed", num_subsets=3, shots_per_subset=2, max_tokens=3, top_k=5,
+                              sigma=1.0, max_prompt_tokens=120)
+    plan = _plan(config)
+    for seed in range(3):  # different samples, different natural prompt lengths, same shape
+        generate_demonstration(source, PROMPT, POOL, "LOC", config, plan.labels["LOC"], Noise(seed))
+    assert widths and all(w == (4, 120) for w in widths)  # public + 3 private rows, width 120
+
+
+def test_examples_that_do_not_fit_are_left_out(source):
+    from aggregation.fewshot import _fit_prompt
+
+    long = [Example("word " * 200, "LOC"), Example("short one ?", "LOC")]
+    text = _fit_prompt(source, PROMPT, long, "LOC", 64)
+    assert "short one" in text and "word word" not in text
+    assert source.count_tokens(text) <= 64

@@ -41,8 +41,18 @@ class NextTokenSource(ABC):
     caches_state: bool = False
 
     @abstractmethod
-    def open(self, prompts: Sequence[str], suffix: Sequence[Token] = (), keep_state: bool = False) -> DecodeState:
-        """Start decoding ``prompts``, each followed by the already generated ``suffix`` tokens."""
+    def open(self, prompts: Sequence[str], suffix: Sequence[Token] = (), keep_state: bool = False,
+             width: int | None = None) -> DecodeState:
+        """Start decoding ``prompts``, each followed by the already generated ``suffix`` tokens.
+
+        ``width`` (batched local backends): pad every row to exactly this many tokens, so that the
+        batch's shape does not depend on the prompts' lengths. Rows longer than ``width`` are an
+        error. Backends without batching ignore it.
+        """
+
+    def count_tokens(self, text: str) -> int | None:
+        """Tokens in ``text``, or ``None`` when the backend cannot tell."""
+        return None
 
     @abstractmethod
     def decode(self, tokens: Sequence[Token]) -> str:

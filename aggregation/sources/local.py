@@ -121,9 +121,15 @@ class LocalSource(NextTokenSource):
         """
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def open(self, prompts: Sequence[str], suffix: Sequence[Token] = (), keep_state: bool = False) -> "LocalState":
+    def open(self, prompts: Sequence[str], suffix: Sequence[Token] = (), keep_state: bool = False,
+             width: int | None = None) -> "LocalState":
         seqs = [self.encode(p) + [int(t) for t in suffix] for p in prompts]
-        return LocalState(self, seqs, keep_state)
+        if width is not None and any(len(s) > width for s in seqs):
+            raise ValueError(f"a prompt is longer than the batch width of {width} tokens")
+        return LocalState(self, seqs, keep_state, width)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
 
     def decode(self, tokens: Sequence[Token]) -> str:
         return self.tokenizer.decode([int(t) for t in tokens], skip_special_tokens=True)
@@ -138,14 +144,14 @@ class LocalSource(NextTokenSource):
 class LocalState(DecodeState):
     """Left-padded batch with an attention mask; optional KV cache across steps."""
 
-    def __init__(self, source: LocalSource, seqs: list[list[int]], keep_state: bool):
+    def __init__(self, source: LocalSource, seqs: list[list[int]], keep_state: bool, width: int | None = None):
         import torch
 
         self.source = source
         self.keep_state = keep_state
         self.calls = 0
         self._seqs = seqs
-        width = max(1, max(len(s) for s in seqs))
+        width = width if width is not None else max(1, max(len(s) for s in seqs))
         ids = torch.full((len(seqs), width), source.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
