@@ -1,0 +1,363 @@
+"""Next-token distributions from any OpenAI-compatible completions endpoint, through litellm.
+
+Each prompt costs one call to the legacy ``/v1/completions`` endpoint with ``max_tokens=1``,
+``temperature=0`` and ``logprobs=top_logprobs``; the answer's ``top_logprobs[0]`` (a mapping from
+token text to log-probability) is the prompt's next-token distribution, truncated to the server's
+top-k. Tokens are the token *strings* the server returns.
+
+Privacy rules this module keeps:
+
+* A step never returns fewer than ``M`` rows. A call that still fails after the retries raises
+  :class:`SourceError` and the whole step fails; silently dropping a subset's distribution would
+  change the aggregate's sensitivity and break the accounting.
+* Prompts contain private records, so nothing here logs them, and a :class:`SourceError` carries
+  only the exception type and HTTP status - never litellm's message, which can quote the request or
+  a server reply echoing it. It is raised outside the ``except`` block, so the original exception
+  is not even attached as ``__context__``.
+* The API key is never logged or shown in ``repr``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from aggregation.sources.base import DecodeState, NextTokenSource, Token
+
+#: Token texts that end a text. llama.cpp renders end-of-sequence (and other special tokens) as
+#: the empty string; other servers print the special token itself.
+DEFAULT_END_TOKENS: frozenset[str] = frozenset({"", "</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>"})
+
+#: HTTP statuses worth retrying: timeouts, conflicts/too-early, rate limits and server errors.
+_RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+#: litellm exception class names that are transient whatever their status says.
+_RETRY_TYPES = frozenset({
+    "Timeout", "APITimeoutError", "APIConnectionError", "RateLimitError", "ServiceUnavailableError",
+    "InternalServerError", "BadGatewayError",
+})
+#: Client-side mistakes that retrying cannot fix, even if litellm files them under a 5xx class.
+_FATAL_TYPES = frozenset({
+    "AuthenticationError", "PermissionDeniedError", "NotFoundError", "BadRequestError",
+    "ContextWindowExceededError", "UnprocessableEntityError", "UnsupportedParamsError",
+})
+
+
+class SourceError(RuntimeError):
+    """A next-token call failed for good; the generation step must fail (no row is dropped).
+
+    The message names the error type and HTTP status only, never prompt text.
+    """
+
+    def __init__(self, message: str, status: int | None = None, kind: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+def _status_of(exc: BaseException) -> int | None:
+    status = getattr(exc, "status_code", None)
+    if status is None:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+    try:
+        return int(status) if status is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Whether retrying ``exc`` can help (timeouts, connection errors, 429, 5xx)."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if names & _FATAL_TYPES:
+        return False
+    if names & _RETRY_TYPES:
+        return True
+    status = _status_of(exc)
+    if status is not None:
+        return status in _RETRY_STATUSES
+    # Transport failures that litellm did not wrap (httpx / socket level).
+    return isinstance(exc, (TimeoutError, ConnectionError)) or any(
+        n in names for n in ("TimeoutException", "NetworkError", "RemoteProtocolError")
+    )
+
+
+class OpenAICompatSource(NextTokenSource):
+    """Next-token source backed by an OpenAI-compatible ``/v1/completions`` server via litellm.
+
+    Args:
+        model: litellm model string, e.g. ``"openai/<served-name>"`` (``openai/`` = any
+            OpenAI-compatible server at ``api_base``).
+        api_base: Base URL, e.g. ``"http://127.0.0.1:8080/v1"``.
+        api_key: The key; by default read from the environment variable ``api_key_env``. Servers
+            without authentication get a placeholder. Never logged or shown in ``repr``.
+        api_key_env: Environment variable holding the key (default ``OPENAI_API_KEY``).
+        top_logprobs: How many alternatives to ask for per call. 20 is the usual cap of hosted
+            APIs (OpenAI's legacy endpoint allows only 5); llama.cpp servers accept more and vLLM
+            can return up to the whole vocabulary (raise its ``--max-logprobs``). Candidates
+            outside a prompt's top list get probability 0 (see docs/sources.md).
+        max_concurrency: Calls in flight at once across every state of this source (a bounded
+            thread pool).
+        retries: Extra attempts per call on transient errors (timeouts, connection errors, 429,
+            5xx), with exponential backoff and jitter. Other errors fail at once.
+        timeout: Seconds per attempt.
+        backoff: First backoff delay in seconds (doubled per attempt, capped at ``max_backoff``).
+        end_tokens: Token texts :meth:`is_end` treats as end-of-text.
+        end_token_ids: Token ids of the model's end-of-sequence tokens, if known. They are sent
+            as ``logit_bias`` -100 so the server still emits a token, and therefore logprobs, when
+            end-of-sequence is the most likely next token. llama.cpp computes logprobs before the
+            bias, so the end token keeps its true probability (as the key ``""``). Without this,
+            such a call comes back empty and its row becomes a point mass on the end token.
+    """
+
+    caches_state = False
+
+    def __init__(
+        self,
+        model: str,
+        api_base: str | None = None,
+        api_key: str | None = None,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        top_logprobs: int = 20,
+        max_concurrency: int = 8,
+        retries: int = 3,
+        timeout: float = 30.0,
+        backoff: float = 0.5,
+        max_backoff: float = 8.0,
+        end_tokens: Iterable[str] = DEFAULT_END_TOKENS,
+        end_token_ids: Sequence[int] = (),
+    ):
+        if top_logprobs < 1:
+            raise ValueError("top_logprobs must be at least 1")
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if retries < 0 or timeout <= 0 or backoff < 0:
+            raise ValueError("retries must be >= 0, timeout > 0 and backoff >= 0")
+        self.model = model
+        self.api_base = api_base
+        self.top_logprobs = int(top_logprobs)
+        self.max_concurrency = int(max_concurrency)
+        self.retries = int(retries)
+        self.timeout = float(timeout)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.end_tokens = frozenset(end_tokens)
+        self._logit_bias = {str(int(i)): -100.0 for i in end_token_ids} or None
+        # Local servers ignore the key, but the OpenAI client insists on one.
+        self.__api_key = api_key if api_key is not None else os.environ.get(api_key_env) or "no-key"
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        #: Completion calls made, including retries (for statistics).
+        self.requests = 0
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatSource(model={self.model!r}, api_base={self.api_base!r}, top_logprobs={self.top_logprobs})"
+
+    # -- NextTokenSource --------------------------------------------------------------------
+    def open(self, prompts: Sequence[str], suffix: Sequence[Token] = (), keep_state: bool = False,
+             width: int | None = None) -> "OpenAICompatState":
+        """Start decoding; nothing is sent until :meth:`~OpenAICompatState.probs` or ``top_tokens``.
+
+        ``width`` is ignored: every prompt is its own request, so there is no shared batch shape.
+        """
+        if not prompts:
+            raise ValueError("at least one prompt is needed")
+        tail = "".join(str(t) for t in suffix)
+        return OpenAICompatState(self, [p + tail for p in prompts])
+
+    def decode(self, tokens: Sequence[Token]) -> str:
+        """Token texts concatenated (the tokens *are* text here)."""
+        return "".join(str(t) for t in tokens)
+
+    def vocabulary(self) -> None:
+        """``None``: an API gives top-k lists only, so the full vocabulary cannot be scored."""
+        return None
+
+    def is_end(self, token: Token) -> bool:
+        return str(token) in self.end_tokens
+
+    # -- calls ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the worker threads (a new pool starts if the source is used again)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "OpenAICompatSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="dpicl-openai")
+            return self._pool
+
+    def next_token_logprobs(self, prompts: Sequence[str]) -> list[dict[str, float]]:
+        """One completion call per prompt, concurrently; ``{token text: logprob}`` per prompt.
+
+        Returns exactly ``len(prompts)`` mappings in prompt order, or raises :class:`SourceError`.
+        On the first permanent failure the calls not yet started are cancelled.
+        """
+        futures: list[Future[dict[str, float]]] = [self._executor().submit(self._call, p) for p in prompts]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f for f in futures if f in done and f.exception() is not None), None)
+        if failed is not None:
+            for f in pending:
+                f.cancel()
+            exc = failed.exception()
+            if isinstance(exc, SourceError):
+                raise SourceError(str(exc), exc.status, exc.kind)
+            # Anything else is a bug in parsing; report its type only (it may hold reply text).
+            raise SourceError(f"next-token call failed: {type(exc).__name__}")
+        rows = [f.result() for f in futures]
+        if len(rows) != len(prompts):  # cannot happen; the accounting depends on it, so check
+            raise SourceError(f"expected {len(prompts)} distributions, got {len(rows)}")
+        return rows
+
+    def _call(self, prompt: str) -> dict[str, float]:
+        """One prompt's top logprobs, retrying transient errors; raises :class:`SourceError`."""
+        import litellm  # imported lazily: it is slow to import and only this backend needs it
+
+        # litellm prints a help banner on every failed attempt; it carries no prompt text but
+        # floods the logs during retries.
+        litellm.suppress_debug_info = True
+        attempts = self.retries + 1
+        failure: tuple[str, int | None] | None = None
+        for attempt in range(attempts):
+            if attempt:
+                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+                time.sleep(delay * (0.5 + random.random() / 2))  # jitter spreads retries of M calls
+            with self._count_lock:
+                self.requests += 1
+            try:
+                response = litellm.text_completion(
+                    model=self.model,
+                    prompt=prompt,
+                    api_base=self.api_base,
+                    api_key=self.__api_key,
+                    max_tokens=1,
+                    temperature=0,
+                    logprobs=self.top_logprobs,
+                    logit_bias=self._logit_bias,
+                    timeout=self.timeout,
+                    max_retries=0,  # the retries are ours; the OpenAI client's would double them
+                )
+            except Exception as exc:  # noqa: BLE001 - classified below, re-raised without text
+                failure = (type(exc).__name__, _status_of(exc))
+                if not _is_transient(exc):
+                    break
+                continue
+            return self._parse(response)
+        assert failure is not None
+        kind, status = failure
+        tried = attempt + 1
+        # Raised outside the except block on purpose: no __context__ holding the prompt.
+        raise SourceError(
+            f"next-token call to {self.model!r} failed after {tried} attempt(s): {kind}"
+            + (f" (HTTP {status})" if status is not None else ""),
+            status,
+            kind,
+        )
+
+    def _parse(self, response: Any) -> dict[str, float]:
+        """``{token: logprob}`` from a completions response; raises :class:`SourceError`."""
+        choices = _get(response, "choices") or []
+        if not choices:
+            raise SourceError("the server returned no choices")
+        choice = choices[0]
+        logprobs = _get(choice, "logprobs")
+        if logprobs is None:
+            raise SourceError("the server returned no logprobs; it must support 'logprobs' on /v1/completions")
+        top = _get(logprobs, "top_logprobs") or []
+        if top and top[0]:
+            return _as_logprob_dict(top[0])
+        if _get(choice, "finish_reason") == "stop":
+            # The server stopped before emitting a token: the most likely next token is an end
+            # token (llama.cpp omits it from logprobs). We know its rank, not its probability, so
+            # the row is a point mass on the end token: still a function of this prompt alone,
+            # hence within the mechanism's sensitivity. Use end_token_ids to get the real row.
+            return {"": 0.0}
+        raise SourceError("the server returned empty logprobs")
+
+
+def _get(obj: Any, key: str) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
+def _as_logprob_dict(top: Any) -> dict[str, float]:
+    """Normalise one position's top logprobs: a dict (legacy format) or a list of entries."""
+    if isinstance(top, Mapping):
+        items = top.items()
+    else:  # chat-style [{"token": ..., "logprob": ...}, ...]
+        items = ((_get(e, "token"), _get(e, "logprob")) for e in top)
+    out: dict[str, float] = {}
+    for token, lp in items:
+        if token is None or lp is None:
+            continue
+        lp = float(lp)
+        if math.isnan(lp):
+            continue
+        # Two token ids can share a text; keep the larger logprob (the list is a top-k anyway).
+        out[str(token)] = max(lp, out.get(str(token), -math.inf))
+    return out
+
+
+class OpenAICompatState(DecodeState):
+    """``M`` prompts as text; the next-token distributions are fetched lazily, once per step."""
+
+    def __init__(self, source: OpenAICompatSource, texts: list[str]):
+        self.source = source
+        self.calls = 0
+        self._texts = texts
+        self._rows: list[dict[str, float]] | None = None  # all prompts, this step
+        self._first: dict[str, float] | None = None  # prompt 0 only (public prompt)
+
+    def _all_rows(self) -> list[dict[str, float]]:
+        if self._rows is None:
+            self._rows = self.source.next_token_logprobs(self._texts)
+            self._first = self._rows[0]
+            self.calls += 1  # one batch of concurrent calls counts as one model call
+        return self._rows
+
+    def probs(self, candidates: Sequence[Token] | None) -> np.ndarray:
+        """``[M, K]`` probabilities ``exp(logprob)`` of the candidate texts; 0 when not in a top list."""
+        if candidates is None:
+            raise ValueError("an OpenAI-compatible source cannot score the full vocabulary; set top_k")
+        rows = self._all_rows()
+        out = np.zeros((len(rows), len(candidates)), dtype=np.float64)
+        for i, row in enumerate(rows):
+            for j, tok in enumerate(candidates):
+                lp = row.get(str(tok))
+                if lp is not None:
+                    out[i, j] = math.exp(min(lp, 0.0))
+        if out.shape[0] != len(self._texts):  # never fewer rows than prompts
+            raise SourceError("distribution count does not match the number of prompts")
+        return out
+
+    def top_tokens(self, k: int) -> list[Token]:
+        """Prompt 0's most likely tokens, best first; at most what the server returned."""
+        if self._first is None:
+            self._first = self.source.next_token_logprobs(self._texts[:1])[0]
+            self.calls += 1
+        ranked = sorted(self._first.items(), key=lambda kv: -kv[1])
+        return [tok for tok, _ in ranked[: max(0, k)]]
+
+    def advance(self, token: Token) -> None:
+        """Append the token text to every prompt; the next query re-sends the whole text."""
+        tail = str(token)
+        self._texts = [t + tail for t in self._texts]
+        self._rows = None
+        self._first = None
