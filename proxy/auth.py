@@ -1,0 +1,100 @@
+"""Bearer-key authentication: the admin key and optional per-client keys.
+
+Rules (see docs/serving.md):
+- The admin API always needs ``DPICL_ADMIN_KEY``; without one configured it answers 401 (it holds
+  budgets and uploads private data, so there is no unauthenticated admin mode). A client key on an
+  admin route gets 403.
+- ``/v1`` is *open* (no key needed) when no admin key and no client keys are configured, or when
+  the config says ``server.open: true``. Otherwise it needs a client key or the admin key.
+- A client key may use the tasks it lists (``"*"`` = all) and, unless ``passthrough: false``,
+  the pass-through models. Clients never see budgets or datasets.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from proxy.config import ClientKey, Config, sha256_hex
+from proxy.errors import APIError
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: ``kind`` is "admin", "client" or "anonymous" (open mode)."""
+
+    kind: str
+    name: str
+    tasks: frozenset[str] = field(default_factory=frozenset)
+    passthrough: bool = True
+
+    @property
+    def actor(self) -> str:
+        """How the ledger records this caller."""
+        return self.kind if self.kind != "client" else f"client:{self.name}"
+
+    def may_use_task(self, task: str) -> bool:
+        return self.kind in ("admin", "anonymous") or "*" in self.tasks or task in self.tasks
+
+
+ADMIN = Principal("admin", "admin")
+ANONYMOUS = Principal("anonymous", "anonymous")
+
+
+class Authenticator:
+    """Resolves the bearer key of a request to a :class:`Principal`."""
+
+    def __init__(self, config: Config):
+        self._admin_key = config.admin_key
+        self._clients: dict[str, ClientKey] = dict(config.client_key_hashes)
+        self.open = bool(config.server.open or (config.admin_key is None and not self._clients))
+
+    @staticmethod
+    def _bearer(request: Request) -> str | None:
+        header = request.headers.get("authorization")
+        if header:
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() == "bearer" and value.strip():
+                return value.strip()
+            return ""  # present but malformed
+        key = request.headers.get("x-api-key") or request.headers.get("api-key")
+        return key.strip() if key else None
+
+    def _lookup(self, key: str) -> Principal | None:
+        if self._admin_key is not None and hmac.compare_digest(key.encode(), self._admin_key.encode()):
+            return ADMIN
+        client = self._clients.get(sha256_hex(key))
+        if client is not None:
+            return Principal("client", client.name, frozenset(client.tasks), client.passthrough)
+        return None
+
+    def client(self, request: Request) -> Principal:
+        """Principal for a /v1 request (raises 401 when a key is needed and missing or wrong)."""
+        key = self._bearer(request)
+        if not key:
+            if self.open:
+                return ANONYMOUS
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", "missing_api_key")
+        principal = self._lookup(key)
+        if principal is None:
+            if self.open:  # open mode ignores keys it does not know (e.g. the openai client's dummy key)
+                return ANONYMOUS
+            raise APIError(401, "invalid API key", "invalid_api_key")
+        return principal
+
+    def admin(self, request: Request) -> Principal:
+        """Principal for an admin request: 401 without a valid key, 403 with a client key."""
+        if self._admin_key is None:
+            raise APIError(401, "the admin API is disabled: start the server with DPICL_ADMIN_KEY set",
+                           "admin_disabled")
+        key = self._bearer(request)
+        if not key:
+            raise APIError(401, "missing admin key: send 'Authorization: Bearer <admin key>'", "missing_api_key")
+        principal = self._lookup(key)
+        if principal is None:
+            raise APIError(401, "invalid API key", "invalid_api_key")
+        if principal.kind != "admin":
+            raise APIError(403, "this key is not allowed to use the admin API", "permission_denied")
+        return principal

@@ -1,0 +1,47 @@
+"""``dpicl serve``: run the proxy with uvicorn."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file (default: $DPICL_CONFIG; none = defaults)."),
+    workers: int = typer.Option(1, min=1, help="Worker processes (each with its own in-memory caches)."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Serve the OpenAI-compatible proxy and the admin API.
+
+    With no config it starts on SQLite (in $DPICL_DATA_DIR) with the built-in local model as
+    ``local/smollm2``.
+    """
+    import uvicorn
+
+    from proxy.config import ConfigError, load_config
+
+    if config is not None:
+        os.environ["DPICL_CONFIG"] = str(config.expanduser().resolve())
+    try:
+        cfg = load_config()  # validate now so errors are one clear line, not a traceback
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2)
+    common = dict(host=host, port=port, log_level=log_level, access_log=False, proxy_headers=False)
+    if workers == 1:
+        from proxy.app import create_app
+
+        uvicorn.run(create_app(cfg), **common)
+    else:
+        # Each worker process builds its own app from the environment (DPICL_CONFIG).
+        uvicorn.run("proxy.app:app_from_env", factory=True, workers=workers, **common)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve`` to the ``dpicl`` app."""
+    app.command("serve")(serve)

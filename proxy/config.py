@@ -1,0 +1,300 @@
+"""Service configuration: one YAML file (``DPICL_CONFIG`` or ``dpicl serve --config``) plus env vars.
+
+Secrets never live in the file: upstream keys are written ``os.environ/NAME`` (LiteLLM style) and
+client keys name the environment variable that holds them (``key_env``) or give the key's SHA-256
+(``key_hash``). The admin key comes from ``DPICL_ADMIN_KEY`` only.
+
+With no file at all the service has no tasks, no upstreams except the built-in local model
+(exposed as ``local/smollm2``) and an SQLite store in the data directory. See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: Name under which the built-in local model is exposed (and how tasks refer to it).
+LOCAL_MODEL_NAME = "local/smollm2"
+#: Generator / upstream names that all mean "the built-in local model".
+LOCAL_ALIASES = frozenset({"local", LOCAL_MODEL_NAME, "smollm2"})
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """The configuration file or environment is invalid (message says where and why)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelEntry(BaseModel):
+    """One LiteLLM-style ``model_list`` item: ``model_name`` is what clients send."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model_name: str
+    litellm_params: dict[str, Any]
+
+    @field_validator("model_name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("model_name must be 1-128 characters of letters, digits and ._:/-")
+        return v
+
+    @field_validator("litellm_params")
+    @classmethod
+    def _params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(v.get("model"), str) or not v["model"]:
+            raise ValueError("litellm_params.model is required")
+        key = v.get("api_key")
+        if isinstance(key, str) and key and not key.startswith("os.environ/"):
+            # A literal key in a config file ends up in backups and repos: refuse it.
+            raise ValueError("api_key must be written 'os.environ/NAME' (secrets come from the environment)")
+        return v
+
+
+class GenerationSettings(_Strict):
+    """DP generation parameters of a task (aggregation.fewshot.GenerationConfig, minus epsilon)."""
+
+    mode: Literal["resample", "fixed"] = "fixed"
+    mechanism: Literal["gaussian", "exponential"] = "gaussian"
+    num_subsets: int = Field(10, ge=1, le=1000)
+    shots_per_subset: int = Field(2, ge=1, le=100)
+    max_tokens: int = Field(30, ge=1, le=512)
+    top_k: int | None = Field(100, ge=1)
+    #: Explicit noise multiplier instead of calibrating to the task's target epsilon (the ledger
+    #: still records the exact event, so the spent epsilon stays honest).
+    sigma: float | None = Field(None, gt=0)
+    #: epsilon 0: generate from the public prompt only (reads no private data, costs nothing).
+    public_only: bool = False
+    #: For an OpenAI-compatible generator: alternatives per call (see aggregation.sources.openai_compat).
+    top_logprobs: int = Field(20, ge=1, le=100_000)
+
+
+class TaskConfig(_Strict):
+    """A task: an exposed model name whose requests get DP demonstrations injected."""
+
+    name: str
+    upstream: str = LOCAL_MODEL_NAME
+    #: Model whose next-token distributions generate the demonstrations: None = the local model,
+    #: or the ``model_name`` of an OpenAI-compatible ``model_list`` entry.
+    generator: str | None = None
+    dataset: str
+    instruction: str
+    input_prefix: str = "Text:"
+    label_prefix: str = "Label:"
+    label_words: dict[str, str] = Field(default_factory=dict)
+    labels: list[str] | None = None
+    shots: int = Field(1, ge=1, le=50)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    #: Target epsilon of one demonstration set (``.inf`` = no noise, public datasets only).
+    epsilon: float = 1.0
+    #: Part of the cache key (change it to force a new set); the noise itself is always CSPRNG.
+    seed: int = 0
+    on_missing: Literal["generate", "error"] = "error"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("name must be 1-128 characters of letters, digits and ._:/-")
+        return v
+
+    @field_validator("epsilon")
+    @classmethod
+    def _eps(cls, v: float) -> float:
+        if math.isnan(v) or v <= 0:
+            raise ValueError("epsilon must be positive (set generation.public_only for epsilon 0)")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("labels must be a non-empty list without duplicates")
+        return v
+
+    @field_validator("instruction")
+    @classmethod
+    def _instruction(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("instruction must not be empty")
+        return v
+
+    def template_hash(self) -> str:
+        """SHA-256 of the prompt fields (part of the demonstration cache key)."""
+        fields = {
+            "instruction": self.instruction, "input_prefix": self.input_prefix,
+            "label_prefix": self.label_prefix, "label_words": sorted(self.label_words.items()),
+        }
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+class StoreSettings(_Strict):
+    #: ``sqlite:///path`` or ``redis://host:port/db``; None = SQLite file in the data directory.
+    url: str | None = None
+
+
+class ServerSettings(_Strict):
+    #: Seconds per upstream attempt.
+    timeout: float = Field(60.0, gt=0)
+    #: Extra attempts on transient upstream errors (with backoff).
+    retries: int = Field(2, ge=0, le=10)
+    #: Largest accepted request body (checked on Content-Length and on the streamed body).
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    #: Serve /v1 without a client key even when an admin key is set (local development).
+    open: bool = False
+    #: How often a replica re-reads the store for demonstrations / admin tasks it has in memory.
+    cache_recheck_seconds: float = Field(5.0, ge=0)
+    #: Budget of a newly uploaded dataset unless the upload names one.
+    default_budget_epsilon: float = Field(4.0, gt=0)
+    default_budget_delta: float = Field(1e-5, gt=0, lt=1)
+    #: One JSON line per request on stderr (written by a background thread).
+    access_log: bool = True
+    #: Directory of a local Hugging Face model to use instead of SmolLM2 (``DPICL_LOCAL_MODEL``).
+    local_model: str | None = None
+
+
+class ClientKey(_Strict):
+    """A per-client API key and the tasks it may use (``"*"`` = every task)."""
+
+    name: str
+    key_env: str | None = None
+    key_hash: str | None = None
+    tasks: list[str] = Field(default_factory=list)
+    #: May this client also call pass-through (non-task) models?
+    passthrough: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ClientKey":
+        if (self.key_env is None) == (self.key_hash is None):
+            raise ValueError(f"client key {self.name!r}: give exactly one of key_env or key_hash")
+        if self.key_hash is not None and not re.fullmatch(r"[0-9a-f]{64}", self.key_hash):
+            raise ValueError(f"client key {self.name!r}: key_hash must be a lowercase SHA-256 hex digest")
+        return self
+
+
+class Config(_Strict):
+    model_list: list[ModelEntry] = Field(default_factory=list)
+    tasks: list[TaskConfig] = Field(default_factory=list)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    client_keys: list[ClientKey] = Field(default_factory=list)
+    #: From ``DPICL_ADMIN_KEY``; never read from the file.
+    admin_key: str | None = Field(None, exclude=True, repr=False)
+    #: SHA-256 of each client key -> client, resolved from the environment at load time.
+    client_key_hashes: dict[str, ClientKey] = Field(default_factory=dict, exclude=True, repr=False)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "Config":
+        names = [m.model_name for m in self.model_list]
+        if LOCAL_MODEL_NAME in names:
+            raise ValueError(f"{LOCAL_MODEL_NAME!r} is the built-in local model; pick another model_name")
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate model_name: {sorted(dup)}")
+        tnames = [t.name for t in self.tasks]
+        dup = {n for n in tnames if tnames.count(n) > 1} | (set(tnames) & (set(names) | {LOCAL_MODEL_NAME}))
+        if dup:
+            raise ValueError(f"task names must be unique and differ from model names: {sorted(dup)}")
+        for t in self.tasks:
+            self.check_task_models(t)
+        return self
+
+    def serving_models(self) -> set[str]:
+        """Model names a task may use as upstream (model_list + the local model)."""
+        return {m.model_name for m in self.model_list} | {LOCAL_MODEL_NAME}
+
+    def check_task_models(self, task: TaskConfig) -> None:
+        """Raise ValueError when a task names an unknown upstream or generator model."""
+        models = self.serving_models()
+        if task.upstream not in models and task.upstream not in LOCAL_ALIASES:
+            raise ValueError(f"task {task.name!r}: upstream {task.upstream!r} is not in model_list")
+        if task.generator is not None and task.generator not in LOCAL_ALIASES and task.generator not in models:
+            raise ValueError(f"task {task.name!r}: generator {task.generator!r} is not in model_list")
+
+    def model_entry(self, name: str) -> ModelEntry | None:
+        for m in self.model_list:
+            if m.model_name == name:
+                return m
+        return None
+
+
+def sha256_hex(secret: str) -> str:
+    """Hex SHA-256 of a key (how client keys are compared and configured)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load the YAML file at ``path`` (else ``DPICL_CONFIG``; none = defaults) and the environment.
+
+    Raises :class:`ConfigError` with a readable message for any problem.
+    """
+    env = os.environ if env is None else env
+    path = path or env.get("DPICL_CONFIG") or None
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            raise ConfigError(f"{p}: invalid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+        data = loaded
+    return config_from_dict(data, env, source=str(path) if path else "defaults")
+
+
+def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = None, source: str = "config") -> Config:
+    """Validate a config mapping and resolve its environment-backed parts."""
+    env = os.environ if env is None else env
+    try:
+        cfg = Config.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + format_validation_errors(exc.errors())) from None
+    cfg.admin_key = env.get("DPICL_ADMIN_KEY") or None
+    if env.get("DPICL_STORE_URL"):
+        cfg.store.url = env["DPICL_STORE_URL"]
+    if env.get("DPICL_LOCAL_MODEL") and not cfg.server.local_model:
+        cfg.server.local_model = env["DPICL_LOCAL_MODEL"]
+    hashes: dict[str, ClientKey] = {}
+    for ck in cfg.client_keys:
+        if ck.key_env is not None:
+            secret = env.get(ck.key_env)
+            if not secret:
+                raise ConfigError(f"{source}: client key {ck.name!r}: environment variable {ck.key_env} is not set")
+            digest = sha256_hex(secret)
+        else:
+            digest = ck.key_hash  # type: ignore[assignment]
+        if digest in hashes:
+            raise ConfigError(f"{source}: client keys {hashes[digest].name!r} and {ck.name!r} are the same key")
+        hashes[digest] = ck
+    cfg.client_key_hashes = hashes
+    return cfg
+
+
+def format_validation_errors(errors: list[dict[str, Any]]) -> str:
+    """'field.path: message; ...' from pydantic errors, never quoting the offending input."""
+    parts = []
+    for err in errors[:10]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "(root)"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    more = f" (+{len(errors) - 10} more)" if len(errors) > 10 else ""
+    return "; ".join(parts) + more

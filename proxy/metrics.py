@@ -1,0 +1,58 @@
+"""Prometheus metrics on a per-app registry (no module-level collectors, so apps and tests don't clash).
+
+Labels carry only route templates, model/task names the server knows, statuses and dataset ids:
+never request content, dataset names' rows or label contents.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
+
+
+class Metrics:
+    """All collectors of one app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "dpicl_requests_total", "HTTP requests by route template, model and status.",
+            ["route", "model", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "dpicl_request_seconds", "HTTP request latency in seconds (to the last body byte).",
+            ["route"], registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.upstream_errors = Counter(
+            "dpicl_upstream_errors_total", "Upstream failures by model and HTTP status sent to the client.",
+            ["model", "status"], registry=self.registry)
+        self.demo_cache = Counter(
+            "dpicl_demo_cache_total", "Demonstration cache lookups on task requests (hit / miss).",
+            ["task", "result"], registry=self.registry)
+        self.demo_generations = Counter(
+            "dpicl_demo_generations_total", "Demonstration sets generated (warm-ups), by task and outcome.",
+            ["task", "outcome"], registry=self.registry)
+        self.epsilon_spent = Gauge(
+            "dpicl_epsilon_spent", "Spent privacy budget (epsilon) per dataset id.",
+            ["dataset_id"], registry=self.registry)
+        self.epsilon_budget = Gauge(
+            "dpicl_epsilon_budget", "Privacy budget (epsilon) per dataset id.",
+            ["dataset_id"], registry=self.registry)
+
+    def record_spend(self, dataset_id: str, spent: float, budget: float | None = None) -> None:
+        """Update the per-dataset gauges after a spend (or a budget change) was recorded."""
+        self.epsilon_spent.labels(dataset_id).set(spent)
+        if budget is not None:
+            self.epsilon_budget.labels(dataset_id).set(budget)
+
+    def forget_dataset(self, dataset_id: str) -> None:
+        for gauge in (self.epsilon_spent, self.epsilon_budget):
+            try:
+                gauge.remove(dataset_id)
+            except KeyError:
+                pass
+
+    def render(self) -> bytes:
+        """Text exposition format."""
+        return generate_latest(self.registry)

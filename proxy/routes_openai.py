@@ -1,0 +1,160 @@
+"""OpenAI-compatible routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
+
+A request whose ``model`` is a task gets the task's cached DP demonstrations injected (chat: system
+message; completions: prompt prefix) and goes to the task's upstream; any other known model is
+forwarded unchanged. The upstream's answer is returned unchanged, so its ``model`` field is the
+upstream's model name, not the task name (streams are passed through byte for byte; rewriting
+every chunk would cost latency on the hot path). Errors are OpenAI-style bodies.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.responses import Response, StreamingResponse
+
+from proxy.auth import Principal
+from proxy.config import LOCAL_ALIASES, LOCAL_MODEL_NAME, format_validation_errors
+from proxy.demos import check_completion_prompt, inject_chat, inject_completion
+from proxy.errors import APIError, JSONDecodeError, dumps, error_body, loads, not_found_model
+from proxy.schemas import ChatRequest, CompletionRequest
+from proxy.upstreams import Upstream, UpstreamError
+
+router = APIRouter()
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object (415 / 400 / 413 on bad input; never echoes the body)."""
+    ctype = request.headers.get("content-type")
+    if ctype is not None and "json" not in ctype.split(";", 1)[0].lower():
+        raise APIError(415, "Content-Type must be application/json", "unsupported_media_type")
+    raw = await request.body()
+    if not raw:
+        raise APIError(400, "the request body is empty; send a JSON object", "invalid_json")
+    try:
+        body = loads(raw)
+    except (JSONDecodeError, ValueError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", "invalid_json")
+    return body
+
+
+def _validate(model: type, body: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_input=False, include_url=False)
+        param = ".".join(str(x) for x in errors[0]["loc"]) if errors else None
+        raise APIError(400, "invalid request: " + format_validation_errors(errors), "invalid_request",
+                       param=param) from None
+
+
+async def _route(request: Request, model: str, principal: Principal) -> tuple[Upstream, Any]:
+    """(upstream, task or None) for a model name, enforcing the caller's permissions."""
+    state = request.app.state
+    upstream = state.upstreams.get(model)
+    if upstream is not None:
+        request.state.model = model
+        if not principal.passthrough:
+            raise APIError(403, f"this key may not use the model '{model}'", "permission_denied", param="model")
+        return upstream, None
+    task = await state.tasks.get(model)
+    if task is None:
+        request.state.model = "unknown"
+        raise not_found_model(model)
+    request.state.model = model
+    request.state.task = model
+    if not principal.may_use_task(model):
+        raise APIError(403, f"this key may not use the model '{model}'", "permission_denied", param="model")
+    name = LOCAL_MODEL_NAME if task.upstream in LOCAL_ALIASES else task.upstream
+    upstream = state.upstreams.get(name)
+    if upstream is None:  # validated at task creation; the config may have changed since
+        raise APIError(502, f"task {task.name} names an upstream that is not configured", "upstream_missing")
+    return upstream, task
+
+
+def _upstream_error(request: Request, model: str, exc: UpstreamError) -> APIError:
+    status = exc.status if 400 <= exc.status < 600 else 502
+    request.app.state.metrics.upstream_errors.labels(model, str(status)).inc()
+    return APIError(status, exc.message, exc.code or ("upstream_timeout" if status == 504 else "upstream_error"),
+                    exc.type)
+
+
+async def _respond(request: Request, model: str, call: Any, stream_call: Any, body: dict[str, Any],
+                   stream: bool) -> Response:
+    if not stream:
+        try:
+            result = await call(body)
+        except UpstreamError as exc:
+            raise _upstream_error(request, model, exc) from None
+        return Response(dumps(result), media_type="application/json")
+    agen = stream_call(body)
+    try:
+        first = await agen.__anext__()
+    except StopAsyncIteration:
+        first = b"data: [DONE]\n\n"
+    except UpstreamError as exc:
+        raise _upstream_error(request, model, exc) from None
+    metrics = request.app.state.metrics
+
+    async def relay() -> AsyncIterator[bytes]:
+        yield first
+        try:
+            async for chunk in agen:
+                yield chunk
+        except UpstreamError as exc:
+            # Headers are sent: report the failure in-band, the way OpenAI streams do.
+            metrics.upstream_errors.labels(model, str(exc.status)).inc()
+            yield b"data: " + error_body(exc.status, exc.message, exc.code, exc.type) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(relay(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    principal = request.app.state.auth.client(request)
+    request.state.client = principal.name
+    body = await read_json(request)
+    req: ChatRequest = _validate(ChatRequest, body)
+    upstream, task = await _route(request, req.model, principal)
+    if task is not None:
+        demos = await request.app.state.demos.for_request(task, principal)
+        body = dict(body)
+        body["messages"] = inject_chat(body["messages"], demos.prefix)
+    return await _respond(request, req.model, upstream.chat, upstream.chat_stream, body, bool(req.stream))
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    principal = request.app.state.auth.client(request)
+    request.state.client = principal.name
+    body = await read_json(request)
+    req: CompletionRequest = _validate(CompletionRequest, body)
+    upstream, task = await _route(request, req.model, principal)
+    if task is not None:
+        check_completion_prompt(body["prompt"])
+        demos = await request.app.state.demos.for_request(task, principal)
+        body = dict(body)
+        body["prompt"] = inject_completion(body["prompt"], demos.prefix)
+    return await _respond(request, req.model, upstream.completion, upstream.completion_stream, body,
+                          bool(req.stream))
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    principal = request.app.state.auth.client(request)
+    request.state.client = principal.name
+    state = request.app.state
+    data = []
+    for name, task in sorted((await state.tasks.all()).items()):
+        if principal.may_use_task(name):
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": "dpicl-task"})
+    if principal.passthrough:
+        for name in sorted(state.upstreams):
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": "dpicl"})
+    return Response(dumps({"object": "list", "data": data}), media_type="application/json")

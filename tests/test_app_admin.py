@@ -1,0 +1,239 @@
+"""Admin API: datasets, budgets, tasks and demonstration sets, on SQLite and on a real Redis."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import httpx
+import pytest
+
+from proxy.app import create_app
+from tests.test_app_support import (  # noqa: F401 - fixtures
+    CANARY, LABELS, LiveServer, admin_headers, assert_openai_error, csv_bytes, dataset_rows, fake_upstream,
+    jsonl_bytes, make_config, task_spec, tiny_model_dir, upload,
+)
+
+FAST = {"mode": "fixed", "num_subsets": 2, "shots_per_subset": 1, "max_tokens": 3, "top_k": 8}
+
+
+@contextmanager
+def _serve(store_url: str, fake_base_url: str, model_dir: str):
+    cfg = make_config(store_url, fake_base_url, model_dir, client_tasks=["*"])
+    app = create_app(cfg)
+    with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=120, headers=admin_headers()) as http:
+        yield app, http
+
+
+@pytest.fixture
+def server(store_url, fake_upstream, tiny_model_dir):
+    """A live server on each store backend (``store_url`` is parametrised by tests/conftest.py)."""
+    with _serve(store_url, fake_upstream.base_url, tiny_model_dir) as pair:
+        yield pair
+
+
+@pytest.fixture
+def sqlite_server(tmp_path, fake_upstream, tiny_model_dir):
+    """SQLite only, for the slower generation tests whose store-specific part is covered above."""
+    with _serve(f"sqlite:///{tmp_path}/s.db", fake_upstream.base_url, tiny_model_dir) as pair:
+        yield pair
+
+
+def _count_row_reads(app) -> list[int]:
+    """Wrap the live store's load_rows so a test can see whether private rows were read."""
+    store = app.state.store
+    calls = [0]
+    original = store.load_rows
+
+    def counting(dataset_id):
+        calls[0] += 1
+        return original(dataset_id)
+
+    store.load_rows = counting
+    return calls
+
+
+def _no_canary(resp: httpx.Response) -> None:
+    assert CANARY not in resp.text
+
+
+def test_dataset_upload_list_delete(server):
+    app, http = server
+    r = upload(http, "qa", jsonl_bytes(dataset_rows(20)), epsilon=3.5, delta=1e-6)
+    assert r.status_code == 201, r.text
+    ds = r.json()
+    assert ds["rows"] == 60 and sorted(ds["labels"]) == sorted(LABELS)
+    assert ds["budget_epsilon"] == 3.5 and ds["budget_delta"] == 1e-6 and ds["public"] is False
+    _no_canary(r)
+    r2 = upload(http, "qa-csv", csv_bytes(dataset_rows(5)), filename="rows.csv", public="true")
+    assert r2.status_code == 201, r2.text
+    assert r2.json()["rows"] == 15 and r2.json()["public"] is True
+    assert r2.json()["budget_epsilon"] == 4.0  # documented default
+    listing = http.get("/admin/datasets")
+    assert {d["id"] for d in listing.json()["data"]} == {ds["id"], r2.json()["id"]}
+    _no_canary(listing)
+    _no_canary(http.get(f"/admin/datasets/{ds['id']}"))
+    # A new upload under the same name is a new version with a new id.
+    r3 = upload(http, "qa", jsonl_bytes(dataset_rows(20)))
+    assert r3.json()["version"] == 2 and r3.json()["id"] != ds["id"]
+    d = http.delete(f"/admin/datasets/{ds['id']}")
+    assert d.status_code == 200 and d.json()["deleted"] is True
+    assert ds["id"] not in {x["id"] for x in http.get("/admin/datasets").json()["data"]}
+    assert_openai_error(http.delete(f"/admin/datasets/{ds['id']}"), 404)
+    assert_openai_error(http.get(f"/admin/datasets/{ds['id']}/budget"), 404)  # deleted, never charged
+
+
+def test_budget_endpoints(server):
+    app, http = server
+    ds = upload(http, "b", jsonl_bytes(dataset_rows(100)), epsilon=6).json()
+    one = http.get(f"/admin/datasets/{ds['id']}/budget").json()
+    assert one["budget_epsilon"] == 6 and one["spent_epsilon"] == 0 and one["remaining_epsilon"] == 6
+    assert one["entries"] == []
+    allb = http.get("/admin/budget").json()["data"]
+    assert [b["dataset_id"] for b in allb] == [ds["id"]]
+    up = http.put(f"/admin/datasets/{ds['id']}/budget", json={"epsilon": 8, "delta": 1e-6})
+    assert up.status_code == 200, up.text
+    assert up.json()["budget_epsilon"] == 8 and up.json()["budget_delta"] == 1e-6
+    # Spend something, then lowering below the spend is refused.
+    http.post("/admin/tasks", json=task_spec("t", "b", generation={**FAST, "sigma": 1.5}))
+    w = http.post("/admin/tasks/t/demos", json={"dry_run": False})
+    assert w.status_code == 201, w.text
+    spent = http.get(f"/admin/datasets/{ds['id']}/budget").json()
+    assert spent["spent_epsilon"] > 0.5
+    assert {e["partition"] for e in spent["entries"]} == {"*", *LABELS}
+    assert all(e["actor"] == "admin" for e in spent["entries"])
+    err = assert_openai_error(http.put(f"/admin/datasets/{ds['id']}/budget",
+                                       json={"epsilon": spent["spent_epsilon"] / 2}), 400)
+    assert "already spent" in err["message"]
+    for bad in ({"epsilon": -1}, {"epsilon": 0}, {"epsilon": "x"}, {"epsilon": 5, "delta": 2}, {}, {"epsilon": 5, "x": 1}):
+        assert_openai_error(http.put(f"/admin/datasets/{ds['id']}/budget", json=bad), 400)
+    assert http.get(f"/admin/datasets/{ds['id']}/budget").json()["budget_epsilon"] == 8
+    metrics = http.get("/metrics").text
+    assert f'dpicl_epsilon_spent{{dataset_id="{ds["id"]}"}}' in metrics
+
+
+def test_tasks_crud(sqlite_server):
+    app, http = sqlite_server
+    upload(http, "d", jsonl_bytes(dataset_rows(10)))
+    r = http.post("/admin/tasks", json=task_spec("mytask", "d", generation=FAST))
+    assert r.status_code == 201, r.text
+    assert r.json()["source"] == "admin"
+    assert "mytask" in {t["name"] for t in http.get("/admin/tasks").json()["data"]}
+    assert http.get("/admin/tasks/mytask").json()["upstream"] == "fake-model"
+    # The task is a model for clients now.
+    assert "mytask" in {m["id"] for m in http.get("/v1/models").json()["data"]}
+    assert_openai_error(http.post("/admin/tasks", json=task_spec("x", "d", upstream="nope")), 400)
+    assert_openai_error(http.post("/admin/tasks", json=task_spec("fake-model", "d")), 409)
+    assert_openai_error(http.post("/admin/tasks", json={"name": "y"}), 400)
+    assert_openai_error(http.post("/admin/tasks", json=task_spec("z", "d", epsilon=-1)), 400)
+    assert http.delete("/admin/tasks/mytask").status_code == 200
+    assert_openai_error(http.get("/admin/tasks/mytask"), 404)
+    assert_openai_error(http.delete("/admin/tasks/mytask"), 404)
+
+
+def test_warm_dry_run_then_real_then_cache(sqlite_server):
+    app, http = sqlite_server
+    ds = upload(http, "w", jsonl_bytes(dataset_rows(100)), epsilon=10).json()
+    http.post("/admin/tasks", json=task_spec("w1", "w", generation={**FAST, "sigma": 1.5}, shots=2))
+    reads = _count_row_reads(app)
+    dry = http.post("/admin/tasks/w1/demos", json={"dry_run": True})
+    assert dry.status_code == 200, dry.text
+    d = dry.json()
+    assert d["dry_run"] is True and d["fits"] is True and d["epsilon_cost"] > 0
+    assert d["remaining_after"] == pytest.approx(10 - d["epsilon_cost"])
+    assert http.get(f"/admin/datasets/{ds['id']}/budget").json()["entries"] == []  # nothing charged
+    assert reads[0] == 0
+    assert http.get("/admin/tasks/w1/demos").json()["cached"] is False
+
+    w = http.post("/admin/tasks/w1/demos", json={"dry_run": False})
+    assert w.status_code == 201, w.text
+    out = w.json()
+    assert out["charged"] is True and len(out["demonstrations"]) == 2 * len(LABELS)
+    assert {x["label"] for x in out["demonstrations"]} == set(LABELS)
+    assert 0 < out["epsilon"] <= out["spent_epsilon"] + 1e-9
+    status = http.get(f"/admin/datasets/{ds['id']}/budget").json()
+    assert status["spent_epsilon"] == pytest.approx(out["spent_epsilon"])
+    assert status["spent_epsilon"] == pytest.approx(10 - out["remaining_epsilon"])
+    entries = len(status["entries"])
+
+    # Warming again serves the cache: no charge, same set.
+    again = http.post("/admin/tasks/w1/demos", json={})
+    assert again.status_code == 200 and again.json()["charged"] is False
+    assert again.json()["demonstrations"] == out["demonstrations"]
+    assert len(http.get(f"/admin/datasets/{ds['id']}/budget").json()["entries"]) == entries
+    cached = http.get("/admin/tasks/w1/demos").json()
+    assert cached["cached"] is True and cached["demonstrations"]["demos"] == out["demonstrations"]
+    # Drop it: the next warm-up pays again.
+    assert http.delete("/admin/tasks/w1/demos").json()["deleted"] == 1
+    assert http.get("/admin/tasks/w1/demos").json()["cached"] is False
+    w2 = http.post("/admin/tasks/w1/demos", json={})
+    assert w2.status_code == 201 and w2.json()["charged"] is True
+    assert len(http.get(f"/admin/datasets/{ds['id']}/budget").json()["entries"]) > entries
+
+
+def test_concurrent_same_key_generates_once(sqlite_server):
+    app, http = sqlite_server
+    ds = upload(http, "c", jsonl_bytes(dataset_rows(100)), epsilon=50).json()
+    http.post("/admin/tasks", json=task_spec("c1", "c", generation={**FAST, "sigma": 1.5}))
+    results: list[httpx.Response] = []
+
+    def hit():
+        results.append(httpx.post(str(http.base_url) + "/admin/tasks/c1/demos", json={}, headers=admin_headers(),
+                                  timeout=120))
+
+    threads = [threading.Thread(target=hit) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.status_code for r in results) == [200] * 5 + [201]
+    assert len({str(r.json()["demonstrations"]) for r in results}) == 1
+    entries = http.get(f"/admin/datasets/{ds['id']}/budget").json()["entries"]
+    assert len([e for e in entries if e["partition"] != "*"]) == len(LABELS)  # one set charged
+
+
+def test_over_budget_refusal_reads_nothing(server):
+    app, http = server
+    ds = upload(http, "o", jsonl_bytes(dataset_rows(100)), epsilon=1.0).json()
+    # sigma 0.5 costs about 12, far more than 1.0.
+    http.post("/admin/tasks", json=task_spec("greedy", "o", generation={**FAST, "sigma": 0.5}))
+    reads = _count_row_reads(app)
+    dry = http.post("/admin/tasks/greedy/demos", json={"dry_run": True}).json()
+    assert dry["fits"] is False and dry["remaining_after"] < 0
+    err = assert_openai_error(http.post("/admin/tasks/greedy/demos", json={}), 402)
+    assert "remains" in err["message"] and "1.00" in err["message"]
+    assert http.get(f"/admin/datasets/{ds['id']}/budget").json()["entries"] == []  # ledger unchanged
+    assert reads[0] == 0  # no row read (not even for the pool sizes)
+
+    # Now fix the DP pool sizes with a cheap task, then refuse again: still nothing read or charged.
+    http.post("/admin/tasks", json=task_spec("mid", "o", generation={**FAST, "sigma": 6.0}))
+    assert http.post("/admin/tasks/mid/demos", json={}).status_code == 201
+    before = http.get(f"/admin/datasets/{ds['id']}/budget").json()
+    reads[0] = 0
+    err = assert_openai_error(http.post("/admin/tasks/greedy/demos", json={}), 402)
+    assert f"{before['remaining_epsilon']:.2f}" in err["message"]
+    after = http.get(f"/admin/datasets/{ds['id']}/budget").json()
+    assert after["entries"] == before["entries"] and reads[0] == 0
+    assert after["spent_epsilon"] <= after["budget_epsilon"]
+
+
+def test_client_generation_on_first_use(sqlite_server):
+    """on_missing=generate: a client request generates (charged to the client), then serves the cache."""
+    app, http = sqlite_server
+    ds = upload(http, "g", jsonl_bytes(dataset_rows(100)), epsilon=10).json()
+    http.post("/admin/tasks", json=task_spec("gen", "g", generation={**FAST, "sigma": 1.5}, on_missing="generate"))
+    http.post("/admin/tasks", json=task_spec("nobudget", "g", generation={**FAST, "sigma": 0.4},
+                                             on_missing="generate"))
+    from tests.test_app_support import CLIENT_KEY
+
+    client = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    body = {"model": "gen", "messages": [{"role": "user", "content": "Question: where?"}]}
+    r = http.post("/v1/chat/completions", json=body, headers=client)
+    assert r.status_code == 200, r.text
+    entries = http.get(f"/admin/datasets/{ds['id']}/budget").json()["entries"]
+    assert {e["actor"] for e in entries} == {"client:app1"}
+    assert http.post("/v1/chat/completions", json=body, headers=client).status_code == 200
+    assert len(http.get(f"/admin/datasets/{ds['id']}/budget").json()["entries"]) == len(entries)
+    # Over budget: the client gets a clean error that reveals no budget numbers.
+    err = assert_openai_error(http.post("/v1/chat/completions", json={**body, "model": "nobudget"}, headers=client), 402)
+    assert "POST /admin/tasks/nobudget/demos" in err["message"] and "remains" not in err["message"]
