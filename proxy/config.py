@@ -67,7 +67,8 @@ class ModelEntry(BaseModel):
 class GenerationSettings(_Strict):
     """DP generation parameters of a task (aggregation.fewshot.GenerationConfig, minus epsilon)."""
 
-    mode: Literal["resample", "fixed"] = "fixed"
+    #: resample is the quality default (DESIGN.md section 3); fixed is faster but needs more noise.
+    mode: Literal["resample", "fixed"] = "resample"
     mechanism: Literal["gaussian", "exponential"] = "gaussian"
     num_subsets: int = Field(10, ge=1, le=1000)
     shots_per_subset: int = Field(2, ge=1, le=100)
@@ -80,6 +81,8 @@ class GenerationSettings(_Strict):
     public_only: bool = False
     #: For an OpenAI-compatible generator: alternatives per call (see aggregation.sources.openai_compat).
     top_logprobs: int = Field(20, ge=1, le=100_000)
+    #: Token budget (and, in fixed mode, the public batch width) of one generation prompt.
+    max_prompt_tokens: int = Field(256, ge=16, le=32_768)
 
 
 class TaskConfig(_Strict):
