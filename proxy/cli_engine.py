@@ -5,26 +5,13 @@ from __future__ import annotations
 import json
 import math
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 
-class ModeOpt(str, Enum):
-    resample = "resample"
-    fixed = "fixed"
-
-
-class MechanismOpt(str, Enum):
-    gaussian = "gaussian"
-    exponential = "exponential"
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+from proxy.cli_common import MechanismOpt, ModeOpt, fail as _fail
 
 
 def account(

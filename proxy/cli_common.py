@@ -1,0 +1,23 @@
+"""Small pieces shared by the ``dpicl`` command modules."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import typer
+
+
+class ModeOpt(str, Enum):
+    resample = "resample"
+    fixed = "fixed"
+
+
+class MechanismOpt(str, Enum):
+    gaussian = "gaussian"
+    exponential = "exponential"
+
+
+def fail(message: str) -> None:
+    """Print ``error: message`` on stderr and exit with status 2 (bad input)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)

