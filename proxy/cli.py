@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -16,16 +15,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-#: Modules that register commands on ``app`` through a ``register(app)`` function.
-COMMAND_MODULES = ["proxy.cli_engine", "proxy.cli_serve", "proxy.cli_eval", "proxy.cli_jobs"]
+from proxy import cli_engine, cli_eval, cli_jobs, cli_serve  # noqa: E402  (after the env default above)
 
-for _name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(_name)
-    except ModuleNotFoundError as exc:  # a command group not built yet in this checkout
-        if exc.name != _name:
-            raise
-        continue
+for _module in (cli_engine, cli_serve, cli_eval, cli_jobs):
     _module.register(app)
 
 

