@@ -120,6 +120,20 @@ def event_from_dict(data: Mapping[str, Any]) -> dpa.DpEvent:
 # Calibration.
 
 
+def check_noise_or_target(noise: float | None, epsilon: float | None, noise_name: str = "sigma",
+                          allow_infinite: bool = False) -> None:
+    """Validate a mechanism's "explicit noise parameter, or target epsilon to calibrate" pair."""
+    if noise is None and epsilon is None:
+        raise ValueError(f"give a target epsilon or a {noise_name}")
+    if noise is not None and not noise > 0:
+        raise ValueError(f"{noise_name} must be positive")
+    if noise is None and epsilon is not None:
+        if not epsilon > 0:
+            raise ValueError("epsilon must be positive")
+        if math.isinf(epsilon) and not allow_infinite:
+            raise ValueError("epsilon must be a positive finite number")
+
+
 def calibrate_sigma(
     make_event: Callable[[float], dpa.DpEvent],
     target_epsilon: float,

@@ -72,12 +72,7 @@ class DPSGDConfig:
             raise ValueError("batch_size and steps must be at least 1, max_length at least 4")
         if not self.max_grad_norm > 0 or not self.learning_rate > 0:
             raise ValueError("max_grad_norm and learning_rate must be positive")
-        if self.noise_multiplier is None and self.epsilon is None:
-            raise ValueError("give a target epsilon or a noise_multiplier")
-        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-            raise ValueError("noise_multiplier must be positive")
-        if self.noise_multiplier is None and not (self.epsilon is not None and 0 < self.epsilon < math.inf):
-            raise ValueError("epsilon must be a positive finite number")
+        accounting.check_noise_or_target(self.noise_multiplier, self.epsilon, "noise_multiplier")
         if self.num_samples < 1 or self.max_new_tokens < 1 or self.sample_batch < 1:
             raise ValueError("num_samples, max_new_tokens and sample_batch must be at least 1")
         if self.lora_r < 1 or not self.target_modules:

@@ -68,12 +68,8 @@ class GenerationConfig:
             raise ValueError("max_prompt_tokens must be at least 16")
         if self.public_only:
             return
-        if self.sigma is None and self.epsilon is None:
-            raise ValueError("give a target epsilon or a sigma")
-        if self.sigma is not None and self.sigma <= 0:
-            raise ValueError("sigma must be positive")
-        if self.sigma is None and self.epsilon is not None and not self.epsilon > 0:
-            raise ValueError("epsilon must be positive (use public_only for epsilon 0)")
+        # epsilon 0 is spelled public_only; infinity means no noise
+        accounting.check_noise_or_target(self.sigma, self.epsilon, "sigma", allow_infinite=True)
 
     @property
     def private(self) -> bool:

@@ -78,12 +78,7 @@ class PEConfig:
             raise ValueError("num_samples must be at least 1")
         if not 1 <= self.k <= self.population:
             raise ValueError("k must be between 1 and the population size")
-        if self.sigma is None and self.epsilon is None:
-            raise ValueError("give a target epsilon or a sigma")
-        if self.sigma is not None and not self.sigma > 0:
-            raise ValueError("sigma must be positive")
-        if self.sigma is None and not (self.epsilon is not None and 0 < self.epsilon < math.inf):
-            raise ValueError("epsilon must be a positive finite number")
+        accounting.check_noise_or_target(self.sigma, self.epsilon, "sigma")
         if not self.count_sigma > 0:
             raise ValueError("count_sigma must be positive")
 
