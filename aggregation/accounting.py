@@ -194,6 +194,24 @@ def _quiet_absl():
         logger.setLevel(old)
 
 
+def calibrate_after(
+    prior: dpa.DpEvent,
+    make_event: Callable[[float], dpa.DpEvent],
+    target_epsilon: float,
+    delta: float,
+) -> float:
+    """Noise parameter for ``make_event`` so that ``prior`` composed with it costs the target.
+
+    Used when a run also pays for an earlier release (e.g. the DP label histogram); refuses a
+    target that the prior release alone already exceeds.
+    """
+    base = epsilon_of([prior], delta)
+    if base >= target_epsilon:
+        raise ValueError(f"epsilon {target_epsilon} is below the label histogram's own cost ({base:.3f}); "
+                         "raise epsilon or count_sigma")
+    return calibrate_sigma(lambda s: dpa.ComposedDpEvent([prior, make_event(s)]), target_epsilon, delta)
+
+
 def _step_up(eps_fn: Callable[[float], float], sigma: float, target: float, rel_tol: float) -> float:
     for _ in range(200):
         if eps_fn(sigma) <= target:

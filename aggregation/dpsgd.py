@@ -151,12 +151,8 @@ def plan_dpsgd(config: DPSGDConfig, label_counts: Mapping[str, float], delta: fl
     if config.noise_multiplier is not None:
         nm = float(config.noise_multiplier)
     else:
-        counts = dpa.GaussianDpEvent(config.count_sigma)
-        base = accounting.epsilon_of([counts], delta)
-        if base >= float(config.epsilon):
-            raise ValueError(f"epsilon {config.epsilon} is below the label histogram's own cost ({base:.3f})")
-        nm = accounting.calibrate_sigma(
-            lambda s: dpa.ComposedDpEvent([counts, training_event(q, s, config.steps)]), float(config.epsilon), delta)
+        nm = accounting.calibrate_after(dpa.GaussianDpEvent(config.count_sigma),
+                                        lambda s: training_event(q, s, config.steps), float(config.epsilon), delta)
     return DPSGDPlan(config, delta, labels, {k: float(v) for k, v in label_counts.items()}, q, nm, include_counts)
 
 

@@ -156,13 +156,9 @@ def plan_pe(config: PEConfig, labels: Sequence[str], delta: float, include_count
     if config.sigma is not None:
         sigma = float(config.sigma)
     else:
-        counts = dpa.GaussianDpEvent(config.count_sigma)
-        base = accounting.epsilon_of([counts], delta)
-        if base >= float(config.epsilon):
-            raise ValueError(f"epsilon {config.epsilon} is below the label histogram's own cost ({base:.3f}); "
-                             "raise epsilon or count_sigma")
-        sigma = accounting.calibrate_sigma(
-            lambda s: dpa.ComposedDpEvent([counts, dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(s), config.iterations)]),
+        sigma = accounting.calibrate_after(
+            dpa.GaussianDpEvent(config.count_sigma),
+            lambda s: dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(s), config.iterations),
             float(config.epsilon), delta,
         )
     return PEPlan(config, delta, sorted(set(labels)), sigma, include_counts)
