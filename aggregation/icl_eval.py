@@ -23,8 +23,10 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import io
 import json
 import math
+import os
 import time
 import zlib
 from dataclasses import dataclass, field, replace
@@ -479,10 +481,14 @@ def run_eval(
     out_dir: Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> EvalOutput:
     """Run every row for every seed; write runs.csv, demos.jsonl, table.md and the plot.
 
-    Files are rewritten after every run, so a long run that is stopped keeps what it finished.
+    Files are replaced (atomically) after every run, so a long run that is stopped keeps what it
+    finished. With ``resume`` the runs already in ``out_dir`` are kept and only the missing ones
+    are run; that needs the same dataset and settings (checked against ``settings.json``). Every
+    run's noise is seeded from its own parameters, so a resumed table equals an uninterrupted one.
     """
     from tqdm.auto import tqdm
 
@@ -516,8 +522,15 @@ def run_eval(
 
     runs: list[RunRecord] = []
     demo_lines: list[dict] = []
+    if resume and out_dir is not None:
+        runs, demo_lines = load_finished(out_dir, settings, task.name)
+        done = {_run_key(r.seed, r.row, r.mode, r.epsilon) for r in runs}
+        before = len(jobs)
+        jobs = [j for j in jobs if _run_key(*j) not in done]
+        log(f"resuming: {before - len(jobs)} of {before} runs already in {out_dir}")
     public_set: DemoSet | None = None
     files: dict[str, Path] = {}
+    last_plot = time.perf_counter()
     bar = tqdm(jobs, desc="runs", disable=not progress)
     for seed, row, mode, eps in bar:
         bar.set_postfix_str(f"seed {seed} {row} {mode} {'' if row != DP else eps}".strip())
@@ -546,9 +559,64 @@ def run_eval(
             demo_lines.append({"dataset": task.name, "row": row, "mode": mode, "epsilon": eps, "seed": seed,
                                "demonstrations": [{"label": d.label, "text": d.text} for d in ds.demos]})
         if out_dir is not None:
-            files = write_outputs(out_dir, runs, demo_lines, settings, task.name)
+            # Drawing the plot takes about a second: redraw it at most once a minute while running.
+            redraw = time.perf_counter() - last_plot >= 60.0
+            write_outputs(out_dir, runs, demo_lines, settings, task.name, plot=redraw)
+            last_plot = time.perf_counter() if redraw else last_plot
+    if out_dir is not None:
+        files = write_outputs(out_dir, runs, demo_lines, settings, task.name)
     table = table_markdown(runs, settings.calibrate)
     return EvalOutput(runs, table, files, time.perf_counter() - started)
+
+
+def _run_key(seed: int, row: str, mode: str, epsilon: float) -> tuple[int, str, str, float]:
+    # Only DP rows are told apart by epsilon; the reference rows have one run per seed.
+    return (int(seed), row, mode, float(epsilon) if row == DP else 0.0)
+
+
+def settings_record(settings: EvalSettings, dataset: str) -> dict:
+    """What a resumed run must share with the runs already on disk (``settings.json``)."""
+    record = dataclasses.asdict(settings)
+    # The plotted accuracy and the number of seeds do not change any run; more seeds may be added.
+    for key in ("calibrate", "seeds"):
+        record.pop(key)
+    record["epsilons"] = [_eps(e) for e in settings.epsilons]
+    record["modes"] = list(settings.modes)
+    return {"dataset": dataset, **record}
+
+
+class ResumeError(ValueError):
+    """The output directory holds runs made with other settings (or none that can be read)."""
+
+
+def load_finished(out_dir: Path, settings: EvalSettings, dataset: str) -> tuple[list[RunRecord], list[dict]]:
+    """Runs and demonstration lines already in ``out_dir``, when they were made with ``settings``.
+
+    Runs of seeds no longer asked for are dropped. Nothing there (a fresh directory) resumes
+    from zero.
+    """
+    runs_path, settings_path = out_dir / "runs.csv", out_dir / "settings.json"
+    if not runs_path.exists():
+        return [], []
+    if not settings_path.exists():
+        raise ResumeError(f"{out_dir} has runs.csv but no settings.json; cannot tell whether its runs match")
+    try:
+        stored = json.loads(settings_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ResumeError(f"{settings_path} is not valid JSON: {exc}") from None
+    wanted = settings_record(settings, dataset)
+    differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    if differ:
+        raise ResumeError(f"{out_dir} was made with different settings ({', '.join(differ)}); "
+                          "use another --out or drop --resume")
+    seeds = set(settings.seeds)
+    runs = [r for r in read_runs(runs_path) if r.seed in seeds]
+    lines: list[dict] = []
+    demos_path = out_dir / "demos.jsonl"
+    if demos_path.exists():
+        lines = [json.loads(x) for x in demos_path.read_text().splitlines() if x.strip()]
+        lines = [x for x in lines if x.get("seed") in seeds]
+    return runs, lines
 
 
 # =============================================================================================
@@ -607,18 +675,20 @@ def table_markdown(runs: Sequence[RunRecord], calibrate: bool = False) -> str:
 
 
 def write_outputs(out_dir: Path, runs: Sequence[RunRecord], demo_lines: Sequence[dict], settings: EvalSettings,
-                  dataset: str) -> dict[str, Path]:
-    """runs.csv, demos.jsonl, table.md and accuracy_vs_epsilon.png in ``out_dir``."""
+                  dataset: str, plot: bool = True) -> dict[str, Path]:
+    """runs.csv, demos.jsonl, table.md, settings.json and (with ``plot``) accuracy_vs_epsilon.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: out_dir / name for name in ("runs.csv", "demos.jsonl", "table.md", "accuracy_vs_epsilon.png")}
-    with open(paths["runs.csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=RUN_FIELDS)
-        w.writeheader()
-        for r in runs:
-            w.writerow(dataclasses.asdict(r))
-    with open(paths["demos.jsonl"], "w") as f:
-        for line in demo_lines:
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    paths = {name: out_dir / name
+             for name in ("runs.csv", "demos.jsonl", "table.md", "accuracy_vs_epsilon.png", "settings.json")}
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RUN_FIELDS)
+    w.writeheader()
+    for r in runs:
+        w.writerow(dataclasses.asdict(r))
+    # runs.csv and settings.json are what --resume trusts, so neither may be left half-written.
+    _write_atomic(paths["settings.json"], json.dumps(settings_record(settings, dataset), indent=1) + "\n")
+    _write_atomic(paths["runs.csv"], buf.getvalue())
+    _write_atomic(paths["demos.jsonl"], "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in demo_lines))
     n_test = runs[0].n_test if runs else 0
     seeds = len({r.seed for r in runs})
     header = (f"# {dataset}: ICL accuracy against epsilon\n\n"
@@ -627,9 +697,16 @@ def write_outputs(out_dir: Path, runs: Sequence[RunRecord], demo_lines: Sequence
               f"top-{settings.top_k if settings.top_k else 'all'} public candidates, {settings.mechanism} mechanism. "
               f"ε (demo set) is the target per demonstration set; 'ε incl. pool sizes' adds the DP label histogram "
               f"that sets the sampling rates. Mean ± sample std over seeds.\n\n")
-    paths["table.md"].write_text(header + table_markdown(runs, settings.calibrate))
-    plot_accuracy(runs, paths["accuracy_vs_epsilon.png"], settings.calibrate, title=f"{dataset}: {n_test} test, {seeds} seed(s)")
+    _write_atomic(paths["table.md"], header + table_markdown(runs, settings.calibrate))
+    if plot:
+        plot_accuracy(runs, paths["accuracy_vs_epsilon.png"], settings.calibrate, title=f"{dataset}: {n_test} test, {seeds} seed(s)")
     return paths
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_runs(path: Path) -> list[RunRecord]:
@@ -685,7 +762,9 @@ def plot_accuracy(runs: Sequence[RunRecord], path: Path, calibrate: bool = False
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, path)
     plt.close(fig)
 
 

@@ -34,6 +34,7 @@ def eval_command(
     canary_copies: int = typer.Option(0, "--canary-copies", min=0, help="Audit: copies of each canary (0 = as many canary records as the label has real ones)."),
     audit_demos: int = typer.Option(3, "--audit-demos", min=1, help="Audit: demonstrations per epsilon, mode and seed."),
     audit_top_k: int = typer.Option(0, "--audit-top-k", min=0, help="Audit: public candidates (0 = full vocabulary, the default: top-k alone hides canaries)."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the runs already in --out (same settings) and run only the missing ones."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
     """Accuracy of in-context classification with zero-shot, epsilon-0, non-private and DP demonstrations."""
@@ -68,6 +69,11 @@ def eval_command(
     except (FileNotFoundError, DataError) as exc:
         _fail(str(exc))
     out_dir = out or Path("eval-out") / task.name
+    if resume and accuracy:
+        try:  # refuse mismatched settings before the model is loaded
+            icl_eval.load_finished(out_dir, settings, task.name)
+        except icl_eval.ResumeError as exc:
+            _fail(str(exc))
 
     from aggregation.sources.local import LocalSource, load_model
 
@@ -79,7 +85,11 @@ def eval_command(
     source = LocalSource(lm, tok)
     if accuracy:
         scorer = icl_eval.ModelScorer(lm, tok, task.words(), batch_size=batch_size, progress=progress)
-        result = icl_eval.run_eval(task, source, scorer, settings, out_dir, progress=progress, log=typer.echo)
+        try:
+            result = icl_eval.run_eval(task, source, scorer, settings, out_dir, progress=progress, log=typer.echo,
+                                       resume=resume)
+        except icl_eval.ResumeError as exc:
+            _fail(str(exc))
         typer.echo("")
         typer.echo(result.table)
         typer.echo(f"wrote {', '.join(str(p) for p in result.files.values())}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -243,6 +244,9 @@ def test_cli_eval_rejects_bad_arguments(tmp_path):
     assert result.exit_code == 2
     result = CliRunner().invoke(app, ["eval", "--dataset", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)])
     assert result.exit_code == 2 and "no such file" in result.output
+    (tmp_path / "runs.csv").write_text("dataset,row\n")
+    result = CliRunner().invoke(app, ["eval", "--resume", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "no settings.json" in result.output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,3 +317,35 @@ def test_outputs_round_trip(tmp_path):
     assert icl_eval.read_runs(files["runs.csv"]) == runs
     assert files["accuracy_vs_epsilon.png"].read_bytes()[:4] == b"\x89PNG"
     assert "| DP demonstrations | fixed | ∞ |" in files["table.md"].read_text()
+
+
+def test_resume_keeps_finished_runs_and_refuses_other_settings(tmp_path):
+    """A resumed run keeps what is on disk, runs only what is missing, and equals a fresh run."""
+    from tests.tiny_model import tiny_source
+
+    labels = ["a", "b", "c", "d"]
+    task = icl_eval.Task("toy", _records(120), TaskPrompt("Classify the text."), labels)
+    # epsilon = inf keeps the test fast (no sigma calibration); resuming does not depend on epsilon.
+    settings = icl_eval.EvalSettings(seeds=(0,), n_test=8, held_out=20, epsilons=(math.inf,), modes=("fixed",),
+                                     num_subsets=2, shots_per_subset=2, max_tokens=2, top_k=20)
+    quiet = dict(progress=False, log=lambda s: None)
+    first = icl_eval.run_eval(task, tiny_source(), KeywordScorer(labels), settings, tmp_path, **quiet)
+    assert (tmp_path / "settings.json").exists() and not list(tmp_path.glob("*.tmp"))
+
+    more = replace(settings, seeds=(0, 1))
+    scorer = KeywordScorer(labels)
+    resumed = icl_eval.run_eval(task, tiny_source(), scorer, more, tmp_path, resume=True, **quiet)
+    # Seed 0's records come back from disk unchanged (timings included: they were not re-run) ...
+    assert resumed.runs[:len(first.runs)] == first.runs
+    assert {r.seed for r in resumed.runs[len(first.runs):]} == {1}
+    assert icl_eval.read_runs(tmp_path / "runs.csv") == resumed.runs
+    # ... and the scores of the runs that did run equal an uninterrupted two-seed run.
+    fresh = icl_eval.run_eval(task, tiny_source(), KeywordScorer(labels), more, tmp_path / "fresh", **quiet)
+    strip = lambda rs: [(r.seed, r.row, r.mode, r.epsilon, r.accuracy, r.epsilon_total) for r in rs]  # noqa: E731
+    assert strip(resumed.runs) == strip(fresh.runs)
+
+    with pytest.raises(icl_eval.ResumeError, match="max_tokens"):
+        icl_eval.run_eval(task, tiny_source(), scorer, replace(more, max_tokens=3), tmp_path, resume=True, **quiet)
+    (tmp_path / "settings.json").unlink()
+    with pytest.raises(icl_eval.ResumeError, match="no settings.json"):
+        icl_eval.run_eval(task, tiny_source(), scorer, more, tmp_path, resume=True, **quiet)
