@@ -772,21 +772,30 @@ def plot_accuracy(runs: Sequence[RunRecord], path: Path, calibrate: bool = False
 # Canary audit.
 
 
+#: Default canary records per real record of the audited label (see :class:`AuditSettings`).
+CANARY_SHARE = 5
+
+
 @dataclass(frozen=True)
 class AuditSettings:
     """Canary audit parameters. ``top_k=None`` scores the full vocabulary.
 
-    The full vocabulary is the default on purpose: with the top-k public candidates a random
-    string is rarely a candidate at all, so even epsilon = infinity would seldom leak it and the
-    audit would show no contrast. Without that filter only the noise stands between a canary and
-    the output, which is the property being audited.
+    The defaults are chosen so that the audit has power, i.e. so that epsilon = infinity does
+    leak: SmolLM2-135M copies a random string only when a prompt holds it at least twice, so one
+    canary is planted ``CANARY_SHARE`` times per real record of the label (about 5/6 of the
+    pool) and each subset holds N=4 records. Several distinct canaries, or 2 records per subset,
+    left even epsilon = infinity without a single leak (docs/evaluation.md). The full vocabulary
+    is the default for the same reason: a random string is rarely among the top-k public
+    candidates, so top-k alone would hide it; without that filter only the noise stands between
+    the canary and the output, which is the property being audited.
     """
 
     seeds: tuple[int, ...] = (0, 1)
     epsilons: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, INF)
     modes: tuple[str, ...] = ("resample", "fixed")
-    canaries: int = 5
-    copies: int | None = None  # None: as many canary records as the label has real ones
+    canaries: int = 1
+    copies: int | None = None  # None: CANARY_SHARE canary records per real record of the label
+    shots_per_subset: int | None = 4  # N of the audit's generation (None: the eval settings' N)
     demos_per_run: int = 3
     label: str | None = None  # None: the label with the smallest pool (canaries weigh most there)
     top_k: int | None = None
@@ -836,16 +845,18 @@ def run_audit(
         raise ValueError(f"label {label!r} is not in the dataset")
     rng = np.random.default_rng(audit.canary_seed)
     canaries = make_canaries(audit.canaries, rng)
-    copies = audit.copies or max(1, math.ceil(len(pools[label]) / audit.canaries))
+    copies = audit.copies or max(1, math.ceil(CANARY_SHARE * len(pools[label]) / audit.canaries))
     pools[label] = plant_canaries(pools[label], label, canaries, copies, rng)
     delta = 1.0 / sum(len(p) for p in pools.values())
     log(f"audit: {audit.canaries} canaries x {copies} copies planted under label {label!r} "
-        f"({audit.canaries * copies} of {len(pools[label])} records); top-k = {audit.top_k or 'full vocabulary'}")
+        f"({audit.canaries * copies} of {len(pools[label])} records); top-k = {audit.top_k or 'full vocabulary'}, "
+        f"N = {audit.shots_per_subset or settings.shots_per_subset}")
 
     records: list[AuditRecord] = []
     jobs = [(mode, eps, seed) for mode in audit.modes for eps in audit.epsilons for seed in audit.seeds]
     for mode, eps, seed in tqdm(jobs, desc="audit", disable=not progress):
-        config = replace(settings.generation(mode, eps), top_k=audit.top_k)
+        config = replace(settings.generation(mode, eps), top_k=audit.top_k,
+                         shots_per_subset=audit.shots_per_subset or settings.shots_per_subset)
         noise = Noise(_noise_seed(seed, "audit", mode, eps))
         charged = charge_plan(config, {lab: len(p) for lab, p in pools.items()}, audit.demos_per_run, delta, noise)
         full = sub = longest = 0
