@@ -634,6 +634,10 @@ class Summary:
     mean_cal: float
     std_cal: float
     seeds: int
+    # Against epsilon 0 on the same seeds (the seed fixes the label order and the test set, so
+    # the paired difference removes that shared variation): (mean, std, seeds better, seeds paired).
+    vs_public: tuple[float, float, int, int] | None = None
+    vs_public_cal: tuple[float, float, int, int] | None = None
 
 
 def _std(values: Sequence[float]) -> float:
@@ -646,13 +650,29 @@ def summarise(runs: Sequence[RunRecord]) -> list[Summary]:
     for r in runs:
         groups.setdefault((r.row, r.mode, r.epsilon), []).append(r)
     rank = {ZERO_SHOT: 0, PUBLIC: 1, REAL: 2, DP: 3}
+    public = {r.seed: r for r in runs if r.row == PUBLIC}
+
+    def paired(rs: Sequence[RunRecord], field: str) -> tuple[float, float, int, int] | None:
+        diffs = [getattr(r, field) - getattr(public[r.seed], field) for r in rs if r.seed in public]
+        if not diffs:
+            return None
+        return float(np.mean(diffs)), _std(diffs), sum(d > 0 for d in diffs), len(diffs)
+
     out = []
     for (row, mode, eps), rs in sorted(groups.items(), key=lambda kv: (rank.get(kv[0][0], 9), kv[0][1], kv[0][2])):
         acc = [r.accuracy for r in rs]
         cal = [r.accuracy_calibrated for r in rs]
+        vs, vs_cal = (None, None) if row == PUBLIC else (paired(rs, "accuracy"), paired(rs, "accuracy_calibrated"))
         out.append(Summary(row, mode, eps, float(np.mean([r.epsilon_total for r in rs])),
-                           float(np.mean(acc)), _std(acc), float(np.mean(cal)), _std(cal), len(rs)))
+                           float(np.mean(acc)), _std(acc), float(np.mean(cal)), _std(cal), len(rs), vs, vs_cal))
     return out
+
+
+def _delta(d: tuple[float, float, int, int] | None) -> str:
+    if d is None:
+        return "-"
+    mean, std, better, n = d
+    return f"{100 * mean:+.1f} ± {100 * std:.1f} ({better}/{n})"
 
 
 def _eps(e: float) -> str:
@@ -660,17 +680,22 @@ def _eps(e: float) -> str:
 
 
 def table_markdown(runs: Sequence[RunRecord], calibrate: bool = False) -> str:
-    """Markdown table: accuracy (%) mean ± sample std over seeds per row, mode and epsilon."""
+    """Markdown table: accuracy (%) mean ± sample std over seeds per row, mode and epsilon.
+
+    The Δ columns compare each row with epsilon 0 seed by seed: mean ± std of the per-seed
+    differences in points, and in brackets on how many seeds the row scored higher.
+    """
     lines = [
-        "| row | mode | ε (demo set) | ε incl. pool sizes | accuracy % | calibrated % | seeds |",
-        "|---|---|---|---|---|---|---|",
+        "| row | mode | ε (demo set) | ε incl. pool sizes | accuracy % | calibrated % | seeds "
+        "| Δ vs ε 0 (seeds better) | Δ calibrated |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summarise(runs):
         eps = _eps(s.epsilon) if s.row == DP else ("0" if s.row in (ZERO_SHOT, PUBLIC) else "∞")
         tot = f"{s.epsilon_total:.2f}" if s.row == DP and math.isfinite(s.epsilon_total) else eps
         lines.append(f"| {ROW_TITLES.get(s.row, s.row)} | {s.mode or '-'} | {eps} | {tot} | "
                      f"{100 * s.mean:.1f} ± {100 * s.std:.1f} | {100 * s.mean_cal:.1f} ± {100 * s.std_cal:.1f} | "
-                     f"{s.seeds} |")
+                     f"{s.seeds} | {_delta(s.vs_public)} | {_delta(s.vs_public_cal)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -696,7 +721,8 @@ def write_outputs(out_dir: Path, runs: Sequence[RunRecord], demo_lines: Sequence
               f"with M={settings.num_subsets}, N={settings.shots_per_subset}, T={settings.max_tokens}, "
               f"top-{settings.top_k if settings.top_k else 'all'} public candidates, {settings.mechanism} mechanism. "
               f"ε (demo set) is the target per demonstration set; 'ε incl. pool sizes' adds the DP label histogram "
-              f"that sets the sampling rates. Mean ± sample std over seeds.\n\n")
+              f"that sets the sampling rates. Mean ± sample std over seeds. Δ: per-seed difference from "
+              f"epsilon 0 in points, mean ± std (seeds on which the row scored higher).\n\n")
     _write_atomic(paths["table.md"], header + table_markdown(runs, settings.calibrate))
     if plot:
         plot_accuracy(runs, paths["accuracy_vs_epsilon.png"], settings.calibrate, title=f"{dataset}: {n_test} test, {seeds} seed(s)")

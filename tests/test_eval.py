@@ -349,3 +349,17 @@ def test_resume_keeps_finished_runs_and_refuses_other_settings(tmp_path):
     (tmp_path / "settings.json").unlink()
     with pytest.raises(icl_eval.ResumeError, match="no settings.json"):
         icl_eval.run_eval(task, tiny_source(), scorer, more, tmp_path, resume=True, **quiet)
+
+
+def test_table_compares_rows_with_epsilon_0_seed_by_seed():
+    def rec(row, mode, eps, seed, acc, cal):
+        return icl_eval.RunRecord("toy", row, mode, eps, eps, 0.01, seed, acc, cal, 4, 2, 0, 0.0, 0.0)
+
+    # Epsilon 0 varies a lot across seeds; DP is 10 points above it on seed 0, 20 on seed 1.
+    runs = [rec(icl_eval.PUBLIC, "", 0.0, 0, 0.30, 0.5), rec(icl_eval.PUBLIC, "", 0.0, 1, 0.60, 0.5),
+            rec(icl_eval.DP, "fixed", 4.0, 0, 0.40, 0.4), rec(icl_eval.DP, "fixed", 4.0, 1, 0.80, 0.6)]
+    dp = next(s for s in icl_eval.summarise(runs) if s.row == icl_eval.DP)
+    assert dp.vs_public[0] == pytest.approx(0.15) and dp.vs_public[2:] == (2, 2)
+    assert dp.vs_public_cal[0] == pytest.approx(0.0, abs=1e-12) and dp.vs_public_cal[2:] == (1, 2)
+    row = next(line for line in icl_eval.table_markdown(runs).splitlines() if line.startswith("| DP"))
+    assert row.endswith("| +15.0 ± 7.1 (2/2) | +0.0 ± 14.1 (1/2) |")
