@@ -912,16 +912,21 @@ def run_audit(
 
 
 def audit_markdown(records: Sequence[AuditRecord], min_match: int = 8) -> str:
-    """Counts per mode and epsilon, summed over seeds."""
+    """Counts per mode and epsilon, summed over seeds.
+
+    The copies column matters for reading the counts: epsilon bounds what one record reveals, and
+    k copies of a canary are a group that only about k times epsilon bounds.
+    """
     groups: dict[tuple[str, float], list[AuditRecord]] = {}
     for r in records:
         groups.setdefault((r.mode, r.epsilon), []).append(r)
-    lines = [f"| mode | ε (demo set) | ε incl. pool sizes | demonstrations | whole canary | ≥{min_match}-char piece | longest piece |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| mode | ε (demo set) | ε incl. pool sizes | canary copies | demonstrations | whole canary "
+             f"| ≥{min_match}-char piece | longest piece |",
+             "|---|---|---|---|---|---|---|---|"]
     for (mode, eps), rs in sorted(groups.items()):
         tot = float(np.mean([r.epsilon_total for r in rs]))
         lines.append(f"| {mode} | {_eps(eps)} | {_eps(tot) if math.isinf(tot) else f'{tot:.2f}'} | "
-                     f"{sum(r.demos for r in rs)} | {sum(r.full_hits for r in rs)} | "
+                     f"{max(r.copies for r in rs)} | {sum(r.demos for r in rs)} | {sum(r.full_hits for r in rs)} | "
                      f"{sum(r.substring_hits for r in rs)} | {max(r.longest_match for r in rs)} |")
     return "\n".join(lines) + "\n"
 
