@@ -12,7 +12,7 @@ import importlib.util
 import io
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -93,6 +93,23 @@ def parse_rows(data: bytes | str, filename: str = "data.jsonl") -> list[Example]
     if not rows:
         raise DataError("the file has no rows")
     return rows
+
+
+def deduplicate(rows: Sequence[Example]) -> tuple[list[Example], int]:
+    """Rows with exact repeats (same text after whitespace folding, same label) dropped, in order.
+
+    Epsilon bounds what one record reveals; a text repeated in k records is a group that only about
+    k times epsilon bounds (docs/privacy.md), so repeats are removed before the data is stored.
+    Returns the kept rows and how many were dropped.
+    """
+    seen: set[tuple[str, str]] = set()
+    kept: list[Example] = []
+    for r in rows:
+        key = (r.text, r.label)  # parse_rows already folded whitespace
+        if key not in seen:
+            seen.add(key)
+            kept.append(r)
+    return kept, len(rows) - len(kept)
 
 
 def _row(obj: dict, i: int) -> Example:

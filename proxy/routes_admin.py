@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from aggregation.datasets import DataError, parse_rows
+from aggregation.datasets import DataError, deduplicate, parse_rows
 from proxy.auth import Principal
 from proxy.config import TaskConfig, format_validation_errors
 from proxy.errors import APIError, dumps
@@ -82,7 +82,7 @@ async def _dataset_or_404(request: Request, dataset_id: str) -> DatasetMeta:
 @router.post("/datasets")
 async def upload_dataset(request: Request) -> Response:
     """Multipart upload: ``file`` (JSONL or CSV with text,label), ``name``, optional ``epsilon``,
-    ``delta`` (the dataset's budget) and ``public``."""
+    ``delta`` (the dataset's budget), ``public`` and ``deduplicate`` (default true)."""
     ctype = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
     if ctype != "multipart/form-data":
         raise APIError(415, "upload datasets as multipart/form-data with fields 'file' and 'name'",
@@ -111,6 +111,8 @@ async def upload_dataset(request: Request) -> Response:
             raise APIError(400, "delta must be in (0, 1)", "invalid_budget", param="delta")
         public_raw = form.get("public")
         public = isinstance(public_raw, str) and public_raw.strip().lower() in ("1", "true", "yes", "on")
+        dedup_raw = form.get("deduplicate")
+        dedup = not (isinstance(dedup_raw, str) and dedup_raw.strip().lower() in ("0", "false", "no", "off"))
         filename = upload.filename or "data.jsonl"
         if not filename.lower().endswith((".jsonl", ".json", ".ndjson", ".csv")):
             raise APIError(415, "the file must be .jsonl or .csv", "unsupported_file_type", param="file")
@@ -118,11 +120,15 @@ async def upload_dataset(request: Request) -> Response:
     finally:
         await form.close()
 
-    def parse() -> list[tuple[str, str]]:
-        return [(e.text, e.label) for e in parse_rows(data, filename)]
+    def parse() -> tuple[list[tuple[str, str]], int]:
+        examples = parse_rows(data, filename)
+        dropped = 0
+        if dedup:
+            examples, dropped = deduplicate(examples)
+        return [(e.text, e.label) for e in examples], dropped
 
     try:
-        rows = await anyio.to_thread.run_sync(parse)
+        rows, dropped = await anyio.to_thread.run_sync(parse)
     except DataError as exc:  # names the row number, never its content
         raise APIError(400, f"invalid dataset file: {exc}", "invalid_dataset", param="file") from None
     except UnicodeDecodeError:
@@ -131,7 +137,8 @@ async def upload_dataset(request: Request) -> Response:
     meta = await anyio.to_thread.run_sync(lambda: store.create_dataset(name, rows, epsilon, delta, public))
     request.app.state.metrics.record_spend(meta.id, 0.0, meta.budget_epsilon)
     log_event("dataset.uploaded", dataset_id=meta.id, rows=meta.rows, labels=len(meta.labels))
-    return _json(_meta(meta), 201)
+    # Told to the uploader only (who holds the file); not logged and not part of stored metadata.
+    return _json({**_meta(meta), "duplicates_removed": dropped}, 201)
 
 
 @router.get("/datasets")

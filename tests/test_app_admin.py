@@ -83,6 +83,24 @@ def test_dataset_upload_list_delete(server):
     assert_openai_error(http.get(f"/admin/datasets/{ds['id']}/budget"), 404)  # deleted, never charged
 
 
+def test_upload_drops_exact_repeats_unless_told_not_to(server):
+    app, http = server
+    rows = dataset_rows(10)
+    # Three repeats: one verbatim, one differing only in whitespace, one twice more.
+    spaced = {**rows[1], "text": "  " + rows[1]["text"].replace(" ", "   ")}
+    repeated = rows + [rows[0], spaced, rows[2], rows[2]]
+    # The same text under another label is a different record and stays.
+    relabelled = {**rows[3], "label": next(lab for lab in LABELS if lab != rows[3]["label"])}
+    r = upload(http, "dups", jsonl_bytes(repeated + [relabelled]))
+    assert r.status_code == 201, r.text
+    assert r.json()["rows"] == 31 and r.json()["duplicates_removed"] == 4
+    _no_canary(r)
+    kept = upload(http, "dups-kept", jsonl_bytes(repeated), deduplicate="false")
+    assert kept.json()["rows"] == 34 and kept.json()["duplicates_removed"] == 0
+    # Stored rows are what the response says.
+    assert len(app.state.store.load_rows(r.json()["id"])) == 31
+
+
 def test_budget_endpoints(server):
     app, http = server
     ds = upload(http, "b", jsonl_bytes(dataset_rows(100)), epsilon=6).json()
