@@ -481,14 +481,14 @@ def run_eval(
     out_dir: Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
-    resume: bool = False,
+    finished: tuple[list[RunRecord], list[dict]] | None = None,
 ) -> EvalOutput:
     """Run every row for every seed; write runs.csv, demos.jsonl, table.md and the plot.
 
     Files are replaced (atomically) after every run, so a long run that is stopped keeps what it
-    finished. With ``resume`` the runs already in ``out_dir`` are kept and only the missing ones
-    are run; that needs the same dataset and settings (checked against ``settings.json``). Every
-    run's noise is seeded from its own parameters, so a resumed table equals an uninterrupted one.
+    finished. To resume, pass ``finished=load_finished(out_dir, settings, dataset)`` (which checks
+    ``settings.json``): those runs are kept and only the missing ones are run. Every run's noise is
+    seeded from its own parameters, so a resumed table equals an uninterrupted one.
     """
     from tqdm.auto import tqdm
 
@@ -522,12 +522,12 @@ def run_eval(
 
     runs: list[RunRecord] = []
     demo_lines: list[dict] = []
-    if resume and out_dir is not None:
-        runs, demo_lines = load_finished(out_dir, settings, task.name)
+    if finished is not None:
+        runs, demo_lines = list(finished[0]), list(finished[1])
         done = {_run_key(r.seed, r.row, r.mode, r.epsilon) for r in runs}
         before = len(jobs)
         jobs = [j for j in jobs if _run_key(*j) not in done]
-        log(f"resuming: {before - len(jobs)} of {before} runs already in {out_dir}")
+        log(f"resuming: {before - len(jobs)} of {before} runs already done")
     public_set: DemoSet | None = None
     files: dict[str, Path] = {}
     last_plot = time.perf_counter()
@@ -729,9 +729,12 @@ def write_outputs(out_dir: Path, runs: Sequence[RunRecord], demo_lines: Sequence
     return paths
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, data: str | bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
     os.replace(tmp, path)
 
 
@@ -788,9 +791,9 @@ def plot_accuracy(runs: Sequence[RunRecord], path: Path, calibrate: bool = False
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, path)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120, format="png")
+    _write_atomic(path, png.getvalue())
     plt.close(fig)
 
 
@@ -874,15 +877,15 @@ def run_audit(
     copies = audit.copies or max(1, math.ceil(CANARY_SHARE * len(pools[label]) / audit.canaries))
     pools[label] = plant_canaries(pools[label], label, canaries, copies, rng)
     delta = 1.0 / sum(len(p) for p in pools.values())
+    shots = audit.shots_per_subset or settings.shots_per_subset
     log(f"audit: {audit.canaries} canaries x {copies} copies planted under label {label!r} "
         f"({audit.canaries * copies} of {len(pools[label])} records); top-k = {audit.top_k or 'full vocabulary'}, "
-        f"N = {audit.shots_per_subset or settings.shots_per_subset}")
+        f"N = {shots}")
 
     records: list[AuditRecord] = []
     jobs = [(mode, eps, seed) for mode in audit.modes for eps in audit.epsilons for seed in audit.seeds]
     for mode, eps, seed in tqdm(jobs, desc="audit", disable=not progress):
-        config = replace(settings.generation(mode, eps), top_k=audit.top_k,
-                         shots_per_subset=audit.shots_per_subset or settings.shots_per_subset)
+        config = replace(settings.generation(mode, eps), top_k=audit.top_k, shots_per_subset=shots)
         noise = Noise(_noise_seed(seed, "audit", mode, eps))
         charged = charge_plan(config, {lab: len(p) for lab, p in pools.items()}, audit.demos_per_run, delta, noise)
         full = sub = longest = 0

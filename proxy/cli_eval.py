@@ -70,9 +70,10 @@ def eval_command(
     except (FileNotFoundError, DataError) as exc:
         _fail(str(exc))
     out_dir = out or Path("eval-out") / task.name
+    finished = None
     if resume and accuracy:
-        try:  # refuse mismatched settings before the model is loaded
-            icl_eval.load_finished(out_dir, settings, task.name)
+        try:  # read and check before the model is loaded, so a mismatch fails at once
+            finished = icl_eval.load_finished(out_dir, settings, task.name)
         except icl_eval.ResumeError as exc:
             _fail(str(exc))
 
@@ -86,11 +87,8 @@ def eval_command(
     source = LocalSource(lm, tok)
     if accuracy:
         scorer = icl_eval.ModelScorer(lm, tok, task.words(), batch_size=batch_size, progress=progress)
-        try:
-            result = icl_eval.run_eval(task, source, scorer, settings, out_dir, progress=progress, log=typer.echo,
-                                       resume=resume)
-        except icl_eval.ResumeError as exc:
-            _fail(str(exc))
+        result = icl_eval.run_eval(task, source, scorer, settings, out_dir, progress=progress, log=typer.echo,
+                                   finished=finished)
         typer.echo("")
         typer.echo(result.table)
         typer.echo(f"wrote {', '.join(str(p) for p in result.files.values())}")

@@ -334,7 +334,8 @@ def test_resume_keeps_finished_runs_and_refuses_other_settings(tmp_path):
 
     more = replace(settings, seeds=(0, 1))
     scorer = KeywordScorer(labels)
-    resumed = icl_eval.run_eval(task, tiny_source(), scorer, more, tmp_path, resume=True, **quiet)
+    resumed = icl_eval.run_eval(task, tiny_source(), scorer, more, tmp_path,
+                                finished=icl_eval.load_finished(tmp_path, more, "toy"), **quiet)
     # Seed 0's records come back from disk unchanged (timings included: they were not re-run) ...
     assert resumed.runs[:len(first.runs)] == first.runs
     assert {r.seed for r in resumed.runs[len(first.runs):]} == {1}
@@ -345,10 +346,10 @@ def test_resume_keeps_finished_runs_and_refuses_other_settings(tmp_path):
     assert strip(resumed.runs) == strip(fresh.runs)
 
     with pytest.raises(icl_eval.ResumeError, match="max_tokens"):
-        icl_eval.run_eval(task, tiny_source(), scorer, replace(more, max_tokens=3), tmp_path, resume=True, **quiet)
+        icl_eval.load_finished(tmp_path, replace(more, max_tokens=3), "toy")
     (tmp_path / "settings.json").unlink()
     with pytest.raises(icl_eval.ResumeError, match="no settings.json"):
-        icl_eval.run_eval(task, tiny_source(), scorer, more, tmp_path, resume=True, **quiet)
+        icl_eval.load_finished(tmp_path, more, "toy")
 
 
 def test_table_compares_rows_with_epsilon_0_seed_by_seed():
