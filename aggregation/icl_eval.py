@@ -705,14 +705,9 @@ def write_outputs(out_dir: Path, runs: Sequence[RunRecord], demo_lines: Sequence
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name
              for name in ("runs.csv", "demos.jsonl", "table.md", "accuracy_vs_epsilon.png", "settings.json")}
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=RUN_FIELDS)
-    w.writeheader()
-    for r in runs:
-        w.writerow(dataclasses.asdict(r))
     # runs.csv and settings.json are what --resume trusts, so neither may be left half-written.
     _write_atomic(paths["settings.json"], json.dumps(settings_record(settings, dataset), indent=1) + "\n")
-    _write_atomic(paths["runs.csv"], buf.getvalue())
+    _write_atomic(paths["runs.csv"], _csv_text(runs, RUN_FIELDS))
     _write_atomic(paths["demos.jsonl"], "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in demo_lines))
     n_test = runs[0].n_test if runs else 0
     seeds = len({r.seed for r in runs})
@@ -727,6 +722,15 @@ def write_outputs(out_dir: Path, runs: Sequence[RunRecord], demo_lines: Sequence
     if plot:
         plot_accuracy(runs, paths["accuracy_vs_epsilon.png"], settings.calibrate, title=f"{dataset}: {n_test} test, {seeds} seed(s)")
     return paths
+
+
+def _csv_text(records: Sequence[Any], fields: Sequence[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields))
+    w.writeheader()
+    for r in records:
+        w.writerow(dataclasses.asdict(r))
+    return buf.getvalue()
 
 
 def _write_atomic(path: Path, data: str | bytes) -> None:
@@ -905,12 +909,8 @@ def run_audit(
     table = audit_markdown(records, audit.min_match)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "audit.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=AUDIT_FIELDS)
-            w.writeheader()
-            for r in records:
-                w.writerow(dataclasses.asdict(r))
-        (out_dir / "audit.md").write_text(table)
+        _write_atomic(out_dir / "audit.csv", _csv_text(records, AUDIT_FIELDS))
+        _write_atomic(out_dir / "audit.md", table)
     return records, table
 
 

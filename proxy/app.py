@@ -25,6 +25,7 @@ from proxy.budget import BudgetService
 from proxy.config import LOCAL_MODEL_NAME, Config, load_config
 from proxy.demos import DemoService, TaskRegistry
 from proxy.errors import APIError, BodyTooLarge, dumps, error_body, install_error_handlers
+from proxy.jobs import JobManager
 from proxy.logs import log_event, log_request, setup_logging
 from proxy.metrics import CONTENT_TYPE_LATEST, Metrics
 from proxy.store import open_store
@@ -168,6 +169,7 @@ def create_app(config: Config | None = None) -> FastAPI:
         app.state.tasks = TaskRegistry(config, store, config.server.cache_recheck_seconds)
         app.state.demos = DemoService(config, store, app.state.budget, metrics, app.state.tasks,
                                       local_source=_local_source_factory(app, config))
+        app.state.jobs = JobManager.create(store, app.state.budget, config, metrics=metrics)
         if app.state.auth.open:
             log_event("server.open_mode", note="/v1 accepts requests without a key")
         if config.admin_key is None:
@@ -182,9 +184,7 @@ def create_app(config: Config | None = None) -> FastAPI:
                     pass
             await http.aclose()
             app.state.demos.close()
-            jobs = getattr(app.state, "jobs", None)  # created lazily by proxy.routes_jobs
-            if jobs is not None:
-                await anyio.to_thread.run_sync(jobs.close)
+            await anyio.to_thread.run_sync(app.state.jobs.close)
             store.close()
 
     app = FastAPI(title="dpicl proxy", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -194,17 +194,12 @@ def create_app(config: Config | None = None) -> FastAPI:
                        access_log=config.server.access_log)
 
     from proxy.routes_admin import router as admin_router
+    from proxy.routes_jobs import router as jobs_router
     from proxy.routes_openai import router as openai_router
 
     app.include_router(openai_router)
     app.include_router(admin_router)
-    try:  # offline jobs (PE, DP-SGD) live in their own module; mounted when present
-        from proxy.routes_jobs import router as jobs_router
-    except ModuleNotFoundError as exc:
-        if exc.name != "proxy.routes_jobs":
-            raise
-    else:
-        app.include_router(jobs_router)
+    app.include_router(jobs_router)
 
     @app.get("/health/liveness")
     async def liveness() -> Response:

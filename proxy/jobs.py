@@ -99,7 +99,8 @@ class _JobBase(BaseModel):
     prompt: PromptSpec | None = None
     num_samples: int = Field(120, ge=1, le=100_000)
     model: str | None = Field(None, description="'local' (default), a model_list name (PE), or a local model directory")
-    count_sigma: float | None = Field(None, gt=0)
+    # No count_sigma here: the label counts a job uses are the dataset's shared release
+    # (BudgetService.noisy_counts, drawn at COUNT_SIGMA), so the plan must assume that sigma.
 
 
 class PEJobRequest(_JobBase):
@@ -134,22 +135,17 @@ JobRequest = Union[PEJobRequest, DPSGDJobRequest]
 
 
 def pe_config(req: PEJobRequest) -> PEConfig:
-    from aggregation.fewshot import COUNT_SIGMA
-
     return PEConfig(epsilon=req.epsilon, sigma=req.sigma, iterations=req.iterations, population=req.population,
-                    num_samples=req.num_samples, k=req.k, threshold=req.threshold,
-                    count_sigma=req.count_sigma or COUNT_SIGMA)
+                    num_samples=req.num_samples, k=req.k, threshold=req.threshold)
 
 
 def dpsgd_config(req: DPSGDJobRequest):
     from aggregation.dpsgd import DPSGDConfig
-    from aggregation.fewshot import COUNT_SIGMA
 
     return DPSGDConfig(epsilon=req.epsilon, noise_multiplier=req.noise_multiplier, batch_size=req.batch_size,
                        steps=req.steps, learning_rate=req.learning_rate, max_grad_norm=req.max_grad_norm,
                        max_length=req.max_length, lora_r=req.lora_r, num_samples=req.num_samples,
-                       temperature=req.temperature, max_new_tokens=req.max_new_tokens,
-                       count_sigma=req.count_sigma or COUNT_SIGMA)
+                       temperature=req.temperature, max_new_tokens=req.max_new_tokens)
 
 
 def parse_request(body: dict) -> JobRequest:
@@ -615,17 +611,19 @@ class JobManager:
     """Submission, queries, cancellation and results of jobs; owns the runner."""
 
     def __init__(self, store: Store, budget: Any, config: Config | None, runner: Any,
-                 stale_after: float = 60.0):
+                 stale_after: float = 60.0, metrics: Any = None):
         self.store = store
         self.budget = budget
         self.config = config
         self.runner = runner
         self.stale_after = stale_after
+        self.metrics = metrics  # proxy.metrics.Metrics: the spend gauges follow job reservations
 
     @classmethod
     def create(cls, store: Store, budget: Any, config: Config | None, redis_url: str | None = None,
                queue: str | None = None, workers: int | None = None, heartbeat_interval: float | None = None,
-               stale_after: float | None = None, pe_backend: PEBackendFactory | None = None) -> "JobManager":
+               stale_after: float | None = None, pe_backend: PEBackendFactory | None = None,
+               metrics: Any = None) -> "JobManager":
         """In-process runner unless a queue URL is given (argument or ``DPICL_JOB_QUEUE``)."""
         redis_url = redis_url or os.environ.get("DPICL_JOB_QUEUE") or None
         beat = heartbeat_interval or float(os.environ.get("DPICL_JOB_HEARTBEAT", "5"))
@@ -636,7 +634,7 @@ class JobManager:
             ctx = WorkerContext(store=store, config=config, pe_backend=pe_backend or default_pe_backend,
                                 heartbeat_interval=beat)
             runner = InProcessRunner(ctx, workers or int(os.environ.get("DPICL_JOB_WORKERS", "1")))
-        return cls(store, budget, config, runner, stale)
+        return cls(store, budget, config, runner, stale, metrics)
 
     def close(self) -> None:
         self.runner.close()
@@ -682,10 +680,13 @@ class JobManager:
         if unknown or not labels:
             raise JobRequestError(f"labels {unknown} are not labels of dataset {meta.id}" if unknown
                                   else "the dataset has no labels")
-        if req.model and req.model not in LOCAL_ALIASES and not (
-                self.config is not None and self.config.model_entry(req.model) is not None) \
-                and not Path(req.model, "config.json").exists():
-            raise JobRequestError("model must be 'local', a model_list name or a local model directory")
+        if req.model and req.model not in LOCAL_ALIASES and not Path(req.model, "config.json").exists():
+            # DP-SGD trains the weights, so it needs a local model; PE only calls the model.
+            listed = self.config is not None and self.config.model_entry(req.model) is not None
+            if isinstance(req, DPSGDJobRequest):
+                raise JobRequestError("DP-SGD needs model 'local' or a local model directory")
+            if not listed:
+                raise JobRequestError("model must be 'local', a model_list name or a local model directory")
         prompt = self._prompt(req)
         job_id = "job-" + uuid.uuid4().hex[:16]
         delta = meta.budget_delta
@@ -711,6 +712,8 @@ class JobManager:
         except ValueError as exc:
             raise JobRequestError(str(exc)) from None
         reservation = self.budget.reserve(meta.id, plan.charges(), actor, f"job {job_id} ({req.kind})")
+        if self.metrics is not None:
+            self.metrics.record_spend(meta.id, reservation.spent_after, reservation.budget_epsilon)
         now = time.time()
         record = {
             "id": job_id, "kind": req.kind, "dataset_id": meta.id, "dataset_version": meta.version,

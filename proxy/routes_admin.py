@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Depends, Request
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from starlette.responses import Response
 
 from aggregation.datasets import DataError, deduplicate, parse_rows
@@ -49,8 +49,11 @@ def _meta(meta: DatasetMeta) -> dict[str, Any]:
     }
 
 
-def _validate(model: type, body: dict[str, Any]) -> Any:
+def _validate(model: type | TypeAdapter, body: dict[str, Any]) -> Any:
+    """``body`` as ``model`` (a pydantic model or a TypeAdapter of a union), else an OpenAI-style 400."""
     try:
+        if isinstance(model, TypeAdapter):
+            return model.validate_python(body)
         return model.model_validate(body)
     except ValidationError as exc:
         errors = exc.errors(include_input=False, include_url=False)
@@ -67,6 +70,20 @@ def _float_field(form: Any, name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise APIError(400, f"'{name}' must be a number", "invalid_budget", param=name) from None
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _bool_field(form: Any, name: str, default: bool) -> bool:
+    # A typo must not silently pick a side: 'deduplicate=fasle' is refused, not read as true.
+    raw = form.get(name)
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return default
+    value = raw.strip().lower() if isinstance(raw, str) else None
+    if value not in _TRUE + _FALSE:
+        raise APIError(400, f"'{name}' must be true or false", "invalid_request", param=name)
+    return value in _TRUE
 
 
 async def _dataset_or_404(request: Request, dataset_id: str) -> DatasetMeta:
@@ -109,10 +126,8 @@ async def upload_dataset(request: Request) -> Response:
             raise APIError(400, "epsilon must be a positive finite number", "invalid_budget", param="epsilon")
         if not (0 < delta < 1):
             raise APIError(400, "delta must be in (0, 1)", "invalid_budget", param="delta")
-        public_raw = form.get("public")
-        public = isinstance(public_raw, str) and public_raw.strip().lower() in ("1", "true", "yes", "on")
-        dedup_raw = form.get("deduplicate")
-        dedup = not (isinstance(dedup_raw, str) and dedup_raw.strip().lower() in ("0", "false", "no", "off"))
+        public = _bool_field(form, "public", False)
+        dedup = _bool_field(form, "deduplicate", True)
         filename = upload.filename or "data.jsonl"
         if not filename.lower().endswith((".jsonl", ".json", ".ndjson", ".csv")):
             raise APIError(415, "the file must be .jsonl or .csv", "unsupported_file_type", param="file")

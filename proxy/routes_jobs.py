@@ -8,43 +8,27 @@ job state.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import anyio
 from fastapi import APIRouter, Depends, Request
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 from starlette.responses import Response
 
-from proxy.config import format_validation_errors
-from proxy.errors import APIError, dumps
+from proxy.errors import APIError
 from proxy.jobs import JobConflict, JobManager, JobRequest, JobRequestError, public_view
-from proxy.routes_admin import require_admin
+from proxy.routes_admin import _json, _validate, require_admin
 from proxy.routes_openai import read_json
 from proxy.store.base import BudgetExceeded, NotFound
 
 router = APIRouter(prefix="/admin/jobs", dependencies=[Depends(require_admin)])
 
 _REQUEST = TypeAdapter(JobRequest)
-_create_lock = threading.Lock()
 
 
 def manager(request: Request) -> JobManager:
-    """The app's :class:`JobManager` (``app.state.jobs``, created in the lifespan; created here on
-    first use if the app does not do it)."""
-    state = request.app.state
-    jobs = getattr(state, "jobs", None)
-    if jobs is None:
-        with _create_lock:
-            jobs = getattr(state, "jobs", None)
-            if jobs is None:
-                jobs = JobManager.create(state.store, state.budget, getattr(state, "config", None))
-                state.jobs = jobs
-    return jobs
-
-
-def _json(obj: Any, status: int = 200) -> Response:
-    return Response(dumps(obj), status_code=status, media_type="application/json")
+    """The app's :class:`JobManager` (``app.state.jobs``, created in the lifespan)."""
+    return request.app.state.jobs
 
 
 async def _call(fn: Any, *args: Any) -> Any:
@@ -66,11 +50,7 @@ async def _call(fn: Any, *args: Any) -> Any:
 async def submit_job(request: Request, principal: Any = Depends(require_admin)) -> Response:
     """Plan the job, reserve its cost in the ledger, enqueue it; answers 201 with the record."""
     body = await read_json(request)
-    try:
-        req = _REQUEST.validate_python(body)
-    except ValidationError as exc:
-        errors = exc.errors(include_input=False, include_url=False)
-        raise APIError(400, "invalid request: " + format_validation_errors(errors), "invalid_request") from None
+    req = _validate(_REQUEST, body)
     jobs = manager(request)
     record = await _call(jobs.submit, req, getattr(principal, "actor", "admin"))
     return _json(public_view(record), 201)

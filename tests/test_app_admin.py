@@ -99,6 +99,11 @@ def test_upload_drops_exact_repeats_unless_told_not_to(server):
     assert kept.json()["rows"] == 34 and kept.json()["duplicates_removed"] == 0
     # Stored rows are what the response says.
     assert len(app.state.store.load_rows(r.json()["id"])) == 31
+    # A misspelt switch is refused, not read as either value; nothing is stored.
+    before = len(app.state.store.list_datasets())
+    typo = upload(http, "dups-typo", jsonl_bytes(repeated), deduplicate="fasle")
+    assert typo.status_code == 400 and typo.json()["error"]["param"] == "deduplicate"
+    assert len(app.state.store.list_datasets()) == before
 
 
 def test_budget_endpoints(server):

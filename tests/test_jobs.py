@@ -61,23 +61,19 @@ def private_rows() -> list[tuple[str, str]]:
 
 
 @contextmanager
-def running_app(store_url: str, **manager_kw: Any) -> Iterator[tuple[Any, Any]]:
-    """(TestClient, app) with the jobs router and a JobManager built with ``manager_kw``."""
+def running_app(store_url: str, config: dict | None = None, **manager_kw: Any) -> Iterator[tuple[Any, Any]]:
+    """(TestClient, app) whose lifespan JobManager is replaced by one built with ``manager_kw``."""
     from fastapi.testclient import TestClient
 
     from proxy.app import create_app
     from proxy.config import config_from_dict
-    from proxy.routes_jobs import router
 
-    cfg = config_from_dict({"store": {"url": store_url}}, env={"DPICL_ADMIN_KEY": ADMIN_KEY})
+    cfg = config_from_dict({"store": {"url": store_url}, **(config or {})}, env={"DPICL_ADMIN_KEY": ADMIN_KEY})
     app = create_app(cfg)
-    if not any(getattr(r, "path", "").startswith("/admin/jobs") for r in app.routes):
-        app.include_router(router)  # until proxy/app.py includes it
     with TestClient(app) as client:
-        old = getattr(app.state, "jobs", None)
-        if old is not None:
-            old.close()
-        app.state.jobs = JobManager.create(app.state.store, app.state.budget, cfg, **manager_kw)
+        app.state.jobs.close()
+        app.state.jobs = JobManager.create(app.state.store, app.state.budget, cfg, metrics=app.state.metrics,
+                                           **manager_kw)
         try:
             yield client, app
         finally:
@@ -123,6 +119,10 @@ def test_pe_job_end_to_end_in_process(tmp_path):
             assert event_from_dict(e.event) == dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(sigma), 3)
         assert 0 < rec["epsilon_charged"] and rec["epsilon_job"] <= 4.0
         assert app.state.budget.spent(ds) <= 4.0
+        # The spend gauge follows the reservation (the dataset was made without the API).
+        gauge = f'dpicl_epsilon_spent{{dataset_id="{ds}"}} '
+        line = next(x for x in c.get("/metrics").text.splitlines() if x.startswith(gauge))
+        assert float(line[len(gauge):]) == pytest.approx(app.state.budget.spent(ds))
         done = wait_for(c, job, {"succeeded", "failed"})
         assert done["state"] == "succeeded", done["error"]
         assert done["progress"] == 100.0 and done["rows"] == 30
@@ -162,6 +162,18 @@ def test_api_errors_are_openai_style(tmp_path):
         assert ok.status_code == 201, ok.text
         assert c.get(f"/admin/jobs/{ok.json()['id']}/result", headers=AUTH).status_code in (200, 409)
         assert app.state.budget.spent(ds) <= 1.0
+
+
+def test_dpsgd_refuses_a_provider_model_before_charging(tmp_path):
+    listed = {"model_list": [{"model_name": "remote", "litellm_params": {"model": "openai/x"}}]}
+    with running_app(f"sqlite:///{tmp_path / 's.db'}", config=listed, pe_backend=tiny_pe_backend) as (c, app):
+        ds = make_dataset(app)
+        r = c.post("/admin/jobs", json={"kind": "dpsgd", "dataset": ds, "model": "remote"}, headers=AUTH)
+        assert r.status_code == 400 and "local model" in r.json()["error"]["message"]
+        assert all("job-" not in e.reason or "label counts" in e.reason for e in app.state.store.ledger(ds))
+        # PE only calls the model, so a provider model is accepted there.
+        ok = c.post("/admin/jobs", json={**PE_BODY, "dataset": ds, "model": "remote"}, headers=AUTH)
+        assert ok.status_code == 201, ok.text
 
 
 def test_cancel_a_running_job_keeps_the_cost_spent(tmp_path):
