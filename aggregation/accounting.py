@@ -127,7 +127,7 @@ def check_noise_or_target(noise: float | None, epsilon: float | None, noise_name
         raise ValueError(f"give a target epsilon or a {noise_name}")
     if noise is not None and not noise > 0:
         raise ValueError(f"{noise_name} must be positive")
-    if noise is None and epsilon is not None:
+    if noise is None:
         if not epsilon > 0:
             raise ValueError("epsilon must be positive")
         if math.isinf(epsilon) and not allow_infinite:

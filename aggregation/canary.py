@@ -93,7 +93,7 @@ def find_canaries(text: str, canaries: Sequence[str], min_length: int = 8) -> li
         raise ValueError("min_length must be at least 1")
     hits: list[CanaryHit] = []
     for i, canary in enumerate(canaries):
-        n = longest_match(text, canary)
-        if n >= min(min_length, len(normalise(canary))):
-            hits.append(CanaryHit(i, n, n == len(normalise(canary))))
+        n, size = longest_match(text, canary), len(normalise(canary))
+        if n >= min(min_length, size):
+            hits.append(CanaryHit(i, n, n == size))
     return hits

@@ -107,10 +107,7 @@ class Plan:
 
     def epsilon(self) -> float:
         """Epsilon of this set alone at ``delta`` (max over labels: pools are disjoint)."""
-        ledger = accounting.PartitionedLedger(self.delta)
-        for part, event in self.charges():
-            ledger.add(part, event)
-        return ledger.spent()
+        return accounting.PartitionedLedger(self.delta).epsilon_if_many(self.charges())
 
 
 @dataclass

@@ -36,7 +36,7 @@ import dp_accounting as dpa
 import numpy as np
 
 from aggregation import accounting
-from aggregation.fewshot import COUNT_SIGMA, noisy_pool_sizes
+from aggregation.fewshot import COUNT_SIGMA, noisy_pool_sizes, pools_by_label
 from aggregation.mechanisms import Noise
 from aggregation.prompts import Example, TaskPrompt
 
@@ -116,10 +116,7 @@ class PEPlan:
 
     def epsilon(self) -> float:
         """Epsilon of this plan's charges alone at ``delta``."""
-        ledger = accounting.PartitionedLedger(self.delta)
-        for part, event in self.charges():
-            ledger.add(part, event)
-        return ledger.spent()
+        return accounting.PartitionedLedger(self.delta).epsilon_if_many(self.charges())
 
     def summary(self) -> dict:
         """JSON-able public parameters (for job records)."""
@@ -244,13 +241,11 @@ def run_pe(
     Records whose label is not in ``plan.labels`` are ignored. Raises :class:`Cancelled`.
     """
     cfg = plan.config
+    pools = pools_by_label(private)
     if label_counts is None:
         if not plan.include_counts:
             raise ValueError("the plan did not charge a label histogram; pass label_counts")
-        exact = {lab: 0 for lab in plan.labels}
-        for ex in private:
-            if ex.label in exact:
-                exact[ex.label] += 1
+        exact = {lab: len(pools.get(lab, ())) for lab in plan.labels}
         label_counts, _ = noisy_pool_sizes(exact, noise, cfg.count_sigma)
     counts = {lab: float(label_counts.get(lab, 0.0)) for lab in plan.labels}
     sizes = allocate(counts, cfg.num_samples)
@@ -261,7 +256,7 @@ def run_pe(
     for label in work:
         if progress is not None:
             progress(done / total_steps, f"label {label}: embedding and initial population")
-        pool = [ex.text for ex in private if ex.label == label]
+        pool = [ex.text for ex in pools.get(label, ())]
         priv_emb = embed(pool) if pool else np.zeros((0, 1))
         population = _check_texts(random_api(label, cfg.population), cfg.population, "random_api")
         for t in range(1, cfg.iterations + 1):

@@ -48,19 +48,21 @@ def bench_pe(iterations: int, population: int, label: str = "LOC") -> float:
 
     plan = plan_pe(PEConfig(epsilon=4.0, iterations=iterations, population=population, num_samples=population),
                    [label], 1e-5)
-    res = run_pe(plan, rows, random_api, variation_api, embed, Noise(0), label_counts={label: len(rows)})
+    # The plan charges the label histogram, so run_pe releases the counts itself (DP, not exact).
+    res = run_pe(plan, rows, random_api, variation_api, embed, Noise(0))
     return statistics.mean(res.iteration_seconds)
 
 
 def bench_dpsgd(steps: int, rounds: int) -> tuple[float, float]:
     from aggregation.datasets import TREC_PROMPT, load_trec
     from aggregation.dpsgd import DPSGDConfig, plan_dpsgd, run_dpsgd
+    from aggregation.fewshot import noisy_pool_sizes, pools_by_label
+    from aggregation.mechanisms import Noise
     from aggregation.sources.local import load_model
 
     rows = load_trec()[:800]
-    counts: dict[str, float] = {}
-    for r in rows:
-        counts[r.label] = counts.get(r.label, 0) + 1
+    # plan_dpsgd takes DP label counts only (q must not depend on exact sizes).
+    counts, _ = noisy_pool_sizes({lab: len(p) for lab, p in pools_by_label(rows).items()}, Noise(0))
     cfg = DPSGDConfig(noise_multiplier=1.0, batch_size=16, steps=steps, max_length=48, num_samples=1,
                       max_new_tokens=1)
     plan = plan_dpsgd(cfg, counts, 1e-5)

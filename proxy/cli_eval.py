@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from proxy.cli_common import MechanismOpt, fail as _fail
+from proxy.cli_common import MechanismOpt, ModeOpt, fail as _fail
 
 
 def eval_command(
@@ -48,7 +48,7 @@ def eval_command(
     except ValueError as exc:
         _fail(str(exc))
     mode_list = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else preset.modes
-    if not mode_list or any(m not in ("resample", "fixed") for m in mode_list):
+    if not mode_list or any(m not in {o.value for o in ModeOpt} for m in mode_list):
         _fail("--modes takes resample and/or fixed")
     if not accuracy and not audit:
         _fail("nothing to do: --no-accuracy without --audit")

@@ -18,6 +18,8 @@ from typing import Any, List, Optional
 
 import typer
 
+from proxy.cli_common import fail
+
 jobs_app = typer.Typer(help="Offline DP synthetic-data jobs (Private Evolution, DP-SGD).", no_args_is_help=True)
 
 _URL = typer.Option(None, "--url", help="Server URL (default: $DPICL_URL or http://127.0.0.1:8000).")
@@ -29,8 +31,7 @@ def _client(url: str | None, key: str | None) -> Any:
 
     key = key or os.environ.get("DPICL_ADMIN_KEY")
     if not key:
-        typer.echo("error: the admin key is needed (--admin-key or DPICL_ADMIN_KEY)", err=True)
-        raise typer.Exit(2)
+        fail("the admin key is needed (--admin-key or DPICL_ADMIN_KEY)")
     base = (url or os.environ.get("DPICL_URL") or "http://127.0.0.1:8000").rstrip("/")
     return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120.0)
 
@@ -73,8 +74,7 @@ def submit(
     for item in param:
         key, sep, value = item.partition("=")
         if not sep:
-            typer.echo(f"error: --param wants key=value, got {key!r}", err=True)
-            raise typer.Exit(2)
+            fail(f"--param wants key=value, got {key!r}")
         body[key.strip()] = _coerce(value)
     if prompt is not None:
         body["prompt"] = json.loads(prompt.read_text())
@@ -139,8 +139,7 @@ def result(
         data = _check(http.get(f"/admin/jobs/{job_id}/result", params={"part": part})).content
     if output is None:
         if part != "synthetic":
-            typer.echo("error: give -o FILE for binary parts", err=True)
-            raise typer.Exit(2)
+            fail("give -o FILE for binary parts")
         sys.stdout.write(data.decode())
     else:
         output.write_bytes(data)
@@ -186,8 +185,7 @@ def worker(
     try:
         cfg = load_config(config)
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+        fail(str(exc))
     run_worker(redis, store_url=store, config=cfg, queue=queue, burst=burst, pe_backend=pe_backend,
                heartbeat_interval=heartbeat, name=name)
 

@@ -265,13 +265,9 @@ class DemoService:
     def resolve_dataset(self, ref: str) -> DatasetMeta:
         """Dataset by id, else the newest version with that name (409 if there is none)."""
         try:
-            return self.store.get_dataset(ref)
+            return self.store.resolve_dataset(ref)
         except NotFound:
-            pass
-        versions = [m for m in self.store.list_datasets() if m.name == ref]
-        if not versions:
-            raise APIError(409, f"dataset {ref!r} is not uploaded (POST /admin/datasets)", "dataset_missing")
-        return max(versions, key=lambda m: m.version)
+            raise APIError(409, f"dataset {ref!r} is not uploaded (POST /admin/datasets)", "dataset_missing") from None
 
     def _prepare(self, task: TaskConfig) -> _Prepared:
         meta = self.resolve_dataset(task.dataset)

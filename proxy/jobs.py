@@ -29,7 +29,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 import socket
 import tarfile
@@ -47,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from aggregation.pe import Cancelled, PEConfig, PEPlan, first_line, plan_pe, random_prompt, run_pe, \
     variation_prompt, random_messages, variation_messages
 from aggregation.prompts import Example, TaskPrompt
+from proxy.budget import _num
 from proxy.config import LOCAL_ALIASES, Config
 from proxy.store.base import BudgetExceeded, NotFound, Store
 
@@ -56,10 +56,6 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 FINISHED_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 #: Name of the RQ queue jobs go to.
 DEFAULT_QUEUE = "dpicl-jobs"
-#: Exception types whose messages we write into job records (ours, known to hold no data).
-_SAFE_ERRORS: tuple[type[BaseException], ...] = ()
-
-
 class JobError(Exception):
     """A job-level failure whose message is safe to show (never contains private text)."""
 
@@ -72,6 +68,7 @@ class JobConflict(Exception):
     """The job is not in a state that allows the operation (HTTP 409)."""
 
 
+#: Exception types whose messages we write into job records (ours, known to hold no data).
 _SAFE_ERRORS = (JobError, JobRequestError)
 
 
@@ -146,13 +143,6 @@ def dpsgd_config(req: DPSGDJobRequest):
                        steps=req.steps, learning_rate=req.learning_rate, max_grad_norm=req.max_grad_norm,
                        max_length=req.max_length, lora_r=req.lora_r, num_samples=req.num_samples,
                        temperature=req.temperature, max_new_tokens=req.max_new_tokens)
-
-
-def parse_request(body: dict) -> JobRequest:
-    """Validate a submission body (raises pydantic ValidationError)."""
-    from pydantic import TypeAdapter
-
-    return TypeAdapter(JobRequest).validate_python(body)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,9 +344,11 @@ class _Heartbeat:
 
 
 def job_prompt(record: dict) -> TaskPrompt:
-    p = record.get("prompt") or {}
-    return TaskPrompt(p.get("instruction", "Write one example text."), p.get("input_prefix", "Text:"),
-                      p.get("label_prefix", "Label:"), tuple(sorted((p.get("label_words") or {}).items())))
+    """The prompt fields stored with a job (PromptSpec's defaults for any left out)."""
+    # model_construct: the fields were checked at submission; a stored task's longer
+    # instruction must not fail a job whose cost is already spent.
+    p = PromptSpec.model_construct(**(record.get("prompt") or {}))
+    return TaskPrompt(p.instruction, p.input_prefix, p.label_prefix, tuple(sorted((p.label_words or {}).items())))
 
 
 def _safe_error(exc: BaseException) -> str:
@@ -640,15 +632,6 @@ class JobManager:
         self.runner.close()
 
     # -- submission -------------------------------------------------------------------------
-    def _dataset(self, ref: str):
-        try:
-            return self.store.get_dataset(ref)
-        except NotFound:
-            named = [m for m in self.store.list_datasets() if m.name == ref]
-            if not named:
-                raise
-            return max(named, key=lambda m: m.version)
-
     def _prompt(self, req: JobRequest) -> dict:
         if req.task and req.prompt:
             raise JobRequestError("give either task or prompt, not both")
@@ -674,7 +657,7 @@ class JobManager:
         """
         from aggregation.dpsgd import plan_dpsgd
 
-        meta = self._dataset(req.dataset)
+        meta = self.store.resolve_dataset(req.dataset)
         labels = list(req.labels) if req.labels else list(meta.labels)
         unknown = [lab for lab in labels if lab not in meta.labels]
         if unknown or not labels:
@@ -783,10 +766,6 @@ class JobManager:
         return data, media, name
 
 
-def _num(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
-
-
 def public_view(rec: dict) -> dict:
     """The record as the API shows it (everything in it is already free of private text)."""
     keys = ("id", "kind", "dataset_id", "dataset_version", "state", "progress", "step", "error",
@@ -799,5 +778,5 @@ def public_view(rec: dict) -> dict:
 __all__ = [
     "BudgetExceeded", "Cancelled", "DPSGDJobRequest", "InProcessRunner", "JobConflict", "JobError", "JobManager",
     "JobRequest", "JobRequestError", "PEBackend", "PEJobRequest", "RQRunner", "WorkerContext", "default_pe_backend",
-    "execute_job", "parse_request", "public_view", "run_worker",
+    "execute_job", "public_view", "run_worker",
 ]

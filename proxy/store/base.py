@@ -10,7 +10,7 @@ the budget, and append them, all atomically with respect to every other process 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 
@@ -91,6 +91,16 @@ class Store(ABC):
     @abstractmethod
     def list_datasets(self) -> list[DatasetMeta]:
         """Metadata of every dataset."""
+
+    def resolve_dataset(self, ref: str) -> DatasetMeta:
+        """Dataset by id, else the newest version with that name (raises NotFound)."""
+        try:
+            return self.get_dataset(ref)
+        except NotFound:
+            versions = [m for m in self.list_datasets() if m.name == ref]
+            if not versions:
+                raise
+        return max(versions, key=lambda m: m.version)
 
     @abstractmethod
     def load_rows(self, dataset_id: str) -> list[tuple[str, str]]:
