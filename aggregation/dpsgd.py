@@ -120,7 +120,6 @@ class DPSGDPlan:
 class DPSGDResult:
     rows: list[Example]
     adapter_dir: Path
-    label_counts: dict[str, float]
     per_label: dict[str, int] = field(default_factory=dict)
     step_seconds: list[float] = field(default_factory=list)
     sample_seconds: float = 0.0
@@ -276,7 +275,7 @@ def run_dpsgd(
     else:
         module, inner = peft_model, peft_model
 
-    result = DPSGDResult(rows=[], adapter_dir=out_dir / "adapter", label_counts=dict(plan.label_counts))
+    result = DPSGDResult(rows=[], adapter_dir=out_dir / "adapter")
     step = 0
     while step < cfg.steps:
         for input_ids, attention_mask, labels in loader:

@@ -19,6 +19,7 @@ from typing import Any, List, Optional
 import typer
 
 from proxy.cli_common import fail
+from proxy.config import DEFAULT_JOB_QUEUE
 
 jobs_app = typer.Typer(help="Offline DP synthetic-data jobs (Private Evolution, DP-SGD).", no_args_is_help=True)
 
@@ -172,7 +173,7 @@ def worker(
     redis: str = typer.Option(..., "--redis", help="Redis URL of the job queue (redis://host:port/db)."),
     store: Optional[str] = typer.Option(None, "--store", help="Store URL (default: $DPICL_STORE_URL or the config's)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (model_list, local model)."),
-    queue: str = typer.Option("dpicl-jobs", "--queue", help="Queue name."),
+    queue: str = typer.Option(DEFAULT_JOB_QUEUE, "--queue", help="Queue name (the servers' jobs.queue_name)."),
     burst: bool = typer.Option(False, "--burst", help="Exit when the queue is empty."),
     heartbeat: float = typer.Option(5.0, "--heartbeat", min=0.05, help="Seconds between job heartbeats."),
     pe_backend: Optional[str] = typer.Option(None, "--pe-backend", help="module:factory for PE's text generation (default: local model / litellm)."),

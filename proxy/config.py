@@ -169,6 +169,29 @@ class ServerSettings(_Strict):
     local_model: str | None = None
 
 
+#: RQ queue of offline jobs, unless ``jobs.queue_name`` says otherwise.
+DEFAULT_JOB_QUEUE = "dpicl-jobs"
+
+
+class JobSettings(_Strict):
+    """Offline jobs (PE, DP-SGD). Each field also has a ``DPICL_JOB_*`` variable, which wins."""
+
+    #: Redis URL of the job queue; unset = a thread pool in the server (``DPICL_JOB_QUEUE``).
+    queue_url: str | None = None
+    #: RQ queue name (``DPICL_JOB_QUEUE_NAME``); workers must use the same one.
+    queue_name: str = Field(DEFAULT_JOB_QUEUE, min_length=1)
+    #: In-process jobs run at once (``DPICL_JOB_WORKERS``); one uses the cores best.
+    workers: int = Field(1, ge=1, le=64)
+    #: Seconds between heartbeats of in-process jobs (``DPICL_JOB_HEARTBEAT``).
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    #: A job silent this long is marked failed; at least 6 heartbeats (``DPICL_JOB_STALE_AFTER``).
+    stale_after_seconds: float | None = Field(None, gt=0)
+
+
+_JOB_ENV = {"DPICL_JOB_QUEUE": "queue_url", "DPICL_JOB_QUEUE_NAME": "queue_name", "DPICL_JOB_WORKERS": "workers",
+            "DPICL_JOB_HEARTBEAT": "heartbeat_seconds", "DPICL_JOB_STALE_AFTER": "stale_after_seconds"}
+
+
 class ClientKey(_Strict):
     """A per-client API key and the tasks it may use (``"*"`` = every task)."""
 
@@ -193,6 +216,7 @@ class Config(_Strict):
     tasks: list[TaskConfig] = Field(default_factory=list)
     store: StoreSettings = Field(default_factory=StoreSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
     client_keys: list[ClientKey] = Field(default_factory=list)
     #: From ``DPICL_ADMIN_KEY``; never read from the file.
     admin_key: str | None = Field(None, exclude=True, repr=False)
@@ -268,8 +292,12 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
 def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = None, source: str = "config") -> Config:
     """Validate a config mapping and resolve its environment-backed parts."""
     env = os.environ if env is None else env
+    data = dict(data)
+    job_env = {field: env[name] for name, field in _JOB_ENV.items() if env.get(name)}
+    if job_env:  # validated with the file's values, so a bad variable is named like a bad key
+        data["jobs"] = {**(data.get("jobs") or {}), **job_env}
     try:
-        cfg = Config.model_validate(dict(data))
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: " + format_validation_errors(exc.errors())) from None
     cfg.admin_key = env.get("DPICL_ADMIN_KEY") or None

@@ -47,15 +47,14 @@ from aggregation.pe import Cancelled, PEConfig, PEPlan, first_line, plan_pe, ran
     variation_prompt, random_messages, variation_messages
 from aggregation.prompts import Example, TaskPrompt
 from proxy.budget import _num
-from proxy.config import LOCAL_ALIASES, Config
+from proxy.config import DEFAULT_JOB_QUEUE, LOCAL_ALIASES, Config, JobSettings
 from proxy.store.base import BudgetExceeded, NotFound, Store
 
 log = logging.getLogger("dpicl.jobs")
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINISHED_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
-#: Name of the RQ queue jobs go to.
-DEFAULT_QUEUE = "dpicl-jobs"
+DEFAULT_QUEUE = DEFAULT_JOB_QUEUE
 class JobError(Exception):
     """A job-level failure whose message is safe to show (never contains private text)."""
 
@@ -616,16 +615,19 @@ class JobManager:
                queue: str | None = None, workers: int | None = None, heartbeat_interval: float | None = None,
                stale_after: float | None = None, pe_backend: PEBackendFactory | None = None,
                metrics: Any = None) -> "JobManager":
-        """In-process runner unless a queue URL is given (argument or ``DPICL_JOB_QUEUE``)."""
-        redis_url = redis_url or os.environ.get("DPICL_JOB_QUEUE") or None
-        beat = heartbeat_interval or float(os.environ.get("DPICL_JOB_HEARTBEAT", "5"))
-        stale = stale_after or max(6 * beat, float(os.environ.get("DPICL_JOB_STALE_AFTER", "0") or 0))
+        """In-process runner unless a queue URL is given (argument or ``jobs.queue_url``).
+
+        Arguments override the config's ``jobs`` section (tests, embedding)."""
+        settings = config.jobs if config is not None else JobSettings()
+        redis_url = redis_url or settings.queue_url
+        beat = heartbeat_interval or settings.heartbeat_seconds
+        stale = stale_after or max(6 * beat, settings.stale_after_seconds or 0.0)
         if redis_url:
-            runner: Any = RQRunner(redis_url, queue or os.environ.get("DPICL_JOB_QUEUE_NAME") or DEFAULT_QUEUE)
+            runner: Any = RQRunner(redis_url, queue or settings.queue_name)
         else:
             ctx = WorkerContext(store=store, config=config, pe_backend=pe_backend or default_pe_backend,
                                 heartbeat_interval=beat)
-            runner = InProcessRunner(ctx, workers or int(os.environ.get("DPICL_JOB_WORKERS", "1")))
+            runner = InProcessRunner(ctx, workers or settings.workers)
         return cls(store, budget, config, runner, stale, metrics)
 
     def close(self) -> None:

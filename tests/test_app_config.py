@@ -40,6 +40,16 @@ def test_env_overrides(tmp_path):
     assert load_config(None, {"DPICL_CONFIG": str(path)}).server.timeout == 3
 
 
+def test_job_settings_from_file_and_environment(tmp_path):
+    path = _write(tmp_path, {"jobs": {"workers": 2, "queue_name": "q-file", "heartbeat_seconds": 1}})
+    cfg = load_config(path, {"DPICL_JOB_QUEUE_NAME": "q-env", "DPICL_JOB_QUEUE": "redis://h:1/0"})
+    assert (cfg.jobs.workers, cfg.jobs.queue_name, cfg.jobs.queue_url) == (2, "q-env", "redis://h:1/0")
+    assert cfg.jobs.heartbeat_seconds == 1
+    assert load_config(None, {}).jobs.queue_url is None  # in-process by default
+    with pytest.raises(ConfigError, match="jobs.workers"):
+        load_config(path, {"DPICL_JOB_WORKERS": "many"})
+
+
 def test_example_config_loads():
     env = {"OPENAI_API_KEY": "sk-x", "APP1_KEY": "client-one"}
     cfg = load_config(ROOT / "examples" / "config.yaml", env)
