@@ -251,7 +251,7 @@ def test_literal_or_missing_secrets_are_refused(monkeypatch: pytest.MonkeyPatch)
 
 # -- selection and helpers -----------------------------------------------------------------------------
 def test_upstream_selection() -> None:
-    from proxy.local_llm import LocalChatUpstream
+    from proxy.upstreams.local import LocalChatUpstream
 
     def kind(params: dict, **entry: Any) -> str:
         return type(build_upstream({"model_name": "m", "litellm_params": params, **entry}, None, 5, 1)).__name__
@@ -287,7 +287,7 @@ def tiny_local() -> Any:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from aggregation.sources.local import ensure_smollm2
-    from proxy.local_llm import LocalChatUpstream
+    from proxy.upstreams.local import LocalChatUpstream
 
     try:
         tok = AutoTokenizer.from_pretrained(ensure_smollm2())
@@ -341,7 +341,7 @@ def test_local_stop_strings_and_bad_params(tiny_local: Any) -> None:
 
 @pytest.mark.slow
 def test_real_smollm2_answers_sensibly() -> None:
-    from proxy.local_llm import LocalChatUpstream
+    from proxy.upstreams.local import LocalChatUpstream
 
     up = LocalChatUpstream("smollm2")
     body = {"messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}],

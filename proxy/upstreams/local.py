@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from proxy.upstreams import DONE, Upstream, UpstreamError, _dumps
+from proxy.upstreams.base import DONE, Upstream, UpstreamError, _dumps
 
 DEFAULT_MAX_TOKENS = 128
 MAX_STOP_SEQUENCES = 4

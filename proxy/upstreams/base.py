@@ -620,7 +620,7 @@ def build_upstream(entry: dict, http: httpx.AsyncClient | None, timeout: float, 
     retries = int(params.get("num_retries", params.get("max_retries", retries)))
 
     if is_local(model):
-        from proxy.local_llm import LocalChatUpstream
+        from proxy.upstreams.local import LocalChatUpstream
 
         target = model.partition("/")[2]
         return LocalChatUpstream(name, None if target in ("", "smollm2") else target,
