@@ -133,6 +133,13 @@ def _local_source_factory(app: FastAPI, config: Config):
     return factory
 
 
+def _load_local_model(model_dir: str | None) -> tuple[Any, Any]:
+    """The local upstreams' model loader (imported lazily: torch and transformers are slow to import)."""
+    from aggregation.sources.local import load_model
+
+    return load_model(model_dir)
+
+
 def _build_upstreams(config: Config, http: httpx.AsyncClient) -> dict[str, Any]:
     from proxy.upstreams import build_upstream
 
@@ -140,9 +147,11 @@ def _build_upstreams(config: Config, http: httpx.AsyncClient) -> dict[str, Any]:
     ups: dict[str, Any] = {}
     local_model = "local/" + s.local_model if s.local_model else "local"
     ups[LOCAL_MODEL_NAME] = build_upstream(
-        {"model_name": LOCAL_MODEL_NAME, "litellm_params": {"model": local_model}}, http, s.timeout, s.retries)
+        {"model_name": LOCAL_MODEL_NAME, "litellm_params": {"model": local_model}}, http, s.timeout, s.retries,
+        local_loader=_load_local_model)
     for entry in config.model_list:
-        ups[entry.model_name] = build_upstream(entry.model_dump(), http, s.timeout, s.retries)
+        ups[entry.model_name] = build_upstream(entry.model_dump(), http, s.timeout, s.retries,
+                                               local_loader=_load_local_model)
     return ups
 
 

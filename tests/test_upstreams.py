@@ -341,9 +341,10 @@ def test_local_stop_strings_and_bad_params(tiny_local: Any) -> None:
 
 @pytest.mark.slow
 def test_real_smollm2_answers_sensibly() -> None:
+    from aggregation.sources.local import load_model
     from proxy.upstreams.local import LocalChatUpstream
 
-    up = LocalChatUpstream("smollm2")
+    up = LocalChatUpstream("smollm2", loader=load_model)  # the loader the app passes
     body = {"messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
             "temperature": 0, "max_tokens": 16}
     answer = run(call(up, up.chat(body)))

@@ -1,4 +1,18 @@
-"""Upstream models the proxy forwards to (moved here from proxy/upstreams.py; split follows)."""
+"""Forwarding to the models behind the proxy: ``base`` (the Upstream interface, errors, SSE and retry
+helpers), ``direct`` (aiohttp/httpx fast path), ``litellm`` (any provider), ``local`` (the built-in
+model) and ``factory`` (``build_upstream``). Knows nothing of DP: may import only the standard
+library and third-party packages, never ``aggregation`` or other ``proxy`` modules.
+"""
 
-from proxy.upstreams.base import *  # noqa: F401,F403
-from proxy.upstreams.base import _dumps  # noqa: F401
+from proxy.upstreams.base import DONE, Upstream, UpstreamError, resolve_env, resolve_params, safe_upstream_message, \
+    sse_error
+from proxy.upstreams.direct import AiohttpOpenAIUpstream, OpenAIHTTPUpstream
+from proxy.upstreams.factory import build_upstream, fast_path_applies, is_local
+from proxy.upstreams.litellm import LiteLLMUpstream
+from proxy.upstreams.local import LocalChatUpstream
+
+__all__ = [
+    "DONE", "AiohttpOpenAIUpstream", "LiteLLMUpstream", "LocalChatUpstream", "OpenAIHTTPUpstream", "Upstream",
+    "UpstreamError", "build_upstream", "fast_path_applies", "is_local", "resolve_env", "resolve_params",
+    "safe_upstream_message", "sse_error",
+]

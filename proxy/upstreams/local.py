@@ -12,6 +12,10 @@ This is what makes ``dpicl serve`` work offline. It is small and CPU-bound, so:
 - streaming uses ``model.generate`` with a streamer that hands decoded text to the event loop;
   a closed or finished stream sets a cancel flag that stops generation at the next token.
 
+The weights come from a loader passed in by the caller (the app passes
+``aggregation.sources.local.load_model``, which also serves the DP generator), so forwarding
+imports no DP code.
+
 Requests carry private text (the client's input and DP demonstrations); nothing here logs prompts
 or puts them into error messages.
 """
@@ -25,12 +29,15 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
-from proxy.upstreams.base import DONE, Upstream, UpstreamError, _dumps
+from proxy.upstreams.base import DONE, Upstream, UpstreamError, dumps
 
 DEFAULT_MAX_TOKENS = 128
 MAX_STOP_SEQUENCES = 4
+
+#: ``loader(model_dir) -> (model, tokenizer)``; ``model_dir`` None means the built-in SmolLM2.
+ModelLoader = Callable[[str | None], tuple[Any, Any]]
 
 
 @dataclass
@@ -146,9 +153,10 @@ class LocalChatUpstream(Upstream):
     """OpenAI chat/completions served by a local causal LM (see module docstring)."""
 
     def __init__(self, name: str, model_dir: str | None = None, *, model: Any = None, tokenizer: Any = None,
-                 max_tokens_cap: int = 512):
+                 max_tokens_cap: int = 512, loader: ModelLoader | None = None):
         self.name = name
         self.model_dir = model_dir
+        self.loader = loader
         self.max_tokens_cap = max(1, int(max_tokens_cap))
         self._model, self._tok = model, tokenizer
         self._load_lock = threading.Lock()
@@ -158,10 +166,11 @@ class LocalChatUpstream(Upstream):
     def _load(self) -> tuple[Any, Any]:
         with self._load_lock:  # once, even when the app's DP generator asks from another thread
             if self._model is None or self._tok is None:
-                from aggregation.sources.local import load_model
-
+                if self.loader is None:
+                    raise UpstreamError(502, "local model unavailable: no model loader configured",
+                                        "local_model_error")
                 try:
-                    self._model, self._tok = load_model(self.model_dir)
+                    self._model, self._tok = self.loader(self.model_dir)
                 except (OSError, ValueError) as exc:  # missing package/directory: no private text involved
                     raise UpstreamError(502, f"local model unavailable: {exc}", "local_model_error") from None
             return self._model, self._tok
@@ -320,7 +329,7 @@ class LocalChatUpstream(Upstream):
             else:
                 obj = {"id": rid, "object": "text_completion", "created": created, "model": self.name,
                        "choices": [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]}
-            return b"data: " + _dumps(obj) + b"\n\n"
+            return b"data: " + dumps(obj) + b"\n\n"
 
         # ``work`` reports through the queue (it never raises), so its future needs no awaiting.
         loop.run_in_executor(self._executor, work)
@@ -358,7 +367,7 @@ class LocalChatUpstream(Upstream):
                 usage = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                          "created": created, "model": self.name, "choices": [],
                          "usage": self._usage(len(ids), counted[0])}
-                yield b"data: " + _dumps(usage) + b"\n\n"
+                yield b"data: " + dumps(usage) + b"\n\n"
             yield DONE
         finally:
             cancel.set()  # finished, stopped, or the client disconnected: free the model
