@@ -23,7 +23,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from proxy.auth import Authenticator
 from proxy.budget import BudgetService
 from proxy.config import LOCAL_MODEL_NAME, Config, load_config
-from proxy.serving.demos import DemoService, TaskRegistry
+from proxy.serving.demos import DemoService
+from proxy.serving.tasks import TaskRegistry
 from proxy.errors import APIError, BodyTooLarge, dumps, error_body, install_error_handlers
 from proxy.jobs import JobManager
 from proxy.logs import log_event, log_request, setup_logging

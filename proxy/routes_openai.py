@@ -17,7 +17,7 @@ from starlette.responses import Response, StreamingResponse
 
 from proxy.auth import Principal
 from proxy.config import LOCAL_ALIASES, LOCAL_MODEL_NAME, format_validation_errors
-from proxy.serving.demos import check_completion_prompt, inject_chat, inject_completion
+from proxy.serving.injection import check_completion_prompt, inject_chat, inject_completion
 from proxy.errors import APIError, JSONDecodeError, dumps, error_body, loads, not_found_model
 from proxy.schemas import ChatRequest, CompletionRequest
 from proxy.upstreams import Upstream, UpstreamError

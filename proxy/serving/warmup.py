@@ -1,0 +1,205 @@
+"""Warm-up: the charged generation of a task's demonstration set, in the privacy order.
+
+Privacy order of a warm-up (:meth:`Warmup.generate`), all before any private row is read:
+1. resolve the dataset (metadata only) and fix the DP pool-size estimates (charged once, by
+   :meth:`proxy.budget.BudgetService.noisy_counts`);
+2. plan the demonstrations from public quantities (:func:`aggregation.fewshot.plan_demonstrations`);
+3. reserve the plan's charges in the ledger (atomic; refused with 402 when over budget).
+Only then are the rows loaded and the demonstrations generated with CSPRNG noise (``Noise(None)``).
+:meth:`Warmup.price` answers a dry run with the same plan and charges nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import dp_accounting as dpa
+
+from aggregation.accounting import WHOLE_DATASET
+from aggregation.fewshot import COUNT_SIGMA, Plan, generate_demonstration, plan_demonstrations, pools_by_label
+from aggregation.mechanisms import Noise
+from aggregation.prompts import Example
+from proxy.budget import BudgetService
+from proxy.config import TaskConfig
+from proxy.errors import APIError
+from proxy.logs import log_event
+from proxy.metrics import Metrics
+from proxy.serving.generators import Generators
+from proxy.serving.tasks import generation_config, task_prompt
+from proxy.store.base import BudgetExceeded, DatasetMeta, NotFound, Store
+from proxy.upstreams.base import UpstreamError
+
+#: Cached payload format version (bump when the payload layout changes).
+PAYLOAD_VERSION = 1
+
+
+@dataclass
+class Prepared:
+    """A task resolved against its dataset: the dataset's metadata, the labels and the cache key."""
+
+    meta: DatasetMeta
+    labels: list[str]
+    key: str
+
+
+class Warmup:
+    """Prices and generates demonstration sets (one generation at a time per process)."""
+
+    def __init__(self, store: Store, budget: BudgetService, metrics: Metrics, generators: Generators):
+        self.store = store
+        self.budget = budget
+        self.metrics = metrics
+        self.generators = generators
+        #: Generation is CPU-heavy: one at a time per process.
+        self._gen_lock = threading.Lock()
+
+    def _plan(self, task: TaskConfig, meta: DatasetMeta, labels: list[str],
+              pool_sizes: dict[str, float]) -> Plan:
+        config = generation_config(task)
+        if not config.private and not config.public_only and not meta.public:
+            raise APIError(400, f"task {task.name!r} has infinite epsilon (no noise), which is only allowed on "
+                                f"datasets marked public", "not_private")
+        try:
+            return plan_demonstrations(config, {lab: task.shots for lab in labels}, pool_sizes,
+                                       meta.budget_delta)
+        except ValueError as exc:
+            # Messages name labels and DP-estimated sizes only (admin-facing).
+            raise APIError(400, f"task {task.name!r}: {exc}", "invalid_generation") from None
+
+    def _estimated_pools(self, meta: DatasetMeta, labels: list[str]) -> dict[str, float]:
+        """Pool sizes for pricing before the DP counts exist: rows spread evenly over labels."""
+        share = meta.rows / max(1, len(meta.labels))
+        return {lab: share for lab in labels}
+
+    def price(self, task: TaskConfig, prep: Prepared, actor: str) -> dict[str, Any]:
+        """Dry run: what generating the set would cost now (nothing is charged or read)."""
+        meta, labels = prep.meta, prep.labels
+        cached = self.store.get_demos(prep.key) is not None
+        counts_pending = meta.noisy_counts is None and not task.generation.public_only
+        pools = dict(meta.noisy_counts or {}) if not counts_pending else self._estimated_pools(meta, labels)
+        plan = self._plan(task, meta, labels, pools)
+        charges = list(plan.charges())
+        if counts_pending:
+            charges.insert(0, (WHOLE_DATASET, dpa.GaussianDpEvent(COUNT_SIGMA)))
+        res = self.budget.reserve(meta.id, charges, actor, f"dry run: task {task.name}", dry_run=True)
+        return {
+            "key": prep.key, "dry_run": True, "cached": cached, "dataset_id": meta.id,
+            "epsilon_cost": _num(res.epsilon), "set_epsilon": _num(plan.epsilon()),
+            "spent_epsilon": _num(res.spent_before), "remaining_epsilon": _num(max(0.0, res.budget_epsilon - res.spent_before)),
+            "remaining_after": _num(res.remaining), "budget_epsilon": res.budget_epsilon,
+            "budget_delta": res.budget_delta, "fits": res.fits,
+            # Before the first real warm-up the per-label pool sizes are estimated (the DP counts,
+            # charged once, are released then), so the cost is approximate.
+            "estimate": counts_pending,
+        }
+
+    def _refuse(self, exc: BudgetExceeded) -> APIError:
+        return APIError(402, f"privacy budget exceeded: {exc}", "budget_exceeded")
+
+    def generate(self, task: TaskConfig, prep: Prepared, actor: str, admin: bool = True) -> dict[str, Any]:
+        """Reserve the set's cost, then read the rows, generate the set and store it (blocking)."""
+        meta, labels = prep.meta, prep.labels
+        reason = f"task {task.name} demos {prep.key[:12]}"
+        config = generation_config(task)
+        try:
+            if config.public_only:
+                pools: dict[str, float] = {}
+            else:
+                if meta.noisy_counts is None:
+                    # Refuse hopeless requests before the one-time count release is charged. The
+                    # estimate uses the exact row count, which the admin already knows (upload
+                    # answer) but a client must not learn from a refusal: for clients only the
+                    # count release itself, a data-independent cost, is checked first.
+                    trial = [(WHOLE_DATASET, dpa.GaussianDpEvent(COUNT_SIGMA))]
+                    if admin:
+                        estimate = self._plan(task, meta, labels, self._estimated_pools(meta, labels))
+                        trial += list(estimate.charges())
+                    res = self.budget.reserve(meta.id, trial, actor, reason, dry_run=True)
+                    if not res.fits:
+                        raise BudgetExceeded(
+                            f"this request needs about epsilon {_fmt(res.epsilon)} but only "
+                            f"{_fmt(max(0.0, res.budget_epsilon - res.spent_before))} of "
+                            f"{_fmt(res.budget_epsilon)} remains on dataset {meta.id}",
+                            remaining=max(0.0, res.budget_epsilon - res.spent_before))
+                pools = self.budget.noisy_counts(meta.id, actor, f"noisy pool sizes for task {task.name}")
+            plan = self._plan(task, meta, labels, pools)
+            # The spend is recorded BEFORE any private row is read.
+            res = self.budget.reserve(meta.id, plan.charges(), actor, reason)
+        except BudgetExceeded as exc:
+            raise self._refuse(exc) from None
+        except NotFound:
+            raise APIError(409, f"dataset {task.dataset!r} was deleted", "dataset_missing") from None
+        self.metrics.record_spend(meta.id, res.spent_after, res.budget_epsilon)
+        log_event("demos.reserved", task=task.name, dataset_id=meta.id, epsilon=_num(res.epsilon),
+                  spent=_num(res.spent_after), actor=actor)
+        source = self.generators.source(task)
+        prompt = task_prompt(task)
+        noise = Noise(None)  # CSPRNG: the noise must not be reproducible from the seed
+        started = time.perf_counter()
+        with self._gen_lock:
+            if config.public_only:
+                pools_rows: dict[str, list[Example]] = {}
+            else:
+                try:
+                    rows = self.store.load_rows(meta.id)
+                except NotFound:
+                    raise APIError(409, f"dataset {meta.id} was deleted during the warm-up (its charge "
+                                        f"stays in the ledger)", "dataset_missing") from None
+                pools_rows = pools_by_label([Example(t, lab) for t, lab in rows])
+                del rows
+            demos: list[dict[str, Any]] = []
+            tokens = 0
+            for label in labels:
+                for _ in range(task.shots):
+                    d = generate_demonstration(source, prompt, pools_rows.get(label, []), label, config,
+                                               plan.labels[label], noise)
+                    demos.append({"text": d.text, "label": label})
+                    tokens += d.tokens
+            del pools_rows
+        payload = {
+            "version": PAYLOAD_VERSION,
+            "task": task.name,
+            "dataset_id": meta.id,
+            "dataset_version": meta.version,
+            "labels": labels,
+            "demos": demos,
+            "epsilon": _num(plan.epsilon()),
+            "delta": meta.budget_delta,
+            "generator": self.generators.generator_id(task),
+            "created_at": time.time(),
+            "tokens": tokens,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        self.store.put_demos(prep.key, meta.id, task.name, payload)
+        log_event("demos.generated", task=task.name, dataset_id=meta.id, demos=len(demos), tokens=tokens,
+                  seconds=payload["seconds"])
+        return {"key": prep.key, "cached": False, "charged": True, "payload": payload,
+                "epsilon_cost": _num(res.epsilon), "spent_epsilon": _num(res.spent_after),
+                "remaining_epsilon": _num(max(0.0, res.remaining))}
+
+
+
+def _num(x: float) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def generation_error(exc: Exception) -> APIError:
+    """A clean error for a failed generation. Only messages written to be safe are passed on (the
+    upstream / source errors and missing-model errors); anything else is named by type only, as
+    its text could quote a prompt, and prompts hold private rows."""
+    note = "any budget reserved for it stays spent"
+    if isinstance(exc, UpstreamError):
+        return APIError(502, f"the generator model failed: {exc.message}; {note}", "generator_error")
+    if type(exc).__name__ == "SourceError":  # aggregation.sources.openai_compat: type + status only
+        return APIError(502, f"the generator model failed: {exc}; {note}", "generator_error")
+    if isinstance(exc, FileNotFoundError):
+        return APIError(503, f"the generator model is not available: {exc}; {note}", "generator_unavailable")
+    return APIError(500, f"demonstration generation failed ({type(exc).__name__}); {note}", "generation_failed")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2f}" if math.isfinite(x) else "infinity"
