@@ -42,12 +42,16 @@ class NextTokenSource(ABC):
 
     @abstractmethod
     def open(self, prompts: Sequence[str], suffix: Sequence[Token] = (), keep_state: bool = False,
-             width: int | None = None) -> DecodeState:
-        """Start decoding ``prompts``, each followed by the already generated ``suffix`` tokens.
+             width: int | None = None, prefix: str = "") -> DecodeState:
+        """Start decoding ``prefix + prompt + suffix`` for every prompt.
 
-        ``width`` (batched local backends): pad every row to exactly this many tokens, so that the
-        batch's shape does not depend on the prompts' lengths. Rows longer than ``width`` are an
-        error. Backends without batching ignore it.
+        ``prefix`` is public text shared by every row (a task's instruction). It is tokenised on its
+        own, so a backend may encode it once and reuse its state across rows, steps and calls.
+        ``suffix`` holds the already generated tokens.
+
+        ``width`` (batched local backends): pad every row (prefix included) to exactly this many
+        tokens, so that the batch's shape does not depend on the prompts' lengths. Rows longer than
+        ``width`` are an error. Backends without batching ignore it.
         """
 
     def count_tokens(self, text: str) -> int | None:

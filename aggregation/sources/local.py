@@ -122,8 +122,9 @@ class LocalSource(NextTokenSource):
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def open(self, prompts: Sequence[str], suffix: Sequence[Token] = (), keep_state: bool = False,
-             width: int | None = None) -> "LocalState":
-        seqs = [self.encode(p) + [int(t) for t in suffix] for p in prompts]
+             width: int | None = None, prefix: str = "") -> "LocalState":
+        head = self.encode(prefix) if prefix else []
+        seqs = [head + self.encode(p) + [int(t) for t in suffix] for p in prompts]
         if width is not None and any(len(s) > width for s in seqs):
             raise ValueError(f"a prompt is longer than the batch width of {width} tokens")
         return LocalState(self, seqs, keep_state, width)

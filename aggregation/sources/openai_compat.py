@@ -162,7 +162,7 @@ class OpenAICompatSource(NextTokenSource):
 
     # -- NextTokenSource --------------------------------------------------------------------
     def open(self, prompts: Sequence[str], suffix: Sequence[Token] = (), keep_state: bool = False,
-             width: int | None = None) -> "OpenAICompatState":
+             width: int | None = None, prefix: str = "") -> "OpenAICompatState":
         """Start decoding; nothing is sent until :meth:`~OpenAICompatState.probs` or ``top_tokens``.
 
         ``width`` is ignored: every prompt is its own request, so there is no shared batch shape.
@@ -170,7 +170,7 @@ class OpenAICompatSource(NextTokenSource):
         if not prompts:
             raise ValueError("at least one prompt is needed")
         tail = "".join(str(t) for t in suffix)
-        return OpenAICompatState(self, [p + tail for p in prompts])
+        return OpenAICompatState(self, [prefix + p + tail for p in prompts])
 
     def decode(self, tokens: Sequence[Token]) -> str:
         """Token texts concatenated (the tokens *are* text here)."""
