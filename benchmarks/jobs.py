@@ -30,7 +30,7 @@ def bench_pe(iterations: int, population: int, label: str = "LOC") -> float:
     from aggregation.embeddings import MiniLMEmbedder
     from aggregation.mechanisms import Noise
     from aggregation.pe import PEConfig, plan_pe, run_pe
-    from proxy.jobs import LocalTextGenerator, _fill
+    from proxy.jobs.backends import LocalTextGenerator, _fill
     from aggregation.pe import random_prompt, variation_prompt
 
     rows = [r for r in load_trec() if r.label == label][:400]

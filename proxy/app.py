@@ -26,7 +26,7 @@ from proxy.config import LOCAL_MODEL_NAME, Config, load_config
 from proxy.serving.demos import DemoService
 from proxy.serving.tasks import TaskRegistry
 from proxy.errors import APIError, BodyTooLarge, dumps, error_body, install_error_handlers
-from proxy.jobs import JobManager
+from proxy.jobs.manager import JobManager
 from proxy.logs import log_event, log_request, setup_logging
 from proxy.metrics import CONTENT_TYPE_LATEST, Metrics
 from proxy.store import open_store

@@ -55,10 +55,10 @@ class Reservation:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (non-finite numbers become ``None``)."""
-        return {k: _num(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        return {k: finite_or_none(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
-def _num(x: float) -> float | None:
+def finite_or_none(x: float) -> float | None:
     """JSON-safe float: infinite / NaN values (public datasets with non-private charges) -> None."""
     return float(x) if math.isfinite(x) else None
 
@@ -156,9 +156,9 @@ class BudgetService:
             "public": meta.public,
             "budget_epsilon": meta.budget_epsilon,
             "budget_delta": meta.budget_delta,
-            "spent_epsilon": _num(spent),
-            "remaining_epsilon": _num(max(0.0, meta.budget_epsilon - spent)) if math.isfinite(spent) else None,
-            "per_partition": {p: _num(v) for p, v in sorted(per_partition.items())},
+            "spent_epsilon": finite_or_none(spent),
+            "remaining_epsilon": finite_or_none(max(0.0, meta.budget_epsilon - spent)) if math.isfinite(spent) else None,
+            "per_partition": {p: finite_or_none(v) for p, v in sorted(per_partition.items())},
         }
         if include_entries:
             out["entries"] = [
@@ -166,7 +166,7 @@ class BudgetService:
                     "seq": e.seq,
                     "partition": e.partition,
                     "event": e.event,
-                    "epsilon_after": _num(e.epsilon_after),
+                    "epsilon_after": finite_or_none(e.epsilon_after),
                     "actor": e.actor,
                     "reason": e.reason,
                     "created_at": e.created_at,

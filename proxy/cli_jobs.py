@@ -181,7 +181,7 @@ def worker(
 ) -> None:
     """Process jobs from the Redis queue (run one per machine or core budget; they share the queue)."""
     from proxy.config import ConfigError, load_config
-    from proxy.jobs import run_worker
+    from proxy.jobs.worker import run_worker
 
     try:
         cfg = load_config(config)

@@ -16,7 +16,8 @@ from pydantic import TypeAdapter
 from starlette.responses import Response
 
 from proxy.errors import APIError
-from proxy.jobs import JobConflict, JobManager, JobRequest, JobRequestError, public_view
+from proxy.jobs.manager import JobManager
+from proxy.jobs.requests import JobConflict, JobRequest, JobRequestError, public_view
 from proxy.routes_admin import _json, _validate, require_admin
 from proxy.routes_openai import read_json
 from proxy.store.base import BudgetExceeded, NotFound
