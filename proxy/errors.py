@@ -1,22 +1,14 @@
-"""OpenAI-style error bodies for every error path of the service.
+"""The service's error type and OpenAI-style error bodies, raised by serving, auth and the API alike.
 
 Every error answer is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status.
-Handlers never echo request bodies or validation inputs: an upload may contain private rows, so
-messages name fields and reasons only. Unexpected exceptions become a bare 500 and are logged by
-type name only (their text could quote data).
+Messages never echo request bodies or validation inputs: an upload may contain private rows, so
+they name fields and reasons only. The FastAPI handlers that answer with these bodies are in
+:mod:`proxy.api.errors`.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
-
-from proxy.config import format_validation_errors
 
 try:
     import orjson
@@ -36,8 +28,6 @@ except ImportError:  # pragma: no cover - orjson is optional
 
     loads = json.loads
     JSONDecodeError = json.JSONDecodeError
-
-log = logging.getLogger("dpicl.errors")
 
 _TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_budget",
@@ -76,52 +66,3 @@ def error_body(status: int, message: str, code: str | None = None, type: str | N
         "param": param,
         "code": code,
     }})
-
-
-def error_response(status: int, message: str, code: str | None = None, type: str | None = None,
-                   param: str | None = None, headers: dict[str, str] | None = None) -> Response:
-    return Response(error_body(status, message, code, type, param), status_code=status,
-                    media_type="application/json", headers=headers)
-
-
-def not_found_model(model: str) -> APIError:
-    # Model names come from the client (not private data); cap the length anyway.
-    shown = model if len(model) <= 128 else model[:128] + "..."
-    return APIError(404, f"the model '{shown}' does not exist or you do not have access to it",
-                    "model_not_found", param="model")
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Register handlers that turn every exception into an OpenAI-style body."""
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> Response:
-        return error_response(exc.status, exc.message, exc.code, exc.type, exc.param, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        # Pydantic's default 422 body includes the offending input: never send it back.
-        errors = list(exc.errors())
-        param = None
-        if errors:
-            loc = [str(x) for x in errors[0].get("loc", ()) if x not in ("body", "query", "path")]
-            param = ".".join(loc) or None
-        return error_response(400, "invalid request: " + format_validation_errors(errors),
-                              "invalid_request", param=param)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        status = exc.status_code
-        if status == 404:
-            message = f"no route {request.method} {request.url.path[:200]}"
-        elif status == 405:
-            message = f"method {request.method} is not allowed on {request.url.path[:200]}"
-        else:
-            message = str(exc.detail) if isinstance(exc.detail, str) else "request failed"
-        return error_response(status, message, code=str(status), headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        # The exception's text may quote data: log its type only.
-        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path[:200])
-        return error_response(500, "internal server error", "internal_error")

@@ -15,11 +15,10 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import TypeAdapter
 from starlette.responses import Response
 
+from proxy.api.common import json_response, read_json, require_admin, validate_body
 from proxy.errors import APIError
 from proxy.jobs.manager import JobManager
 from proxy.jobs.requests import JobConflict, JobRequest, JobRequestError, public_view
-from proxy.routes_admin import _json, _validate, require_admin
-from proxy.routes_openai import read_json
 from proxy.store.base import BudgetExceeded, NotFound
 
 router = APIRouter(prefix="/admin/jobs", dependencies=[Depends(require_admin)])
@@ -51,21 +50,21 @@ async def _call(fn: Any, *args: Any) -> Any:
 async def submit_job(request: Request, principal: Any = Depends(require_admin)) -> Response:
     """Plan the job, reserve its cost in the ledger, enqueue it; answers 201 with the record."""
     body = await read_json(request)
-    req = _validate(_REQUEST, body)
+    req = validate_body(_REQUEST, body)
     jobs = manager(request)
     record = await _call(jobs.submit, req, getattr(principal, "actor", "admin"))
-    return _json(public_view(record), 201)
+    return json_response(public_view(record), 201)
 
 
 @router.get("")
 async def list_jobs(request: Request) -> Response:
     records = await _call(manager(request).list)
-    return _json({"object": "list", "data": [public_view(r) for r in records]})
+    return json_response({"object": "list", "data": [public_view(r) for r in records]})
 
 
 @router.get("/{job_id}")
 async def show_job(job_id: str, request: Request) -> Response:
-    return _json(public_view(await _call(manager(request).get, job_id)))
+    return json_response(public_view(await _call(manager(request).get, job_id)))
 
 
 @router.post("/{job_id}/cancel")
@@ -73,7 +72,7 @@ async def cancel_job(job_id: str, request: Request) -> Response:
     """Cancel a queued job at once, or ask a running one to stop at its next iteration/step.
 
     The reserved privacy cost stays spent either way."""
-    return _json(public_view(await _call(manager(request).cancel, job_id)))
+    return json_response(public_view(await _call(manager(request).cancel, job_id)))
 
 
 @router.get("/{job_id}/result")

@@ -12,44 +12,18 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
 from starlette.responses import Response, StreamingResponse
 
+from proxy.api.common import read_json, validate_body
+from proxy.api.errors import not_found_model
+from proxy.api.schemas import ChatRequest, CompletionRequest
 from proxy.auth import Principal
-from proxy.config import LOCAL_ALIASES, LOCAL_MODEL_NAME, format_validation_errors
+from proxy.config import LOCAL_ALIASES, LOCAL_MODEL_NAME
+from proxy.errors import APIError, dumps, error_body
 from proxy.serving.injection import check_completion_prompt, inject_chat, inject_completion
-from proxy.errors import APIError, JSONDecodeError, dumps, error_body, loads, not_found_model
-from proxy.schemas import ChatRequest, CompletionRequest
-from proxy.upstreams import Upstream, UpstreamError
+from proxy.upstreams.base import Upstream, UpstreamError
 
 router = APIRouter()
-
-
-async def read_json(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object (415 / 400 / 413 on bad input; never echoes the body)."""
-    ctype = request.headers.get("content-type")
-    if ctype is not None and "json" not in ctype.split(";", 1)[0].lower():
-        raise APIError(415, "Content-Type must be application/json", "unsupported_media_type")
-    raw = await request.body()
-    if not raw:
-        raise APIError(400, "the request body is empty; send a JSON object", "invalid_json")
-    try:
-        body = loads(raw)
-    except (JSONDecodeError, ValueError, UnicodeDecodeError):
-        raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", "invalid_json")
-    return body
-
-
-def _validate(model: type, body: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        errors = exc.errors(include_input=False, include_url=False)
-        param = ".".join(str(x) for x in errors[0]["loc"]) if errors else None
-        raise APIError(400, "invalid request: " + format_validation_errors(errors), "invalid_request",
-                       param=param) from None
 
 
 async def _route(request: Request, model: str, principal: Principal) -> tuple[Upstream, Any]:
@@ -120,7 +94,7 @@ async def chat_completions(request: Request) -> Response:
     principal = request.app.state.auth.client(request)
     request.state.client = principal.name
     body = await read_json(request)
-    req: ChatRequest = _validate(ChatRequest, body)
+    req: ChatRequest = validate_body(ChatRequest, body, name_param=True)
     upstream, task = await _route(request, req.model, principal)
     if task is not None:
         demos = await request.app.state.demos.for_request(task, principal)
@@ -134,7 +108,7 @@ async def completions(request: Request) -> Response:
     principal = request.app.state.auth.client(request)
     request.state.client = principal.name
     body = await read_json(request)
-    req: CompletionRequest = _validate(CompletionRequest, body)
+    req: CompletionRequest = validate_body(CompletionRequest, body, name_param=True)
     upstream, task = await _route(request, req.model, principal)
     if task is not None:
         check_completion_prompt(body["prompt"])

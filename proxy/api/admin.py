@@ -12,33 +12,21 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Depends, Request
-from pydantic import TypeAdapter, ValidationError
 from starlette.responses import Response
 
 from aggregation.datasets import DataError, deduplicate, parse_rows
+from proxy.api.common import json_response, read_json, require_admin, validate_body
+from proxy.api.schemas import BudgetUpdate, WarmRequest
 from proxy.auth import Principal
-from proxy.config import TaskConfig, format_validation_errors
-from proxy.errors import APIError, dumps
+from proxy.config import TaskConfig
+from proxy.errors import APIError
 from proxy.logs import log_event
-from proxy.routes_openai import read_json
-from proxy.schemas import BudgetUpdate, WarmRequest
 from proxy.store.base import DatasetMeta, NotFound
 
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def require_admin(request: Request) -> Principal:
-    principal = request.app.state.auth.admin(request)
-    request.state.client = principal.name
-    request.state.model = "-"
-    return principal
-
-
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
-
-
-def _json(obj: Any, status: int = 200) -> Response:
-    return Response(dumps(obj), status_code=status, media_type="application/json")
 
 
 def _meta(meta: DatasetMeta) -> dict[str, Any]:
@@ -47,17 +35,6 @@ def _meta(meta: DatasetMeta) -> dict[str, Any]:
         "budget_epsilon": meta.budget_epsilon, "budget_delta": meta.budget_delta, "public": meta.public,
         "created_at": meta.created_at, "noisy_counts_released": meta.noisy_counts is not None,
     }
-
-
-def _validate(model: type | TypeAdapter, body: dict[str, Any]) -> Any:
-    """``body`` as ``model`` (a pydantic model or a TypeAdapter of a union), else an OpenAI-style 400."""
-    try:
-        if isinstance(model, TypeAdapter):
-            return model.validate_python(body)
-        return model.model_validate(body)
-    except ValidationError as exc:
-        errors = exc.errors(include_input=False, include_url=False)
-        raise APIError(400, "invalid request: " + format_validation_errors(errors), "invalid_request") from None
 
 
 def _float_field(form: Any, name: str, default: float) -> float:
@@ -153,18 +130,18 @@ async def upload_dataset(request: Request) -> Response:
     request.app.state.metrics.record_spend(meta.id, 0.0, meta.budget_epsilon)
     log_event("dataset.uploaded", dataset_id=meta.id, rows=meta.rows, labels=len(meta.labels))
     # Told to the uploader only (who holds the file); not logged and not part of stored metadata.
-    return _json({**_meta(meta), "duplicates_removed": dropped}, 201)
+    return json_response({**_meta(meta), "duplicates_removed": dropped}, 201)
 
 
 @router.get("/datasets")
 async def list_datasets(request: Request) -> Response:
     metas = await anyio.to_thread.run_sync(request.app.state.store.list_datasets)
-    return _json({"object": "list", "data": [_meta(m) for m in metas]})
+    return json_response({"object": "list", "data": [_meta(m) for m in metas]})
 
 
 @router.get("/datasets/{dataset_id}")
 async def get_dataset(request: Request, dataset_id: str) -> Response:
-    return _json(_meta(await _dataset_or_404(request, dataset_id)))
+    return json_response(_meta(await _dataset_or_404(request, dataset_id)))
 
 
 @router.delete("/datasets/{dataset_id}")
@@ -181,7 +158,7 @@ async def delete_dataset(request: Request, dataset_id: str) -> Response:
         forget(dataset_id)
     state.metrics.forget_dataset(dataset_id)
     log_event("dataset.deleted", dataset_id=dataset_id)
-    return _json({"id": dataset_id, "deleted": True})
+    return json_response({"id": dataset_id, "deleted": True})
 
 
 # -- budgets ----------------------------------------------------------------------------------
@@ -197,7 +174,7 @@ async def all_budgets(request: Request) -> Response:
     data = await anyio.to_thread.run_sync(collect)
     for status in data:
         _gauge(request, status)
-    return _json({"object": "list", "data": data})
+    return json_response({"object": "list", "data": data})
 
 
 def _finite(x: float) -> float | None:
@@ -220,7 +197,7 @@ async def dataset_budget(request: Request, dataset_id: str) -> Response:
         entries = await anyio.to_thread.run_sync(store.ledger, dataset_id)
         if not entries:
             raise APIError(404, f"dataset {dataset_id!r} not found", "dataset_not_found") from None
-        return _json({
+        return json_response({
             "dataset_id": dataset_id, "deleted": True,
             "spent_epsilon": _finite(entries[-1].epsilon_after),
             "entries": [{"seq": e.seq, "partition": e.partition, "event": e.event,
@@ -229,13 +206,13 @@ async def dataset_budget(request: Request, dataset_id: str) -> Response:
         })
     status = await anyio.to_thread.run_sync(request.app.state.budget.status, dataset_id)
     _gauge(request, status)
-    return _json(status)
+    return json_response(status)
 
 
 @router.put("/datasets/{dataset_id}/budget")
 async def set_budget(request: Request, dataset_id: str) -> Response:
     await _dataset_or_404(request, dataset_id)
-    update: BudgetUpdate = _validate(BudgetUpdate, await read_json(request))
+    update: BudgetUpdate = validate_body(BudgetUpdate, await read_json(request))
     budget = request.app.state.budget
     try:
         status = await anyio.to_thread.run_sync(lambda: budget.set_budget(dataset_id, update.epsilon, update.delta))
@@ -243,7 +220,7 @@ async def set_budget(request: Request, dataset_id: str) -> Response:
         raise APIError(400, str(exc), "invalid_budget", param="epsilon") from None
     _gauge(request, status)
     log_event("budget.set", dataset_id=dataset_id, epsilon=update.epsilon, delta=update.delta)
-    return _json(status)
+    return json_response(status)
 
 
 # -- tasks ------------------------------------------------------------------------------------
@@ -263,7 +240,7 @@ def _task_view(task: TaskConfig, static: bool) -> dict[str, Any]:
 @router.post("/tasks")
 async def create_task(request: Request) -> Response:
     state = request.app.state
-    task: TaskConfig = _validate(TaskConfig, await read_json(request))
+    task: TaskConfig = validate_body(TaskConfig, await read_json(request))
     if state.tasks.is_static(task.name):
         raise APIError(409, f"task {task.name!r} is defined in the config file and cannot be replaced",
                        "task_exists")
@@ -276,7 +253,7 @@ async def create_task(request: Request) -> Response:
     await state.tasks.put(task)
     state.demos.forget(task=task.name)
     log_event("task.created", task=task.name)
-    return _json(_task_view(task, False), 201)
+    return json_response(_task_view(task, False), 201)
 
 
 @router.get("/tasks")
@@ -284,14 +261,14 @@ async def list_tasks(request: Request) -> Response:
     state = request.app.state
     await state.tasks.refresh(force=True)
     tasks = await state.tasks.all()
-    return _json({"object": "list", "data": [_task_view(t, state.tasks.is_static(n)) for n, t in sorted(tasks.items())]})
+    return json_response({"object": "list", "data": [_task_view(t, state.tasks.is_static(n)) for n, t in sorted(tasks.items())]})
 
 
 @router.get("/tasks/{name}")
 async def get_task(request: Request, name: str) -> Response:
     await request.app.state.tasks.refresh(force=True)
     task = await _task_or_404(request, name)
-    return _json(_task_view(task, request.app.state.tasks.is_static(name)))
+    return json_response(_task_view(task, request.app.state.tasks.is_static(name)))
 
 
 @router.delete("/tasks/{name}")
@@ -305,7 +282,7 @@ async def delete_task(request: Request, name: str) -> Response:
     if not removed:
         raise APIError(404, f"task {name!r} not found", "task_not_found")
     log_event("task.deleted", task=name)
-    return _json({"name": name, "deleted": True})
+    return json_response({"name": name, "deleted": True})
 
 
 # -- demonstration sets -----------------------------------------------------------------------
@@ -319,10 +296,10 @@ async def warm_demos(request: Request, name: str) -> Response:
     task = await _task_or_404(request, name)
     request.state.task = name
     raw = await request.body()
-    req = WarmRequest() if not raw.strip() else _validate(WarmRequest, await read_json(request))
+    req = WarmRequest() if not raw.strip() else validate_body(WarmRequest, await read_json(request))
     result = await state.demos.warm(task, principal.actor, dry_run=req.dry_run)
     if req.dry_run:
-        return _json({"task": name, **result})
+        return json_response({"task": name, **result})
     payload = result["payload"]
     out = {
         "task": name, "key": result["key"], "cached": result["cached"], "charged": result["charged"],
@@ -332,13 +309,13 @@ async def warm_demos(request: Request, name: str) -> Response:
     for k in ("epsilon_cost", "spent_epsilon", "remaining_epsilon"):
         if k in result:
             out[k] = result[k]
-    return _json(out, 201 if result["charged"] else 200)
+    return json_response(out, 201 if result["charged"] else 200)
 
 
 @router.get("/tasks/{name}/demos")
 async def get_demos(request: Request, name: str) -> Response:
     task = await _task_or_404(request, name)
-    return _json(await request.app.state.demos.cached(task))
+    return json_response(await request.app.state.demos.cached(task))
 
 
 @router.delete("/tasks/{name}/demos")
@@ -346,4 +323,4 @@ async def delete_demos(request: Request, name: str) -> Response:
     task = await _task_or_404(request, name)
     n = await request.app.state.demos.drop(task)
     log_event("demos.deleted", task=name, sets=n)
-    return _json({"task": name, "deleted": n})
+    return json_response({"task": name, "deleted": n})

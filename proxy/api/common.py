@@ -1,0 +1,61 @@
+"""Helpers shared by the routers: reading a JSON body, validating it against a pydantic model,
+answering JSON, and the admin-key dependency. Errors are OpenAI-style and never echo the body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from pydantic import TypeAdapter, ValidationError
+from starlette.responses import Response
+
+from proxy.auth import Principal
+from proxy.config import format_validation_errors
+from proxy.errors import APIError, JSONDecodeError, dumps, loads
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object (415 / 400 / 413 on bad input; never echoes the body)."""
+    ctype = request.headers.get("content-type")
+    if ctype is not None and "json" not in ctype.split(";", 1)[0].lower():
+        raise APIError(415, "Content-Type must be application/json", "unsupported_media_type")
+    raw = await request.body()
+    if not raw:
+        raise APIError(400, "the request body is empty; send a JSON object", "invalid_json")
+    try:
+        body = loads(raw)
+    except (JSONDecodeError, ValueError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", "invalid_json")
+    return body
+
+
+def validate_body(model: type | TypeAdapter, body: dict[str, Any], name_param: bool = False) -> Any:
+    """``body`` as ``model`` (a pydantic model or a TypeAdapter of a union), else an OpenAI-style 400.
+
+    ``name_param``: name the first invalid field in the error's ``param`` (the OpenAI routes do).
+    """
+    try:
+        if isinstance(model, TypeAdapter):
+            return model.validate_python(body)
+        return model.model_validate(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_input=False, include_url=False)
+        param = ".".join(str(x) for x in errors[0]["loc"]) if errors and name_param else None
+        raise APIError(400, "invalid request: " + format_validation_errors(errors), "invalid_request",
+                       param=param) from None
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    """``obj`` as a JSON answer."""
+    return Response(dumps(obj), status_code=status, media_type="application/json")
+
+
+def require_admin(request: Request) -> Principal:
+    """Dependency of the admin routers: the caller must hold the admin key (401/403 otherwise)."""
+    principal = request.app.state.auth.admin(request)
+    request.state.client = principal.name
+    request.state.model = "-"
+    return principal

@@ -1,0 +1,67 @@
+"""The FastAPI exception handlers: every error, including the framework's own (validation, unknown
+route, wrong method) and unexpected exceptions, answered as an OpenAI-style body. Unexpected
+exceptions become a bare 500 and are logged by type name only (their text could quote data).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from proxy.config import format_validation_errors
+from proxy.errors import APIError, error_body
+
+log = logging.getLogger("dpicl.errors")
+
+
+def error_response(status: int, message: str, code: str | None = None, type: str | None = None,
+                   param: str | None = None, headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(status, message, code, type, param), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+def not_found_model(model: str) -> APIError:
+    # Model names come from the client (not private data); cap the length anyway.
+    shown = model if len(model) <= 128 else model[:128] + "..."
+    return APIError(404, f"the model '{shown}' does not exist or you do not have access to it",
+                    "model_not_found", param="model")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register handlers that turn every exception into an OpenAI-style body."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return error_response(exc.status, exc.message, exc.code, exc.type, exc.param, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        # Pydantic's default 422 body includes the offending input: never send it back.
+        errors = list(exc.errors())
+        param = None
+        if errors:
+            loc = [str(x) for x in errors[0].get("loc", ()) if x not in ("body", "query", "path")]
+            param = ".".join(loc) or None
+        return error_response(400, "invalid request: " + format_validation_errors(errors),
+                              "invalid_request", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        status = exc.status_code
+        if status == 404:
+            message = f"no route {request.method} {request.url.path[:200]}"
+        elif status == 405:
+            message = f"method {request.method} is not allowed on {request.url.path[:200]}"
+        else:
+            message = str(exc.detail) if isinstance(exc.detail, str) else "request failed"
+        return error_response(status, message, code=str(status), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        # The exception's text may quote data: log its type only.
+        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path[:200])
+        return error_response(500, "internal server error", "internal_error")
