@@ -1,4 +1,7 @@
-"""The ``dpicl`` command line (typer). Each command group lives in its own ``proxy.cli_*`` module."""
+"""The ``dpicl`` command line: the typer app and ``main`` here, one module per command group (serve,
+engine: account/generate, evaluate: eval, jobs: jobs/worker; common: shared options). May import any
+proxy or aggregation module, lazily inside commands so that ``--help`` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -15,16 +18,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from proxy import cli_engine, cli_eval, cli_jobs, cli_serve  # noqa: E402  (after the env default above)
+from proxy.cli import engine, evaluate, jobs, serve  # noqa: E402  (after the env default above)
 
-for _module in (cli_engine, cli_serve, cli_eval, cli_jobs):
+for _module in (engine, serve, evaluate, jobs):
     _module.register(app)
 
 
 def main() -> None:
     """Console-script entry point."""
     app()
-
-
-if __name__ == "__main__":
-    main()

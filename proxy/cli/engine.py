@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 
-from proxy.cli_common import MechanismOpt, ModeOpt, fail as _fail
+from proxy.cli.common import MechanismOpt, ModeOpt, fail as _fail
 
 
 def account(

@@ -18,7 +18,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from proxy.cli_common import fail
+from proxy.cli.common import fail
 from proxy.config import DEFAULT_JOB_QUEUE
 
 jobs_app = typer.Typer(help="Offline DP synthetic-data jobs (Private Evolution, DP-SGD).", no_args_is_help=True)
