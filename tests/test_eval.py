@@ -8,8 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from aggregation import icl_eval
-from aggregation.canary import find_canaries, longest_match, make_canaries, plant_canaries
+from aggregation import evaluation as icl_eval
+from aggregation.evaluation.canary import find_canaries, longest_match, make_canaries, plant_canaries
 from aggregation.datasets import TREC_PROMPT, load_r8, split
 from aggregation.fewshot import GenerationConfig
 from aggregation.mechanisms import Noise

@@ -39,7 +39,7 @@ def eval_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
     """Accuracy of in-context classification with zero-shot, epsilon-0, non-private and DP demonstrations."""
-    from aggregation import icl_eval
+    from aggregation import evaluation as icl_eval
     from aggregation.datasets import DataError
 
     preset = icl_eval.QUICK if quick else icl_eval.FULL

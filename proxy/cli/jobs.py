@@ -159,7 +159,7 @@ def evaluate(
     """TF-IDF + logistic regression trained on the job's synthetic data vs on the real pool, both
     scored on held-out real data (runs locally; prints JSON)."""
     from aggregation.datasets import parse_rows, read_jsonl
-    from aggregation.quality import evaluate as run_eval
+    from aggregation.evaluation.quality import evaluate as run_eval
 
     with _client(url, admin_key) as http:
         data = _check(http.get(f"/admin/jobs/{job_id}/result", params={"part": "synthetic"})).content

@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from aggregation import accounting
-from aggregation.canary import find_canaries, longest_match, make_canaries, plant_canaries
+from aggregation.evaluation.canary import find_canaries, longest_match, make_canaries, plant_canaries
 from aggregation.datasets import R8_PROMPT, TREC_PROMPT, load_r8, load_trec, read_jsonl, split
 from aggregation.fewshot import (
     GenerationConfig,
