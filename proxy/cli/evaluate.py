@@ -39,12 +39,12 @@ def eval_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
     """Accuracy of in-context classification with zero-shot, epsilon-0, non-private and DP demonstrations."""
-    from aggregation import evaluation as icl_eval
+    from aggregation import evaluation
     from aggregation.datasets import DataError
 
-    preset = icl_eval.QUICK if quick else icl_eval.FULL
+    preset = evaluation.QUICK if quick else evaluation.FULL
     try:
-        eps = icl_eval.parse_epsilons(epsilons) if epsilons else preset.epsilons
+        eps = evaluation.parse_epsilons(epsilons) if epsilons else preset.epsilons
     except ValueError as exc:
         _fail(str(exc))
     mode_list = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else preset.modes
@@ -66,15 +66,15 @@ def eval_command(
         calibrate=calibrate,
     )
     try:
-        task = icl_eval.load_task(dataset)
+        task = evaluation.load_task(dataset)
     except (FileNotFoundError, DataError) as exc:
         _fail(str(exc))
     out_dir = out or Path("eval-out") / task.name
     finished = None
     if resume and accuracy:
         try:  # read and check before the model is loaded, so a mismatch fails at once
-            finished = icl_eval.load_finished(out_dir, settings, task.name)
-        except icl_eval.ResumeError as exc:
+            finished = evaluation.load_finished(out_dir, settings, task.name)
+        except evaluation.ResumeError as exc:
             _fail(str(exc))
 
     from aggregation.sources.local import LocalSource, load_model
@@ -86,14 +86,14 @@ def eval_command(
         _fail(str(exc))
     source = LocalSource(lm, tok)
     if accuracy:
-        scorer = icl_eval.ModelScorer(lm, tok, task.words(), batch_size=batch_size, progress=progress)
-        result = icl_eval.run_eval(task, source, scorer, settings, out_dir, progress=progress, log=typer.echo,
+        scorer = evaluation.ModelScorer(lm, tok, task.words(), batch_size=batch_size, progress=progress)
+        result = evaluation.run_eval(task, source, scorer, settings, out_dir, progress=progress, log=typer.echo,
                                    finished=finished)
         typer.echo("")
         typer.echo(result.table)
         typer.echo(f"wrote {', '.join(str(p) for p in result.files.values())}")
     if audit:
-        audit_settings = icl_eval.AuditSettings(
+        audit_settings = evaluation.AuditSettings(
             seeds=settings.seeds[:2] if quick else settings.seeds,
             epsilons=settings.epsilons,
             modes=settings.modes,
@@ -103,7 +103,7 @@ def eval_command(
             demos_per_run=audit_demos,
             top_k=audit_top_k or None,
         )
-        _, table = icl_eval.run_audit(task, source, settings, audit_settings, out_dir, progress=progress, log=typer.echo)
+        _, table = evaluation.run_audit(task, source, settings, audit_settings, out_dir, progress=progress, log=typer.echo)
         typer.echo("")
         typer.echo("Canary audit (counts of demonstrations):")
         typer.echo(table)

@@ -1,0 +1,99 @@
+"""What an evaluation runs and what one run records: the row kinds, the settings with their full and
+quick presets, and the run record (numbers only: no text of any example).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from aggregation.fewshot import GenerationConfig
+
+INF = math.inf
+
+# Row identifiers (``row`` column of runs.csv), in table order.
+ZERO_SHOT = "zero_shot"
+PUBLIC = "epsilon_0"
+REAL = "non_private"
+DP = "dp"
+ROW_TITLES = {
+    ZERO_SHOT: "zero-shot",
+    PUBLIC: "epsilon 0 (public prompt only)",
+    REAL: "non-private (real examples)",
+    DP: "DP demonstrations",
+}
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What to run. The defaults are the full preset; :data:`QUICK` is the CI preset."""
+
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    n_test: int = 300
+    held_out: int = 300
+    split_seed: int = 0
+    epsilons: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, INF)
+    modes: tuple[str, ...] = ("resample", "fixed")
+    mechanism: str = "gaussian"
+    num_subsets: int = 10
+    shots_per_subset: int = 2
+    max_tokens: int = 15
+    top_k: int | None = 100
+    calibrate: bool = False  # which accuracy the plot shows; both are always computed
+
+    def generation(self, mode: str, epsilon: float) -> GenerationConfig:
+        return GenerationConfig(mode=mode, mechanism=self.mechanism,  # type: ignore[arg-type]
+                                num_subsets=self.num_subsets, shots_per_subset=self.shots_per_subset,
+                                max_tokens=self.max_tokens, top_k=self.top_k, epsilon=epsilon)
+
+
+FULL = EvalSettings()
+#: CI preset. Fixed mode only: a resample-mode demonstration re-encodes all M prompts for every
+#: token and costs about 5x a fixed-mode one, which would take the preset past 10 minutes on two
+#: cores (see docs/evaluation.md); add it with ``--modes resample,fixed``.
+QUICK = EvalSettings(seeds=(0, 1), n_test=100, epsilons=(1.0, 4.0, INF), modes=("fixed",))
+
+
+@dataclass
+class RunRecord:
+    """One row of runs.csv (numbers only: no text of any example)."""
+
+    dataset: str
+    row: str
+    mode: str
+    epsilon: float
+    epsilon_total: float
+    delta: float
+    seed: int
+    accuracy: float
+    accuracy_calibrated: float
+    n_test: int
+    demos: int
+    missing_labels: int
+    generate_seconds: float
+    score_seconds: float
+
+
+RUN_FIELDS = [f.name for f in dataclasses.fields(RunRecord)]
+
+
+def eps_text(e: float) -> str:
+    """An epsilon as tables and settings.json show it: ``∞`` or ``%g``."""
+    return "∞" if math.isinf(e) else f"{e:g}"
+
+
+def parse_epsilons(text: str) -> tuple[float, ...]:
+    """``"1,2,4,inf"`` -> (1.0, 2.0, 4.0, inf); every value must be positive."""
+    values = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        v = INF if part in ("inf", "infinity", "∞") else float(part)
+        if not v > 0:
+            raise ValueError("epsilons must be positive (epsilon 0 is always its own row)")
+        values.append(v)
+    if not values:
+        raise ValueError("give at least one epsilon")
+    return tuple(values)
