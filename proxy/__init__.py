@@ -1,1 +1,4 @@
-"""The dpicl service: OpenAI-compatible proxy, admin API, stores, jobs and CLI."""
+"""The dpicl service: app (wiring), api/, serving/, upstreams/, jobs/, store/, cli/ and the shared
+modules auth, budget, config, errors, logs, metrics. Imports point one way (proxy -> aggregation,
+api -> serving -> store); tests/test_layout.py checks the rule each package's docstring states.
+"""

@@ -1,6 +1,6 @@
 """Offline DP jobs (PE, DP-SGD): request models (requests), PE text backends (backends), running one
 job (execute), runners (in-process, RQ) and the worker entry (worker), and the manager (manager).
-May import aggregation, proxy.store, proxy.upstreams and top-level proxy modules; never api, serving or cli.
+May import aggregation, proxy.store, proxy.upstreams and top-level proxy modules; never api, serving, cli or app.
 """
 
 from aggregation.pe import Cancelled

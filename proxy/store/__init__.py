@@ -1,7 +1,6 @@
-"""Store backends and :func:`open_store`, which picks one from a URL.
-
-``sqlite:///path/to/file.db`` (the embedded default) or ``redis://host:port/db`` (several replicas
-sharing one Redis). See ``docs/stores.md``.
+"""One Store interface (base) with SQLite (sqlite) and Redis (redis_store) backends, and open_store,
+which picks one from a URL (sqlite:///file.db or redis://host:port/db; docs/stores.md). Stores hold
+data, not policy: they import nothing from the rest of the project.
 """
 
 from __future__ import annotations

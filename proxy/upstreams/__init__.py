@@ -1,7 +1,6 @@
-"""Forwarding to the models behind the proxy: ``base`` (the Upstream interface, errors, SSE and retry
-helpers), ``direct`` (aiohttp/httpx fast path), ``litellm`` (any provider), ``local`` (the built-in
-model) and ``factory`` (``build_upstream``). Knows nothing of DP: may import only the standard
-library and third-party packages, never ``aggregation`` or other ``proxy`` modules.
+"""Forwarding to the models behind the proxy: base (Upstream, errors, SSE and retry helpers), direct
+(aiohttp/httpx fast path), litellm (any provider), local (built-in model), factory (build_upstream).
+Knows nothing of DP: imports no aggregation and no other part of proxy, only libraries.
 """
 
 from proxy.upstreams.base import DONE, Upstream, UpstreamError, resolve_env, resolve_params, safe_upstream_message, \
