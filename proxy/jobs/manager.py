@@ -1,4 +1,5 @@
-"""Offline jobs (Private Evolution, DP-SGD): submission, records, runners and the worker.
+"""The job manager, the app's lifespan object for offline jobs (Private Evolution, DP-SGD):
+submission, queries, cancellation and results; it owns the runner.
 
 Life of a job
 -------------
@@ -7,9 +8,10 @@ Life of a job
    quantities only (``aggregation.pe.plan_pe`` / ``aggregation.dpsgd.plan_dpsgd``: calibrated
    sigma / noise multiplier, sampling rate), **reserves the full cost in the ledger** (refused with
    ``BudgetExceeded`` when it does not fit), writes the job record and only then enqueues it.
-2. A runner executes :func:`execute_job`: in-process (a thread pool owned by the app's lifespan,
-   the embedded default) or on a Redis queue built on RQ, served by ``dpicl worker`` processes on
-   any number of machines sharing the queue and a store.
+2. A runner (:mod:`proxy.jobs.runners`) executes :func:`proxy.jobs.execute.execute_job`:
+   in-process (a thread pool owned by the app's lifespan, the embedded default) or on a Redis
+   queue built on RQ, served by ``dpicl worker`` processes on any number of machines sharing the
+   queue and a store.
 3. The worker loads the private rows (the spend is already recorded), runs the algorithm with the
    *recorded* plan (the noise the ledger was charged for, never re-calibrated), reports progress
    per iteration/step, checks the record's cancel flag between iterations/steps and stores the
