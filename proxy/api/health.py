@@ -18,6 +18,7 @@ router = APIRouter()
 async def liveness() -> Response:
     return Response(dumps({"status": "ok"}), media_type="application/json")
 
+
 @router.get("/health/readiness")
 async def readiness(request: Request) -> Response:
     try:
@@ -27,6 +28,7 @@ async def readiness(request: Request) -> Response:
     if not ok:
         raise APIError(503, "store unreachable", "store_unavailable")
     return Response(dumps({"status": "ok", "store": "ok"}), media_type="application/json")
+
 
 @router.get("/metrics")
 async def prometheus(request: Request) -> Response:

@@ -182,7 +182,6 @@ class Warmup:
                 "remaining_epsilon": _num(max(0.0, res.remaining))}
 
 
-
 def _num(x: float) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
