@@ -33,10 +33,18 @@ from aggregation.prompts import Example
 from aggregation.sources.local import LocalSource
 
 
-def private_rests(source: LocalSource, rows: str, m: int, target: int) -> list[str]:
+def instruction(source: LocalSource, tokens: int) -> str:
+    """TREC's instruction, padded with public filler to about ``tokens`` tokens (0: as it is)."""
+    text = TREC_PROMPT.instruction
+    while tokens and len(source.encode(text)) < tokens:
+        text += " Questions should be short, natural and answerable."
+    return text
+
+
+def private_rests(source: LocalSource, rows: str, m: int, target: int, prefix: str) -> list[str]:
     """M prompt bodies (everything after the instruction): 2 examples each plus the header."""
     pool = pools_by_label(load_trec())["LOC"]
-    head = len(source.encode(TREC_PROMPT.instruction + "\n\n"))
+    head = len(source.encode(prefix))
     bodies, k = [], 0
     for _ in range(m):
         examples = []
@@ -51,7 +59,7 @@ def private_rests(source: LocalSource, rows: str, m: int, target: int) -> list[s
                 k += 1
             examples.append(Example(text.strip(), "LOC"))
         full = TREC_PROMPT.generation_prompt(examples, "LOC")
-        bodies.append(full[len(TREC_PROMPT.instruction) + 2:])
+        bodies.append(full[len(TREC_PROMPT.instruction) + 2:])  # the header and examples only
     return bodies
 
 
@@ -66,6 +74,8 @@ def main() -> None:
     ap.add_argument("--rows", choices=["long", "trec"], default="long",
                     help="long: rows of about --row-tokens tokens; trec: 2 real TREC questions per row")
     ap.add_argument("--row-tokens", type=int, default=212)
+    ap.add_argument("--instruction-tokens", type=int, default=0,
+                    help="pad the public instruction with filler to this many tokens (0: TREC's, ~26)")
     ap.add_argument("--width", type=int, default=None, help="public width (default: longest row + 16)")
     ap.add_argument("--subsets", type=int, default=10, help="M")
     ap.add_argument("--generated", type=int, default=5, help="tokens already generated (the suffix)")
@@ -79,9 +89,9 @@ def main() -> None:
 
     cached = LocalSource.from_pretrained(args.model)
     plain = LocalSource(cached.model, cached.tokenizer, prefix_cache_size=0)
-    prefix = TREC_PROMPT.instruction + "\n\n"
-    rests = private_rests(cached, args.rows, args.subsets, args.row_tokens)
-    public = TREC_PROMPT.public_prompt("LOC")[len(prefix):]
+    prefix = instruction(cached, args.instruction_tokens) + "\n\n"
+    rests = private_rests(cached, args.rows, args.subsets, args.row_tokens, prefix)
+    public = TREC_PROMPT.public_prompt("LOC")[len(TREC_PROMPT.instruction) + 2:]
     suffix = cached.encode(" Where is the longest")[: args.generated]
     lengths = [cached.count_tokens(r, prefix=prefix) for r in rests]
     tight = max(lengths) + len(suffix)

@@ -259,8 +259,9 @@ def test_gemma_loads_with_its_bos_and_writes_sensible_text(gemma: LocalSource) -
     assert len(gemma.vocabulary()) == 262144
     head, bodies = gemma.segments(["Question:"], (), "Instruction.\n\n")
     assert head[0] == gemma.bos[0] and gemma.bos[0] not in head[1:] + bodies[0]
-    text = _greedy(gemma, "The capital of France is")
-    assert "Paris" in text and "The The" not in text, text
+    words = _greedy(gemma, "The capital of France is").split()
+    # With <bos> a sentence; without it Gemma degenerated to "France. The The The ...".
+    assert len(set(words)) >= 8 and not any(a == b == c for a, b, c in zip(words, words[1:], words[2:])), words
     prefix, rests = _trec_rows(gemma)
     for rest in rests[:3]:
         words = _greedy(gemma, rest, prefix=prefix).split("\n")[0].split()
