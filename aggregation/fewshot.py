@@ -20,6 +20,7 @@ import numpy as np
 from aggregation import accounting
 from aggregation.mechanisms import (
     Noise,
+    block_length,
     demonstration_event,
     exponential_noisy_max,
     gaussian_report_noisy_max,
@@ -38,7 +39,11 @@ COUNT_SIGMA = 20.0
 class GenerationConfig:
     """Parameters of DP demonstration generation (DESIGN.md section 3 notation)."""
 
-    mode: Literal["resample", "fixed"] = "resample"
+    #: ``resample``: a fresh Poisson sample every token; ``fixed``: one per demonstration;
+    #: ``block``: one per block of ``block_tokens`` tokens (the M prompts' KV caches are kept
+    #: within a block). ``block`` with k = 1 is ``resample``, with k = T it is ``fixed``.
+    mode: Literal["resample", "fixed", "block"] = "resample"
+    block_tokens: int | None = None  # k, for mode "block"
     mechanism: Literal["gaussian", "exponential"] = "gaussian"
     num_subsets: int = 10  # M
     shots_per_subset: int = 2  # N
@@ -54,8 +59,10 @@ class GenerationConfig:
     max_prompt_tokens: int = 256
 
     def validate(self) -> None:
-        if self.mode not in ("resample", "fixed"):
-            raise ValueError("mode must be 'resample' or 'fixed'")
+        if self.mode not in ("resample", "fixed", "block"):
+            raise ValueError("mode must be 'resample', 'fixed' or 'block'")
+        if self.mode == "block" and (self.block_tokens is None or self.block_tokens < 1):
+            raise ValueError("mode 'block' needs block_tokens >= 1")
         if self.mechanism not in ("gaussian", "exponential"):
             raise ValueError("mechanism must be 'gaussian' or 'exponential'")
         if self.num_subsets < 1 or self.shots_per_subset < 1:
@@ -70,6 +77,11 @@ class GenerationConfig:
             return
         # epsilon 0 is spelled public_only; infinity means no noise
         accounting.check_noise_or_target(self.sigma, self.epsilon, "sigma", allow_infinite=True)
+
+    @property
+    def block_length(self) -> int:
+        """Tokens generated from one Poisson sample (1 in resample mode, T in fixed mode)."""
+        return block_length(self.mode, self.max_tokens, self.block_tokens)
 
     @property
     def private(self) -> bool:
@@ -146,20 +158,23 @@ def _single_event(config: GenerationConfig, q: float, sigma: float | None, ept: 
         return dpa.NoOpDpEvent()
     if not config.private:
         return dpa.NonPrivateDpEvent()
-    return demonstration_event(config.mode, q, config.max_tokens, sigma=sigma, epsilon_per_token=ept)
+    return demonstration_event("block", q, config.max_tokens, sigma=sigma, epsilon_per_token=ept,
+                               block_tokens=config.block_length)
 
 
 @functools.lru_cache(maxsize=256)
-def _calibrate(mode: str, mechanism: str, q: float, tokens: int, shots: int, target: float, delta: float) -> float:
+def _calibrate(block: int, mechanism: str, q: float, tokens: int, shots: int, target: float, delta: float) -> float:
     """Noise parameter (sigma, or epsilon per token) so that ``shots`` demonstrations cost target."""
     if mechanism == "gaussian":
         return accounting.calibrate_sigma(
-            lambda s: dpa.SelfComposedDpEvent(demonstration_event(mode, q, tokens, sigma=s), shots),
+            lambda s: dpa.SelfComposedDpEvent(
+                demonstration_event("block", q, tokens, sigma=s, block_tokens=block), shots),
             target, delta,
         )
     # Exponential: the per-token epsilon is inversely related to noise; calibrate 1/eps_t.
     inv = accounting.calibrate_sigma(
-        lambda s: dpa.SelfComposedDpEvent(demonstration_event(mode, q, tokens, epsilon_per_token=1.0 / s), shots),
+        lambda s: dpa.SelfComposedDpEvent(
+            demonstration_event("block", q, tokens, epsilon_per_token=1.0 / s, block_tokens=block), shots),
         target, delta,
     )
     return 1.0 / inv
@@ -194,10 +209,10 @@ def plan_demonstrations(
         if config.private:
             if config.mechanism == "gaussian":
                 sigma = config.sigma if config.sigma is not None else _calibrate(
-                    config.mode, "gaussian", q, config.max_tokens, count, float(config.epsilon), delta)
+                    config.block_length, "gaussian", q, config.max_tokens, count, float(config.epsilon), delta)
             else:
                 ept = (1.0 / config.sigma) if config.sigma is not None else _calibrate(
-                    config.mode, "exponential", q, config.max_tokens, count, float(config.epsilon), delta)
+                    config.block_length, "exponential", q, config.max_tokens, count, float(config.epsilon), delta)
         single = _single_event(config, q, sigma, ept)
         event = single if count == 1 else dpa.SelfComposedDpEvent(single, count)
         plan.labels[label] = LabelPlan(label, count, q, sigma, ept, event)
@@ -218,10 +233,16 @@ def generate_demonstration(
     noise: Noise,
     on_token: Callable[[int], None] | None = None,
 ) -> Demonstration:
-    """Generate one demonstration for ``label`` from ``pool`` (that label's private records)."""
+    """Generate one demonstration for ``label`` from ``pool`` (that label's private records).
+
+    One Poisson sample per block of ``config.block_length`` tokens: at a block boundary the M
+    private prompts are opened afresh (with the tokens generated so far as a suffix); within a
+    block their decoding state (KV cache) is kept and advanced by one token per step.
+    """
     started = time.perf_counter()
     calls = 0
     m = config.num_subsets
+    k = config.block_length
     width = config.max_prompt_tokens
     public_prompt = prompt.public_prompt(label)
     vocab = source.vocabulary()
@@ -229,37 +250,37 @@ def generate_demonstration(
         raise ValueError("this source cannot score the full vocabulary; set top_k")
     if (source.count_tokens(public_prompt) or 0) > width:
         raise ValueError(f"the public prompt is longer than max_prompt_tokens = {width}")
-    # In fixed mode on a batched, KV-cached backend the public prompt rides in row 0 of the private
-    # batch (one decode step per token instead of two). That is sound only because every row is
-    # padded to the public width ``max_prompt_tokens``: the batch shape then carries nothing private.
-    shared = (not config.public_only and config.mode == "fixed" and source.caches_state
-              and config.top_k is not None)
+    # On a batched, KV-cached backend the public prompt rides in row 0 of the private batch (one
+    # forward per step instead of two). That is sound only because every row is padded to the
+    # public width (``max_prompt_tokens`` plus the tokens generated so far): the batch shape then
+    # carries nothing private.
+    shared = not config.public_only and source.caches_state and config.top_k is not None
 
     def private_prompts() -> list[str]:
         subsets = poisson_subsets(len(pool), label_plan.q, m, noise)
         return [_fit_prompt(source, prompt, [pool[i] for i in idx], label, width) for idx in subsets]
 
     public = None
-    private = None
-    offset = 0  # row of the first private prompt in ``private``
-    if shared:
-        private = source.open([public_prompt, *private_prompts()], keep_state=True, width=width)
-        public, offset = private, 1
-    else:
-        if config.top_k:
-            public = source.open([public_prompt], keep_state=True)
-        if not config.public_only and config.mode == "fixed":
-            private = source.open(private_prompts(), keep_state=True, width=width)
+    if config.top_k and not shared:
+        public = source.open([public_prompt], keep_state=True)
+    private = None  # the current block's batch (with the public row first when shared)
+    offset = 1 if shared else 0  # row of the first private prompt in ``private``
+    left = 0  # tokens left in the current block
 
     generated: list[Token] = []
     text = ""
     for step in range(config.max_tokens):
+        if not config.public_only and left == 0:
+            # A block starts: a fresh Poisson sample and fresh prompts, padded to the public width.
+            left = min(k, config.max_tokens - step)
+            rows = [public_prompt, *private_prompts()] if shared else private_prompts()
+            private = source.open(rows, suffix=generated, keep_state=left > 1, width=width + len(generated))
+            if shared:
+                public = private
         candidates = public.top_tokens(config.top_k) if public is not None else list(vocab)  # type: ignore[arg-type]
         if config.public_only:
             choice = 0  # top_tokens is sorted: greedy decoding of the public prompt
         else:
-            if config.mode == "resample":
-                private = source.open(private_prompts(), suffix=generated, keep_state=False)
             assert private is not None
             probs = private.probs(candidates)[offset:]
             if label_plan.sigma is not None:
@@ -268,6 +289,7 @@ def generate_demonstration(
                 choice, _ = exponential_noisy_max(probs, label_plan.epsilon_per_token, noise)
             else:  # epsilon = infinity: no noise
                 choice = int(np.argmax(probs.sum(axis=0)))
+            left -= 1
         token = candidates[choice]
         if on_token is not None:
             on_token(step)
@@ -281,14 +303,15 @@ def generate_demonstration(
         if step + 1 < config.max_tokens:
             if public is not None and not shared:
                 public.advance(token)
-            if private is not None and config.mode == "fixed":
+            if private is not None and left > 0:
                 private.advance(token)
-        if private is not None and config.mode == "resample":
+        if private is not None and left == 0:  # the block is over: drop its private state
             calls += private.calls
             private = None
-    if shared:
-        public = None
-    calls += (public.calls if public is not None else 0) + (private.calls if private is not None else 0)
+            if shared:
+                public = None
+    calls += (public.calls if public is not None and not shared else 0)
+    calls += (private.calls if private is not None else 0)
     return Demonstration(
         text=text.strip(),
         label=label,

@@ -9,7 +9,8 @@ Everything a reviewer needs to check one mechanism sits here side by side:
   a record sits in at most one subset and so changes at most one vector), then argmax.
 * :func:`exponential_noisy_max` - the exponential mechanism via the Gumbel-max trick.
 * :func:`demonstration_event` - the DpEvent of one demonstration for each sampling mode and
-  mechanism; the generator charges exactly this.
+  mechanism; the generator charges exactly this. Every mode is "one Poisson sample per block of
+  ``k`` tokens" (:func:`block_length`): ``resample`` is ``k = 1``, ``fixed`` is ``k = T``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Literal
 import dp_accounting as dpa
 import numpy as np
 
-Mode = Literal["resample", "fixed"]
+Mode = Literal["resample", "fixed", "block"]
 Mechanism = Literal["gaussian", "exponential"]
 
 
@@ -160,52 +161,96 @@ def _amplified_pure_epsilon(epsilon: float, q: float) -> float:
     return math.log1p(q * math.expm1(epsilon))
 
 
+def block_length(mode: Mode, tokens: int, block_tokens: int | None = None) -> int:
+    """Tokens generated from one Poisson sample: 1 (``resample``), T (``fixed``), min(k, T) (``block``)."""
+    if tokens < 1:
+        raise ValueError("tokens must be at least 1")
+    if mode == "resample":
+        return 1
+    if mode == "fixed":
+        return tokens
+    if mode == "block":
+        if block_tokens is None or block_tokens < 1:
+            raise ValueError("block mode needs block_tokens >= 1")
+        return min(int(block_tokens), tokens)
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def blocks_of(tokens: int, k: int) -> tuple[int, int]:
+    """``(full, last)``: ``full`` blocks of ``k`` tokens, then one block of ``last`` tokens (0 = none).
+
+    ``ceil(T/k)`` blocks in all; the last is shorter when ``k`` does not divide ``T``.
+    """
+    full, rest = divmod(tokens, k)
+    return full, rest
+
+
+def _compose(full: int, block: dpa.DpEvent, last: dpa.DpEvent | None) -> dpa.DpEvent:
+    """``full`` independent copies of ``block``, then ``last``; a single block stays unwrapped."""
+    head = block if full == 1 else dpa.SelfComposedDpEvent(block, full) if full > 1 else None
+    if last is None:
+        assert head is not None
+        return head
+    return last if head is None else dpa.ComposedDpEvent([head, last])
+
+
+def _block_rho(length: int, e: float, q: float) -> float:
+    """zCDP of ``length`` eps-DP (hence eps-bounded-range) tokens on one Poisson sample.
+
+    The smaller of two valid bounds: bounded range composes to ``length * e^2/8`` (ignores the
+    sampling), and the block is ``length*e``-DP, amplified by Poisson sampling to ``e'`` and
+    converted as ``e'^2/2``.
+    """
+    return min(length * e * e / 8.0, _amplified_pure_epsilon(length * e, q) ** 2 / 2.0)
+
+
 def demonstration_event(
     mode: Mode,
     q: float,
     tokens: int,
     sigma: float | None = None,
     epsilon_per_token: float | None = None,
+    block_tokens: int | None = None,
 ) -> dpa.DpEvent:
     """The DpEvent of one demonstration of at most ``tokens`` tokens.
 
-    Gaussian mechanism:
+    The generator draws one Poisson sample (rate ``q``) per block of ``k`` consecutive tokens
+    (:func:`block_length`) and keeps it for the whole block; blocks use independent samples.
 
-    * ``resample``: a fresh Poisson sample per token ->
-      ``SelfComposed(PoissonSampled(q, Gaussian(sigma)), T)``.
-    * ``fixed``: one Poisson sample reused for all T tokens. T adaptive Gaussians of multiplier
-      sigma on the same sample compose exactly into one Gaussian of multiplier ``sigma/sqrt(T)``
-      -> ``PoissonSampled(q, Gaussian(sigma / sqrt(T)))``.
+    Gaussian mechanism: the ``L`` tokens of one block are ``L`` adaptive Gaussians of multiplier
+    sigma on the same sample. They compose exactly into one Gaussian of multiplier
+    ``sigma/sqrt(L)``, and Poisson sampling amplifies that whole block, so one block is
+    ``PoissonSampled(q, Gaussian(sigma / sqrt(L)))``. The ``ceil(T/k)`` blocks compose; the last
+    one has ``T - k*(ceil(T/k) - 1)`` tokens. Written as ``SelfComposed`` of the full blocks
+    composed with the last block, which dp-accounting's PLD accountant composes exactly:
+
+    * ``resample`` (k = 1): ``SelfComposed(PoissonSampled(q, Gaussian(sigma)), T)``;
+    * ``fixed`` (k = T): ``PoissonSampled(q, Gaussian(sigma / sqrt(T)))``.
 
     Exponential mechanism (eps-DP per token, accounted as zCDP on the RDP accountant because
-    dp-accounting's PLD accountant has no pure-DP event under add/remove): we take the smaller of
-    two valid bounds: the bounded-range bound ``eps^2/8`` per token (Cesar and Rogers 2021, which
-    ignores sampling; sampling cannot hurt) and ``eps'^2/2`` for the pure-DP epsilon ``eps'``
-    amplified by Poisson sampling (Bun and Steinke 2016).
+    dp-accounting's PLD accountant has no pure-DP event under add/remove): per block of ``L``
+    tokens the smaller of the bounded-range bound ``L*eps^2/8`` (Cesar and Rogers 2021, which
+    ignores sampling; sampling cannot hurt) and ``eps'^2/2`` for the pure-DP epsilon ``L*eps``
+    amplified by Poisson sampling to ``eps'`` (Bun and Steinke 2016); zCDP adds over blocks.
 
     The generator always charges the full ``T`` tokens: the stopping time depends on private data.
     """
-    if tokens < 1:
-        raise ValueError("tokens must be at least 1")
+    k = block_length(mode, tokens, block_tokens)
     if not 0 < q <= 1:
         raise ValueError("sampling rate q must be in (0, 1]")
+    full, last = blocks_of(tokens, k)
     if sigma is not None:
         if sigma <= 0:
             raise ValueError("sigma must be positive")
-        if mode == "resample":
-            return dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), tokens)
-        if mode == "fixed":
-            return dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma / math.sqrt(tokens)))
-        raise ValueError(f"unknown mode {mode!r}")
+
+        def block(length: int) -> dpa.DpEvent:
+            return dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma / math.sqrt(length)))
+
+        return _compose(full, block(k), block(last) if last else None)
     if epsilon_per_token is not None:
         e = epsilon_per_token
         if e <= 0:
             raise ValueError("epsilon per token must be positive")
-        if mode == "resample":
-            rho = tokens * min(e * e / 8.0, _amplified_pure_epsilon(e, q) ** 2 / 2.0)
-        elif mode == "fixed":
-            rho = min(tokens * e * e / 8.0, _amplified_pure_epsilon(tokens * e, q) ** 2 / 2.0)
-        else:
-            raise ValueError(f"unknown mode {mode!r}")
+        rho = full * _block_rho(k, e, q) + (_block_rho(last, e, q) if last else 0.0)
         return dpa.ZCDpEvent(rho)
     raise ValueError("give sigma (Gaussian) or epsilon_per_token (exponential)")

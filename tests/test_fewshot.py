@@ -22,6 +22,15 @@ PROMPT = TaskPrompt("Write a question.", "Question:", "Answer type:", (("LOC", "
 POOL = [Example(f"Where is city number {i} located ?", "LOC") for i in range(60)]
 
 
+class _NeverStop(TaskPrompt):
+    @property
+    def stop(self) -> str:
+        return "\x00never\x00"
+
+
+NEVER_STOP = _NeverStop(PROMPT.instruction, PROMPT.input_prefix, PROMPT.label_prefix, PROMPT.label_words)
+
+
 @pytest.fixture(scope="module")
 def source():
     return tiny_source()
@@ -182,3 +191,37 @@ def test_examples_that_do_not_fit_are_left_out(source):
     text = _fit_prompt(source, PROMPT, long, "LOC", 64)
     assert "short one" in text and "word word" not in text
     assert source.count_tokens(text) <= 64
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 6])
+def test_block_mode_draws_one_poisson_sample_per_block(source, monkeypatch, k):
+    import aggregation.fewshot as fewshot
+
+    calls, steps = [], []
+    real = fewshot.poisson_subsets
+
+    def counting(*args, **kwargs):
+        calls.append(len(steps))  # the step at which the sample was drawn
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fewshot, "poisson_subsets", counting)
+    config = GenerationConfig(mode="block", block_tokens=k, num_subsets=3, shots_per_subset=2, max_tokens=6,
+                              top_k=20, sigma=0.5)
+    plan = _plan(config)
+    generate_demonstration(source, NEVER_STOP, POOL, "LOC", config, plan.labels["LOC"], Noise(3),
+                           on_token=steps.append)
+    # One sample at the start of each block of k tokens, none in between.
+    assert calls == [s for s in range(len(steps)) if s % k == 0]
+    assert len(steps) >= 2
+
+
+def test_block_plans_calibrate_like_resample_at_k_1_and_fixed_at_k_t():
+    base = dict(num_subsets=5, shots_per_subset=2, max_tokens=8, epsilon=2.0)
+    sig = {name: plan_demonstrations(GenerationConfig(**base, **kw), {"a": 1}, {"a": 400.0}, 1e-5).labels["a"].sigma
+           for name, kw in {"resample": dict(mode="resample"), "fixed": dict(mode="fixed"),
+                            "k1": dict(mode="block", block_tokens=1), "kT": dict(mode="block", block_tokens=8),
+                            "k4": dict(mode="block", block_tokens=4)}.items()}
+    assert sig["k1"] == sig["resample"] and sig["kT"] == sig["fixed"]
+    assert sig["resample"] < sig["k4"] < sig["fixed"]
+    plan = plan_demonstrations(GenerationConfig(**base, mode="block", block_tokens=4), {"a": 1}, {"a": 400.0}, 1e-5)
+    assert plan.epsilon() <= 2.0
