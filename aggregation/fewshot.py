@@ -244,11 +244,15 @@ def generate_demonstration(
     m = config.num_subsets
     k = config.block_length
     width = config.max_prompt_tokens
-    public_prompt = prompt.public_prompt(label)
     vocab = source.vocabulary()
     if config.top_k is None and vocab is None:
         raise ValueError("this source cannot score the full vocabulary; set top_k")
-    if (source.count_tokens(public_prompt) or 0) > width:
+    # The task instruction is public and opens every row: pass it as the shared prefix (tokenised
+    # on its own; ``width`` counts it). Rows are the rest of each prompt.
+    prefix = _shared_prefix(source, prompt, label)
+    head = (source.count_tokens(prefix) or 0) if prefix else 0
+    public_prompt = _body(prompt, (), label, prefix)
+    if head + (source.count_tokens(public_prompt) or 0) > width:
         raise ValueError(f"the public prompt is longer than max_prompt_tokens = {width}")
     # On a batched, KV-cached backend the public prompt rides in row 0 of the private batch (one
     # forward per step instead of two). That is sound only because every row is padded to the
@@ -258,11 +262,11 @@ def generate_demonstration(
 
     def private_prompts() -> list[str]:
         subsets = poisson_subsets(len(pool), label_plan.q, m, noise)
-        return [_fit_prompt(source, prompt, [pool[i] for i in idx], label, width) for idx in subsets]
+        return [_fit_prompt(source, prompt, [pool[i] for i in idx], label, width, prefix, head) for idx in subsets]
 
     public = None
     if config.top_k and not shared:
-        public = source.open([public_prompt], keep_state=True)
+        public = source.open([public_prompt], keep_state=True, prefix=prefix)
     private = None  # the current block's batch (with the public row first when shared)
     offset = 1 if shared else 0  # row of the first private prompt in ``private``
     left = 0  # tokens left in the current block
@@ -274,7 +278,8 @@ def generate_demonstration(
             # A block starts: a fresh Poisson sample and fresh prompts, padded to the public width.
             left = min(k, config.max_tokens - step)
             rows = [public_prompt, *private_prompts()] if shared else private_prompts()
-            private = source.open(rows, suffix=generated, keep_state=left > 1, width=width + len(generated))
+            private = source.open(rows, suffix=generated, keep_state=left > 1, width=width + len(generated),
+                                  prefix=prefix)
             if shared:
                 public = private
         candidates = public.top_tokens(config.top_k) if public is not None else list(vocab)  # type: ignore[arg-type]
@@ -323,21 +328,47 @@ def generate_demonstration(
     )
 
 
-def _fit_prompt(source: NextTokenSource, prompt: TaskPrompt, examples: Sequence[Example], label: str,
-                width: int) -> str:
-    """The generation prompt with as many of ``examples`` (in order) as fit in ``width`` tokens.
+def _shared_prefix(source: NextTokenSource, prompt: TaskPrompt, label: str) -> str:
+    """The task's shared prefix, or ``""`` when tokenising it apart would change the tokens.
 
-    Depends only on this subset's examples, so one record still changes at most one prompt.
+    Only public text decides: every row's split point is the end of the instruction followed by
+    the blank line and the label header, the same characters as in the public prompt.
     """
-    full = prompt.generation_prompt(examples, label)
+    prefix = prompt.shared_prefix()
+    if not prefix:
+        return ""
+    full, rest = prompt.public_prompt(label), prompt.public_body(label)
+    encode = getattr(source, "encode", None)
+    if callable(encode):
+        same = list(encode(prefix)) + list(encode(rest)) == list(encode(full))
+    else:
+        counts = [source.count_tokens(x) for x in (prefix, rest, full)]
+        same = None in counts or counts[0] + counts[1] == counts[2]  # type: ignore[operator]
+    return prefix if same else ""
+
+
+def _body(prompt: TaskPrompt, examples: Sequence[Example], label: str, prefix: str) -> str:
+    """The row text: the prompt after the shared prefix (the whole prompt when there is none)."""
+    return prompt.generation_body(examples, label) if prefix else prompt.generation_prompt(examples, label)
+
+
+def _fit_prompt(source: NextTokenSource, prompt: TaskPrompt, examples: Sequence[Example], label: str,
+                width: int, prefix: str = "", prefix_tokens: int = 0) -> str:
+    """The row for ``examples``: as many of them (in order) as fit in ``width`` tokens, prefix included.
+
+    Returns the text after ``prefix`` (the whole prompt when ``prefix`` is empty). Depends only on
+    this subset's examples, so one record still changes at most one prompt.
+    """
+    room = width - prefix_tokens
+    full = _body(prompt, examples, label, prefix)
     n = source.count_tokens(full)
-    if n is None or n <= width:  # API backends cannot count: their prompts are not batched
+    if n is None or n <= room:  # API backends cannot count: their prompts are not batched
         return full
     kept: list[Example] = []
     for ex in examples:
-        if (source.count_tokens(prompt.generation_prompt([*kept, ex], label)) or 0) <= width:
+        if (source.count_tokens(_body(prompt, [*kept, ex], label, prefix)) or 0) <= room:
             kept.append(ex)
-    return prompt.generation_prompt(kept, label)
+    return _body(prompt, kept, label, prefix)
 
 
 def pools_by_label(records: Sequence[Example]) -> dict[str, list[Example]]:

@@ -16,6 +16,7 @@ from aggregation.fewshot import (
 )
 from aggregation.mechanisms import Noise, demonstration_event
 from aggregation.prompts import Example, TaskPrompt
+from aggregation.sources.base import DecodeState, NextTokenSource
 from tests.tiny_model import tiny_source
 
 PROMPT = TaskPrompt("Write a question.", "Question:", "Answer type:", (("LOC", "location"),))
@@ -165,23 +166,121 @@ def test_real_smollm2_generates_a_trec_question_at_epsilon_8():
     assert any(c.isalpha() for c in demo.text)
 
 
-def test_fixed_mode_pads_every_row_to_the_public_width(source, monkeypatch):
+@pytest.mark.parametrize("mode,k", [("fixed", None), ("resample", None), ("block", 2)])
+def test_every_mode_pads_every_row_to_the_public_width(source, monkeypatch, mode, k):
     """The public row shares the private batch only with a data-independent batch shape."""
-    widths = []
+    shapes = []
     real_open = type(source).open
 
-    def spy(self, prompts, suffix=(), keep_state=False, width=None):
-        state = real_open(self, prompts, suffix, keep_state, width)
-        widths.append((len(prompts), state._mask.shape[1]))
+    def spy(self, prompts, suffix=(), keep_state=False, width=None, prefix=""):
+        state = real_open(self, prompts, suffix, keep_state, width, prefix)
+        shapes.append((len(prompts), len(suffix), state._mask.shape[1]))
         return state
 
     monkeypatch.setattr(type(source), "open", spy)
-    config = GenerationConfig(mode="fixed", num_subsets=3, shots_per_subset=2, max_tokens=3, top_k=5,
+    config = GenerationConfig(mode=mode, block_tokens=k, num_subsets=3, shots_per_subset=2, max_tokens=4, top_k=5,
                               sigma=1.0, max_prompt_tokens=120)
     plan = _plan(config)
     for seed in range(3):  # different samples, different natural prompt lengths, same shape
-        generate_demonstration(source, PROMPT, POOL, "LOC", config, plan.labels["LOC"], Noise(seed))
-    assert widths and all(w == (4, 120) for w in widths)  # public + 3 private rows, width 120
+        generate_demonstration(source, NEVER_STOP, POOL, "LOC", config, plan.labels["LOC"], Noise(seed))
+    # public + 3 private rows, width 120 plus the tokens generated before the block started
+    assert shapes and all(rows == 4 and w == 120 + done for rows, done, w in shapes)
+
+
+class RecordingSource(NextTokenSource):
+    """A fake batched source: uniform distributions over a 50-token vocabulary, one token per word.
+
+    It records what every ``open`` was asked for; nothing about the answers depends on the rows.
+    """
+
+    def __init__(self, caches_state: bool):
+        self.caches_state = caches_state
+        self.opened: list[tuple[int, int, int | None, str]] = []
+        self.texts: list[str] = []
+
+    def open(self, prompts, suffix=(), keep_state=False, width=None, prefix=""):
+        rows = [prefix + p for p in prompts]
+        if width is not None:
+            assert all(self.count_tokens(r) + len(suffix) <= width for r in rows)
+        self.opened.append((len(prompts), len(suffix), width, prefix))
+        self.texts.extend(rows)
+        return _UniformState(len(prompts))
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+    def decode(self, tokens):
+        return "".join(f" w{t}" for t in tokens)
+
+    def vocabulary(self):
+        return range(50)
+
+
+class _UniformState(DecodeState):
+    def __init__(self, rows):
+        self.rows, self.calls = rows, 1
+
+    def probs(self, candidates):
+        n = 50 if candidates is None else len(candidates)
+        return np.full((self.rows, n), 1.0 / 50)
+
+    def top_tokens(self, k):
+        return list(range(min(k, 50)))
+
+    def advance(self, token):
+        self.calls += 1
+
+
+@pytest.mark.parametrize("caches_state", [True, False])
+@pytest.mark.parametrize("mode,k", [("resample", None), ("fixed", None), ("block", 3)])
+def test_batch_shapes_do_not_depend_on_private_prompt_lengths(caches_state, mode, k):
+    """D and D + one very long record open the same shapes, step by step (q = 1: always drawn)."""
+    pool = [Example(f"short question {i} ?", "LOC") for i in range(8)]
+    long = Example("a very long private record " * 30, "LOC")
+    config = GenerationConfig(mode=mode, block_tokens=k, num_subsets=4, shots_per_subset=2, max_tokens=7,
+                              top_k=5, sigma=1.0, max_prompt_tokens=60)
+    plan = plan_demonstrations(config, {"LOC": 1}, {"LOC": 8.0}, 1e-4)
+    assert plan.labels["LOC"].q == 1.0
+    seen = []
+    for data in (pool, [*pool, long]):
+        src = RecordingSource(caches_state)
+        generate_demonstration(src, NEVER_STOP, data, "LOC", config, plan.labels["LOC"], Noise(5))
+        seen.append(src.opened)
+        assert all(src.count_tokens(t) <= 60 + 7 for t in src.texts)
+    assert seen[0] == seen[1]
+    private_opens = [o for o in seen[0] if o[2] is not None]
+    assert private_opens and all(w == 60 + done for _, done, w, _ in private_opens)
+    assert all(o[3] == NEVER_STOP.shared_prefix() for o in seen[0])  # the instruction is the shared prefix
+
+
+def test_rows_are_the_same_prompts_split_at_the_shared_prefix(source):
+    """Passing the instruction as a prefix changes neither the text nor its tokens."""
+    from aggregation.fewshot import _fit_prompt
+
+    prefix = PROMPT.shared_prefix()
+    head = source.count_tokens(prefix)
+    for n in range(4):
+        exs = POOL[n: 2 * n]
+        body = _fit_prompt(source, PROMPT, exs, "LOC", 256, prefix, head)
+        full = _fit_prompt(source, PROMPT, exs, "LOC", 256)
+        assert prefix + body == full == PROMPT.generation_prompt(exs, "LOC")
+        assert source.encode(prefix) + source.encode(body) == source.encode(full)
+    recorder = RecordingSource(True)
+    config = GenerationConfig(num_subsets=3, shots_per_subset=2, max_tokens=2, top_k=5, sigma=1.0)
+    generate_demonstration(recorder, NEVER_STOP, POOL, "LOC", config, _plan(config).labels["LOC"], Noise(1))
+    assert recorder.texts[0] == NEVER_STOP.public_prompt("LOC")
+
+
+def test_fitting_counts_the_prefix(source):
+    from aggregation.fewshot import _fit_prompt
+
+    prefix = PROMPT.shared_prefix()
+    head = source.count_tokens(prefix)
+    exs = [Example("word " * 12, "LOC"), Example("short one ?", "LOC")]
+    width = source.count_tokens(PROMPT.generation_prompt(exs[1:], "LOC")) + 2
+    body = _fit_prompt(source, PROMPT, exs, "LOC", width, prefix, head)
+    assert "short one" in body and "word word" not in body
+    assert head + source.count_tokens(body) <= width
 
 
 def test_examples_that_do_not_fit_are_left_out(source):
