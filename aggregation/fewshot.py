@@ -8,7 +8,6 @@ live in :mod:`aggregation.mechanisms`.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import dp_accounting as dpa
 import numpy as np
 
 from aggregation import accounting
+from aggregation.calibration import CalibrationCache, calibrate_noise
 from aggregation.mechanisms import (
     Noise,
     block_length,
@@ -162,35 +162,20 @@ def _single_event(config: GenerationConfig, q: float, sigma: float | None, ept: 
                                block_tokens=config.block_length)
 
 
-@functools.lru_cache(maxsize=256)
-def _calibrate(block: int, mechanism: str, q: float, tokens: int, shots: int, target: float, delta: float) -> float:
-    """Noise parameter (sigma, or epsilon per token) so that ``shots`` demonstrations cost target."""
-    if mechanism == "gaussian":
-        return accounting.calibrate_sigma(
-            lambda s: dpa.SelfComposedDpEvent(
-                demonstration_event("block", q, tokens, sigma=s, block_tokens=block), shots),
-            target, delta,
-        )
-    # Exponential: the per-token epsilon is inversely related to noise; calibrate 1/eps_t.
-    inv = accounting.calibrate_sigma(
-        lambda s: dpa.SelfComposedDpEvent(
-            demonstration_event("block", q, tokens, epsilon_per_token=1.0 / s, block_tokens=block), shots),
-        target, delta,
-    )
-    return 1.0 / inv
-
-
 def plan_demonstrations(
     config: GenerationConfig,
     shots: Mapping[str, int],
     pool_sizes: Mapping[str, float],
     delta: float,
+    cache: CalibrationCache | None = None,
 ) -> Plan:
     """Fix noise and events for ``shots[label]`` demonstrations per label from public inputs.
 
     ``pool_sizes`` must be public or DP estimates (see :func:`noisy_pool_sizes`). With a target
     epsilon, sigma is calibrated per label so that the label's demonstrations together cost at
     most the target; the set then costs at most the target too (labels are disjoint).
+    Calibrations are looked up in ``cache`` (default: an in-process LRU, see
+    :mod:`aggregation.calibration`) under their public inputs.
     """
     config.validate()
     plan = Plan(config, delta)
@@ -208,11 +193,11 @@ def plan_demonstrations(
         sigma = ept = None
         if config.private:
             if config.mechanism == "gaussian":
-                sigma = config.sigma if config.sigma is not None else _calibrate(
-                    config.block_length, "gaussian", q, config.max_tokens, count, float(config.epsilon), delta)
+                sigma = config.sigma if config.sigma is not None else calibrate_noise(
+                    "gaussian", config.block_length, q, config.max_tokens, count, float(config.epsilon), delta, cache)
             else:
-                ept = (1.0 / config.sigma) if config.sigma is not None else _calibrate(
-                    config.block_length, "exponential", q, config.max_tokens, count, float(config.epsilon), delta)
+                ept = (1.0 / config.sigma) if config.sigma is not None else calibrate_noise(
+                    "zcdp", config.block_length, q, config.max_tokens, count, float(config.epsilon), delta, cache)
         single = _single_event(config, q, sigma, ept)
         event = single if count == 1 else dpa.SelfComposedDpEvent(single, count)
         plan.labels[label] = LabelPlan(label, count, q, sigma, ept, event)
