@@ -25,9 +25,11 @@ from aggregation.mechanisms import (
     exponential_noisy_max,
     gaussian_report_noisy_max,
     poisson_subsets,
+    poisson_unit_subsets,
 )
 from aggregation.prompts import Example, TaskPrompt
 from aggregation.sources.base import NextTokenSource, Token
+from aggregation.units import UnitPool
 
 #: Noise multiplier of the DP label histogram that sets each pool's sampling rate. One record
 #: changes one count by 1 (L2 sensitivity 1). With 20, counts are off by ~20 records, which only
@@ -211,7 +213,7 @@ def plan_demonstrations(
 def generate_demonstration(
     source: NextTokenSource,
     prompt: TaskPrompt,
-    pool: Sequence[Example],
+    pool: Sequence[Example] | UnitPool,
     label: str,
     config: GenerationConfig,
     label_plan: LabelPlan,
@@ -219,6 +221,9 @@ def generate_demonstration(
     on_token: Callable[[int], None] | None = None,
 ) -> Demonstration:
     """Generate one demonstration for ``label`` from ``pool`` (that label's private records).
+
+    ``pool`` is a list of rows (each row its own privacy unit) or a :class:`UnitPool` (Poisson
+    sampling over units, one row of each sampled unit); ``label_plan.q`` must count the same.
 
     One Poisson sample per block of ``config.block_length`` tokens: at a block boundary the M
     private prompts are opened afresh (with the tokens generated so far as a suffix); within a
@@ -246,8 +251,8 @@ def generate_demonstration(
     shared = not config.public_only and source.caches_state and config.top_k is not None
 
     def private_prompts() -> list[str]:
-        subsets = poisson_subsets(len(pool), label_plan.q, m, noise)
-        return [_fit_prompt(source, prompt, [pool[i] for i in idx], label, width, prefix, head) for idx in subsets]
+        return [_fit_prompt(source, prompt, rows, label, width, prefix, head)
+                for rows in _draw_subsets(pool, label_plan.q, m, noise)]
 
     public = None
     if config.top_k and not shared:
@@ -311,6 +316,14 @@ def generate_demonstration(
         model_calls=calls,
         seconds=time.perf_counter() - started,
     )
+
+
+def _draw_subsets(pool: Sequence[Example] | UnitPool, q: float, m: int, noise: Noise) -> list[list[Example]]:
+    """One Poisson sample split into ``m`` subsets: over rows, or over units (one row per unit)."""
+    if isinstance(pool, UnitPool):
+        picks = poisson_unit_subsets(pool.sizes, q, m, noise)
+        return [[pool.units[u][r] for u, r in subset] for subset in picks]
+    return [[pool[i] for i in idx] for idx in poisson_subsets(len(pool), q, m, noise)]
 
 
 def _shared_prefix(source: NextTokenSource, prompt: TaskPrompt, label: str) -> str:

@@ -3,7 +3,8 @@
 Everything a reviewer needs to check one mechanism sits here side by side:
 
 * :func:`poisson_subsets` - the sampler the accountant assumes (Poisson with rate ``q``, then a
-  uniform assignment of each drawn record to one of ``M`` subsets).
+  uniform assignment of each drawn record to one of ``M`` subsets); :func:`poisson_unit_subsets`
+  the same over privacy units (one uniformly drawn row per sampled unit).
 * :func:`gaussian_report_noisy_max` - Gaussian noise of std ``sigma * sqrt(2) / M`` on the mean of
   ``M`` probability vectors (L2 sensitivity ``sqrt(2)/M`` under add/remove of one record, because
   a record sits in at most one subset and so changes at most one vector), then argmax.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Literal
+from typing import Literal, Sequence
 
 import dp_accounting as dpa
 import numpy as np
@@ -101,6 +102,26 @@ def poisson_subsets(pool_size: int, q: float, num_subsets: int, noise: Noise) ->
     drawn = np.flatnonzero(noise.uniform(pool_size) < q)
     which = noise.integers(num_subsets, len(drawn))
     return [drawn[which == i] for i in range(num_subsets)]
+
+
+def poisson_unit_subsets(unit_sizes: Sequence[int], q: float, num_subsets: int,
+                         noise: Noise) -> list[list[tuple[int, int]]]:
+    """Poisson-sample *units* with rate ``q``, take one row of each, split them into ``M`` subsets.
+
+    ``unit_sizes[u]`` is the number of rows unit ``u`` holds in this pool. Each unit is drawn
+    independently with probability ``q`` (the Poisson sampling ``PoissonSampledDpEvent`` assumes,
+    now over units), then one of its rows uniformly at random, then a uniformly random subset.
+    Returns ``(unit, row)`` pairs per subset: a unit contributes at most one row to one subset,
+    however many rows it has. Rows-as-units (all sizes 1) is exactly :func:`poisson_subsets`.
+    """
+    sizes = np.asarray(unit_sizes, dtype=np.int64)
+    if sizes.size and sizes.min() < 1:
+        raise ValueError("every unit in a pool holds at least one row")
+    drawn = np.flatnonzero(noise.uniform(len(sizes)) < q)
+    which = noise.integers(num_subsets, len(drawn))
+    # Floor of a 53-bit uniform times the unit's size: bias below 2**-40 for any realistic size.
+    rows = np.minimum((noise.uniform(len(drawn)) * sizes[drawn]).astype(np.int64), sizes[drawn] - 1)
+    return [[(int(u), int(r)) for u, r in zip(drawn[which == i], rows[which == i])] for i in range(num_subsets)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,10 +13,15 @@ from typing import Sequence
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled text (private record or generated demonstration)."""
+    """One labelled text (private record or generated demonstration).
+
+    ``unit`` names the record's privacy unit (e.g. a customer id); records without one are their
+    own unit (see :mod:`aggregation.units`).
+    """
 
     text: str
     label: str
+    unit: str | None = None
 
 
 @dataclass(frozen=True)
