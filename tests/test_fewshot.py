@@ -125,13 +125,76 @@ def test_plan_calibrates_each_label_to_the_target():
     assert plan.labels["a"].sigma > plan_demonstrations(config, {"a": 1}, {"a": 500.0}, 1e-5).labels["a"].sigma
 
 
-def test_plan_rejects_a_pool_too_small_and_bad_configs():
-    with pytest.raises(ValueError, match="too small"):
-        plan_demonstrations(GenerationConfig(epsilon=1.0), {"a": 1}, {"a": 5.0}, 1e-5)
+def test_plan_rejects_bad_configs():
     with pytest.raises(ValueError):
         plan_demonstrations(GenerationConfig(epsilon=-1.0), {"a": 1}, {"a": 500.0}, 1e-5)
     with pytest.raises(ValueError):
         plan_demonstrations(GenerationConfig(mode="other"), {"a": 1}, {"a": 500.0}, 1e-5)
+    with pytest.raises(ValueError):
+        plan_demonstrations(GenerationConfig(small_pool="fail"), {"a": 1}, {"a": 500.0}, 1e-5)
+    with pytest.raises(ValueError):  # a threshold below M*N would need q > 1
+        plan_demonstrations(GenerationConfig(min_pool=5), {"a": 1}, {"a": 500.0}, 1e-5)
+
+
+@pytest.mark.parametrize("policy", ["public", "skip"])
+def test_small_pools_never_fail_the_plan_and_the_decision_follows_the_noisy_count(policy):
+    """One row can move a noisy count across the threshold; it must change a decision, never raise."""
+    config = GenerationConfig(num_subsets=5, shots_per_subset=2, max_tokens=6, epsilon=2.0, small_pool=policy)
+    sizes = {"big": 400.0, "edge_in": 10.0, "edge_out": 9.99, "negative": -7.3, "nan": float("nan")}
+    plan = plan_demonstrations(config, {lab: 1 for lab in [*sizes, "missing"]}, sizes, 1e-5)
+    got = {lab: lp.decision for lab, lp in plan.labels.items()}
+    assert got == {"big": "private", "edge_in": "private", **{lab: policy for lab in
+                                                              ("edge_out", "negative", "nan", "missing")}}
+    assert plan.labels["edge_in"].q == 1.0
+    for lab in ("edge_out", "negative", "nan", "missing"):
+        lp = plan.labels[lab]
+        assert isinstance(lp.event, dpa.NoOpDpEvent) and lp.sigma is None
+        assert "below 10" in lp.rule
+    # Every planned label is charged (a no-op for fallbacks), so the ledger's partitions are the
+    # label set whatever the decisions; the set still meets the target.
+    assert [part for part, _ in plan.charges()] == list(plan.labels)
+    assert plan.epsilon() <= 2.0
+    expected = [lab for lab in plan.labels if got[lab] != "skip"]
+    assert plan.to_generate() == expected
+    assert plan.decisions()["big"][0] == "private"
+    # A public threshold above M*N moves the line; the decision depends on it and the count only.
+    strict = plan_demonstrations(GenerationConfig(num_subsets=5, shots_per_subset=2, max_tokens=6, epsilon=2.0,
+                                                  small_pool=policy, min_pool=50), {"a": 1, "b": 1},
+                                 {"a": 49.0, "b": 50.0}, 1e-5)
+    assert strict.labels["a"].decision == policy and strict.labels["b"].decision == "private"
+
+
+def test_a_public_fallback_label_reads_no_private_row_and_a_skipped_one_refuses(source):
+    class Exploding(list):
+        def __getitem__(self, i):
+            raise AssertionError("private pool was read")
+
+        def __len__(self):
+            return 3
+
+    config = GenerationConfig(num_subsets=4, shots_per_subset=2, max_tokens=4, top_k=5, sigma=1.0)
+    plan = plan_demonstrations(config, {"LOC": 1}, {"LOC": 3.0}, 1e-4)
+    lp = plan.labels["LOC"]
+    assert lp.decision == "public"
+    demo = generate_demonstration(source, PROMPT, Exploding(), "LOC", config, lp, Noise(0))
+    public = generate_demonstration(source, PROMPT, (), "LOC", GenerationConfig(public_only=True, max_tokens=4,
+                                                                                 top_k=5),
+                                    plan_demonstrations(GenerationConfig(public_only=True), {"LOC": 1}, {}, 0.5)
+                                    .labels["LOC"], Noise(1))
+    assert demo.token_ids == public.token_ids  # exactly the epsilon-0 demonstration
+    assert isinstance(demo.event, dpa.NoOpDpEvent)
+    skip = plan_demonstrations(GenerationConfig(num_subsets=4, shots_per_subset=2, small_pool="skip", sigma=1.0),
+                               {"LOC": 1}, {"LOC": 3.0}, 1e-4)
+    with pytest.raises(ValueError, match="skips"):
+        generate_demonstration(source, PROMPT, Exploding(), "LOC", config, skip.labels["LOC"], Noise(0))
+
+
+def test_public_only_with_the_full_vocabulary_decodes_greedily(source):
+    config = GenerationConfig(public_only=True, max_tokens=3, top_k=None)
+    lp = plan_demonstrations(config, {"LOC": 1}, {}, 0.5).labels["LOC"]
+    demo = generate_demonstration(source, NEVER_STOP, (), "LOC", config, lp, Noise(0))
+    state = source.open([NEVER_STOP.public_prompt("LOC")])
+    assert demo.token_ids[0] == int(np.argmax(state.probs(None)[0]))
 
 
 def test_noisy_pool_sizes_are_noisy_and_charged():
