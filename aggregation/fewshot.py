@@ -8,6 +8,7 @@ Noise, sampling and their accounting live in :mod:`aggregation.mechanisms`.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -19,8 +20,11 @@ from aggregation.mechanisms import (
     Noise,
     exponential_noisy_max,
     gaussian_report_noisy_max,
+    log_probs,
     poisson_subsets,
     poisson_unit_subsets,
+    public_prior_sample,
+    top_k_plus,
 )
 from aggregation.planning import (  # noqa: F401 - re-exported: callers import them from here
     COUNT_SIGMA,
@@ -31,7 +35,7 @@ from aggregation.planning import (  # noqa: F401 - re-exported: callers import t
     plan_demonstrations,
 )
 from aggregation.prompts import Example, TaskPrompt
-from aggregation.sources.base import NextTokenSource, Token
+from aggregation.sources.base import DecodeState, NextTokenSource, Token
 from aggregation.units import UnitPool
 
 
@@ -95,14 +99,16 @@ def generate_demonstration(
     # forward per step instead of two). That is sound only because every row is padded to the
     # public width (``max_prompt_tokens`` plus the tokens generated so far): the batch shape then
     # carries nothing private.
-    shared = not public_only and source.caches_state and config.top_k is not None
+    prior = config.mechanism == "public_prior"
+    needs_public = config.top_k is not None or prior or public_only
+    shared = not public_only and source.caches_state and needs_public
 
     def private_prompts() -> list[str]:
         return [_fit_prompt(source, prompt, rows, label, width, prefix, head)
                 for rows in _draw_subsets(pool, label_plan.q, m, noise)]
 
     public = None
-    if (config.top_k or public_only) and not shared:
+    if needs_public and not shared:
         public = source.open([public_prompt], keep_state=True, prefix=prefix)
     private = None  # the current block's batch (with the public row first when shared)
     offset = 1 if shared else 0  # row of the first private prompt in ``private``
@@ -119,7 +125,21 @@ def generate_demonstration(
                                   prefix=prefix)
             if shared:
                 public = private
-        if public_only:
+        if prior:
+            # Candidates from the public log-probabilities and C only (top-k+); epsilon 0 is
+            # sampling from the public prompt at temperature tau over its top k.
+            assert public is not None
+            clip = 0.0 if public_only else float(label_plan.clip)  # type: ignore[arg-type]
+            tau = float(label_plan.temperature or config.temperature or 1.0)
+            # (At epsilon = infinity C is infinite; the candidates stay the public top k.)
+            candidates, public_lp = _prior_candidates(public, vocab, config.top_k, 0.0 if math.isinf(clip) else clip)
+            private_lp = None
+            if not public_only:
+                assert private is not None
+                private_lp = log_probs(private.probs(candidates)[offset:])
+                left -= 1
+            choice, _ = public_prior_sample(private_lp, public_lp, clip, tau, noise)
+        elif public_only:
             assert public is not None
             candidates, choice = public.top_tokens(config.top_k or 1), 0  # sorted: greedy decoding
         else:
@@ -164,6 +184,23 @@ def generate_demonstration(
         model_calls=calls,
         seconds=time.perf_counter() - started,
     )
+
+
+def _prior_candidates(public: DecodeState, vocab: Sequence[Token] | None, k: int | None,
+                      clip: float) -> tuple[list[Token], np.ndarray]:
+    """Top-k+ candidates of the public row and their public log-probabilities (public inputs only).
+
+    A local model scores the whole vocabulary; an API source only the tokens it lists, so there
+    the set is cut to the public top list.
+    """
+    if vocab is not None:
+        lp = log_probs(public.probs(None)[0])
+        idx = top_k_plus(lp, k, clip)
+        return [vocab[int(i)] for i in idx], lp[idx]
+    listed = public.top_tokens(max(k or 0, 1000))
+    lp = log_probs(public.probs(listed)[0])
+    idx = top_k_plus(lp, k, clip)
+    return [listed[int(i)] for i in idx], lp[idx]
 
 
 def _draw_subsets(pool: Sequence[Example] | UnitPool, q: float, m: int, noise: Noise) -> list[list[Example]]:

@@ -9,6 +9,10 @@ Everything a reviewer needs to check one mechanism sits here side by side:
   ``M`` probability vectors (L2 sensitivity ``sqrt(2)/M`` under add/remove of one record, because
   a record sits in at most one subset and so changes at most one vector), then argmax.
 * :func:`exponential_noisy_max` - the exponential mechanism via the Gumbel-max trick.
+* :func:`public_prior_sample` - the public-prior mechanism: private-minus-public log-probabilities
+  clipped to ``[-C, C]``, averaged, added back to the public ones, sampled at temperature ``tau``
+  over the candidate set :func:`top_k_plus` (public inputs only); an exponential mechanism whose
+  per-token bound is :func:`public_prior_epsilon_per_token` = ``4C/(M tau)``.
 * :func:`demonstration_event` - the DpEvent of one demonstration for each sampling mode and
   mechanism; the generator charges exactly this. Every mode is "one Poisson sample per block of
   ``k`` tokens" (:func:`block_length`): ``resample`` is ``k = 1``, ``fixed`` is ``k = T``.
@@ -24,7 +28,7 @@ import dp_accounting as dpa
 import numpy as np
 
 Mode = Literal["resample", "fixed", "block"]
-Mechanism = Literal["gaussian", "exponential"]
+Mechanism = Literal["gaussian", "exponential", "public_prior"]
 
 
 class Noise:
@@ -171,6 +175,72 @@ def exponential_noisy_max(probs: np.ndarray, epsilon_per_token: float, noise: No
     return int(np.argmax(noisy)), noisy
 
 
+def log_probs(probs: np.ndarray) -> np.ndarray:
+    """Natural log of probabilities; 0 becomes -inf (no warning)."""
+    with np.errstate(divide="ignore"):
+        return np.log(np.asarray(probs, dtype=np.float64))
+
+
+def top_k_plus(public_logprobs: np.ndarray, k: int | None, clip: float) -> np.ndarray:
+    """Candidate tokens of the public-prior mechanism, best public first; public inputs only.
+
+    Every token whose public log-probability is within ``2C`` of the public k-th largest. The
+    aggregate ``u(v) = pub(v) + shift(v)`` has ``shift(v)`` in ``[-C, C]``, so a token outside this
+    set can never overtake the public top k (it would need ``pub(v) + C >= pub_k - C``): the set
+    holds the top k of ``u`` whatever the private data. ``k=None`` (or ``k`` >= the number of
+    tokens, or ``C`` infinite) keeps every token.
+    """
+    lp = np.asarray(public_logprobs, dtype=np.float64)
+    if k is None or k >= lp.shape[0] or math.isinf(clip):
+        idx = np.arange(lp.shape[0])
+    else:
+        kth = np.partition(lp, -k)[-k]
+        idx = np.flatnonzero(lp >= kth - 2.0 * clip)
+    return idx[np.argsort(-lp[idx], kind="stable")]
+
+
+def public_prior_epsilon_per_token(clip: float, temperature: float, num_subsets: int) -> float:
+    """Bounded-range width (hence pure epsilon) of one public-prior token: ``4C / (M tau)``.
+
+    Adding or removing one record changes one subset's clipped shift, each coordinate staying in
+    ``[-C, C]``: every coordinate of the mean moves by at most ``2C/M`` either way, so the change
+    of ``u/tau`` spans an interval of width at most ``4C/(M tau)`` over the candidates.
+    """
+    if not clip >= 0 or not temperature > 0 or num_subsets < 1:
+        raise ValueError("need clip >= 0, temperature > 0 and at least one subset")
+    return 4.0 * clip / (num_subsets * temperature)
+
+
+def public_prior_scores(private_logprobs: np.ndarray | None, public_logprobs: np.ndarray, clip: float) -> np.ndarray:
+    """``pub + mean_i clip(lp_i - pub, -C, C)`` over the candidates (``[M, K]`` and ``[K]``).
+
+    ``None`` or ``C = 0``: the public log-probabilities alone. A token a private prompt gives
+    probability 0 gets shift ``-C`` from that prompt (within the bound).
+    """
+    pub = np.asarray(public_logprobs, dtype=np.float64)
+    if private_logprobs is None or clip == 0:
+        return pub.copy()
+    with np.errstate(invalid="ignore"):
+        diff = np.asarray(private_logprobs, dtype=np.float64) - pub[None, :]
+    diff = np.clip(np.nan_to_num(diff, nan=0.0, posinf=math.inf, neginf=-math.inf), -clip, clip)
+    return pub + diff.mean(axis=0)
+
+
+def public_prior_sample(private_logprobs: np.ndarray | None, public_logprobs: np.ndarray, clip: float,
+                        temperature: float, noise: Noise) -> tuple[int, np.ndarray]:
+    """Sample a candidate with probability proportional to ``exp(u / tau)`` (Gumbel-max).
+
+    ``u`` is :func:`public_prior_scores`. With ``private_logprobs=None`` (epsilon 0) this is
+    sampling from the public prompt at temperature ``tau`` over the candidates. Returns the
+    winning column and the scores.
+    """
+    if not temperature > 0:
+        raise ValueError("temperature must be positive")
+    u = public_prior_scores(private_logprobs, public_logprobs, clip)
+    noisy = u / temperature + noise.gumbel(u.shape[0])
+    return int(np.argmax(noisy)), u
+
+
 # ---------------------------------------------------------------------------------------------
 # Accounting of one demonstration.
 
@@ -248,7 +318,8 @@ def demonstration_event(
     * ``resample`` (k = 1): ``SelfComposed(PoissonSampled(q, Gaussian(sigma)), T)``;
     * ``fixed`` (k = T): ``PoissonSampled(q, Gaussian(sigma / sqrt(T)))``.
 
-    Exponential mechanism (eps-DP per token, accounted as zCDP on the RDP accountant because
+    Exponential and public-prior mechanisms (eps-DP and eps-bounded-range per token; for the
+    public prior ``eps = 4C/(M tau)``), accounted as zCDP on the RDP accountant because
     dp-accounting's PLD accountant has no pure-DP event under add/remove): per block of ``L``
     tokens the smaller of the bounded-range bound ``L*eps^2/8`` (Cesar and Rogers 2021, which
     ignores sampling; sampling cannot hurt) and ``eps'^2/2`` for the pure-DP epsilon ``L*eps``

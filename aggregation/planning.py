@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Callable, Literal, Mapping
 
 import dp_accounting as dpa
 
 from aggregation import accounting
 from aggregation.calibration import CalibrationCache, calibrate_noise
-from aggregation.mechanisms import Noise, block_length, demonstration_event
+from aggregation.mechanisms import Noise, block_length, demonstration_event, public_prior_epsilon_per_token
 
 #: Noise multiplier of the DP label histogram that sets each pool's sampling rate. One record
 #: changes one count by 1 (L2 sensitivity 1). With 20, counts are off by ~20 records, which only
@@ -33,13 +33,19 @@ class GenerationConfig:
     #: within a block). ``block`` with k = 1 is ``resample``, with k = T it is ``fixed``.
     mode: Literal["resample", "fixed", "block"] = "resample"
     block_tokens: int | None = None  # k, for mode "block"
-    mechanism: Literal["gaussian", "exponential"] = "gaussian"
+    mechanism: Literal["gaussian", "exponential", "public_prior"] = "gaussian"
     num_subsets: int = 10  # M
     shots_per_subset: int = 2  # N
     max_tokens: int = 20  # T
     top_k: int | None = 100  # K; None = full vocabulary (no reduced vocabulary)
     epsilon: float | None = 4.0  # target per demonstration set; math.inf = no noise
     sigma: float | None = None  # explicit noise multiplier instead of a target epsilon
+    #: Public-prior mechanism: clip ``C`` of private-minus-public log-probabilities and sampling
+    #: temperature ``tau``. Give both for explicit noise; leave one ``None`` to calibrate it for
+    #: ``epsilon`` (default: ``tau = 1`` fixed, ``C`` calibrated, so lower epsilon means a smaller
+    #: clip and text closer to public sampling, never flatter sampling).
+    clip: float | None = None
+    temperature: float | None = 1.0
     public_only: bool = False  # epsilon 0: public prompt only, no private data read
     #: Token budget of one prompt. Examples that do not fit are left out of that prompt (a function
     #: of its own subset only, so the sensitivity argument is unchanged). In ``fixed`` mode on a
@@ -58,8 +64,14 @@ class GenerationConfig:
             raise ValueError("mode must be 'resample', 'fixed' or 'block'")
         if self.mode == "block" and (self.block_tokens is None or self.block_tokens < 1):
             raise ValueError("mode 'block' needs block_tokens >= 1")
-        if self.mechanism not in ("gaussian", "exponential"):
-            raise ValueError("mechanism must be 'gaussian' or 'exponential'")
+        if self.mechanism not in ("gaussian", "exponential", "public_prior"):
+            raise ValueError("mechanism must be 'gaussian', 'exponential' or 'public_prior'")
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError("clip must be positive (epsilon 0 is spelled public_only)")
+        if self.temperature is not None and not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError("temperature must be a positive finite number")
+        if self.mechanism == "public_prior" and self.sigma is not None:
+            raise ValueError("the public-prior mechanism takes clip and temperature, not sigma")
         if self.num_subsets < 1 or self.shots_per_subset < 1:
             raise ValueError("num_subsets and shots_per_subset must be at least 1")
         if self.max_tokens < 1:
@@ -73,6 +85,13 @@ class GenerationConfig:
         if self.min_pool is not None and not self.min_pool >= self.num_subsets * self.shots_per_subset:
             raise ValueError("min_pool must be at least M*N (num_subsets * shots_per_subset)")
         if self.public_only:
+            return
+        if self.mechanism == "public_prior":
+            if self.clip is None and self.temperature is None:
+                raise ValueError("the public-prior mechanism needs clip or temperature (calibrating the other)")
+            if self.explicit_noise:
+                return
+            accounting.check_noise_or_target(None, self.epsilon, "clip", allow_infinite=True)
             return
         # epsilon 0 is spelled public_only; infinity means no noise
         accounting.check_noise_or_target(self.sigma, self.epsilon, "sigma", allow_infinite=True)
@@ -88,9 +107,16 @@ class GenerationConfig:
         return float(self.min_pool) if self.min_pool is not None else float(self.num_subsets * self.shots_per_subset)
 
     @property
+    def explicit_noise(self) -> bool:
+        """Whether the noise is given (sigma, or clip and temperature) rather than calibrated."""
+        if self.mechanism == "public_prior":
+            return self.clip is not None and self.temperature is not None
+        return self.sigma is not None
+
+    @property
     def private(self) -> bool:
         """Whether noise is added (false for public-only and epsilon = infinity)."""
-        return not self.public_only and (self.sigma is not None or not math.isinf(self.epsilon or 0.0))
+        return not self.public_only and (self.explicit_noise or not math.isinf(self.epsilon or 0.0))
 
 
 #: What a label gets: ``private`` - generated from its private pool; ``public`` - an epsilon-0
@@ -107,11 +133,13 @@ class LabelPlan:
     shots: int
     q: float
     sigma: float | None  # Gaussian noise multiplier
-    epsilon_per_token: float | None  # exponential mechanism
+    epsilon_per_token: float | None  # exponential and public-prior mechanisms (the event's parameter)
     event: dpa.DpEvent  # event of the whole label's demonstrations (composed over shots)
     decision: Decision = "private"
     #: Which rule decided, in words built from public settings and the DP pool estimate only.
     rule: str = ""
+    clip: float | None = None  # public prior: C (math.inf at epsilon = infinity)
+    temperature: float | None = None  # public prior: tau
 
     def demonstration_event(self, config: GenerationConfig) -> dpa.DpEvent:
         """The event of a single demonstration."""
@@ -207,18 +235,50 @@ def plan_demonstrations(
             plan.labels[label] = LabelPlan(label, count, 1.0, None, None, dpa.NoOpDpEvent(), decision, rule)
             continue
         q = m_n / float(pool_sizes[label])  # <= 1: the estimate is at least the threshold >= M*N
-        sigma = ept = None
+        sigma = ept = clip = temperature = None
+        if config.mechanism == "public_prior":
+            clip, temperature = config.clip, config.temperature
+            if not config.private:  # epsilon = infinity: no clipping
+                clip, temperature = math.inf, temperature or 1.0
         if config.private:
+            def calibrated(family: str) -> float:
+                return calibrate_noise(family, config.block_length, q, config.max_tokens, count,  # type: ignore[arg-type]
+                                       float(config.epsilon), delta, cache)
+
             if config.mechanism == "gaussian":
-                sigma = config.sigma if config.sigma is not None else calibrate_noise(
-                    "gaussian", config.block_length, q, config.max_tokens, count, float(config.epsilon), delta, cache)
+                sigma = config.sigma if config.sigma is not None else calibrated("gaussian")
+            elif config.mechanism == "exponential":
+                ept = (1.0 / config.sigma) if config.sigma is not None else calibrated("zcdp")
             else:
-                ept = (1.0 / config.sigma) if config.sigma is not None else calibrate_noise(
-                    "zcdp", config.block_length, q, config.max_tokens, count, float(config.epsilon), delta, cache)
+                clip, temperature, ept = _public_prior_noise(config, calibrated)
         single = _single_event(config, q, sigma, ept)
         event = single if count == 1 else dpa.SelfComposedDpEvent(single, count)
-        plan.labels[label] = LabelPlan(label, count, q, sigma, ept, event, "private", rule)
+        plan.labels[label] = LabelPlan(label, count, q, sigma, ept, event, "private", rule, clip, temperature)
     return plan
+
+
+def _public_prior_noise(config: GenerationConfig, calibrated: Callable[[str], float]) -> tuple[float, float, float]:
+    """``(C, tau, eps per token)`` of the public-prior mechanism: given, or one of C / tau calibrated.
+
+    The event depends on ``eps = 4C/(M tau)`` only, so the calibration (and its cache entry) is
+    the exponential mechanism's; C or tau follows from it.
+    """
+    m = config.num_subsets
+    if config.explicit_noise:
+        c, tau = float(config.clip), float(config.temperature)  # type: ignore[arg-type]
+        return c, tau, public_prior_epsilon_per_token(c, tau, m)
+    e = calibrated("zcdp")
+    if config.clip is None:
+        tau = float(config.temperature)  # type: ignore[arg-type]
+        c = e * m * tau / 4.0
+    else:
+        c = float(config.clip)
+        tau = 4.0 * c / (m * e)
+    # The event records the per-token bound of the (C, tau) the generator uses; nudge by ulps so
+    # that it never exceeds the calibrated value (zCDP is monotone in it).
+    while public_prior_epsilon_per_token(c, tau, m) > e:
+        c, tau = (math.nextafter(c, 0.0), tau) if config.clip is None else (c, math.nextafter(tau, math.inf))
+    return c, tau, public_prior_epsilon_per_token(c, tau, m)
 
 
 def decide(config: GenerationConfig, noisy_size: float | None) -> tuple[Decision, str]:
