@@ -145,13 +145,13 @@ def calibrate_sigma(
     """Smallest noise multiplier (within ``rel_tol``) whose event costs at most ``target_epsilon``.
 
     Epsilon falls as the noise multiplier grows. The search brackets the answer by doubling or
-    halving from ``guess``, then narrows it by false position (Illinois variant) on
-    ``log(epsilon)`` against ``log(sigma)``, both on a coarse pessimistic PLD (or RDP for events
-    PLD cannot compose), and finally checks at the ledger's discretisation, stepping sigma up
-    until the check passes. The returned sigma therefore satisfies
-    ``epsilon_of([make_event(sigma)], delta) <= target_epsilon`` exactly as the ledger computes it.
-    (RDP bracketing, used before, cost about 0.2 s per evaluation for subsampled Gaussians; a
-    coarse PLD evaluation costs about 0.05 s.)
+    halving from ``guess``, then narrows it with dp-accounting's ``calibrate_dp_mechanism``
+    (Brent's method, returning a value that meets the target), both on a coarse pessimistic PLD
+    (or RDP for events PLD cannot compose), and finally checks at the ledger's discretisation,
+    stepping sigma up until the check passes. The returned sigma therefore satisfies
+    ``epsilon_of([final_event(sigma)], delta) <= target_epsilon`` exactly as the ledger computes it.
+    (The library's own bracketing, or an RDP bracket as used before, evaluates tiny or many noise
+    values: an RDP evaluation of a subsampled Gaussian costs about 0.2 s, a coarse PLD one 0.05 s.)
 
     ``final_event`` (default ``make_event``) is the event of that last check: a caller that
     searched on a bound (e.g. a sampling rate rounded up) checks the event it will record.
@@ -163,6 +163,7 @@ def calibrate_sigma(
     if not guess > 0:
         raise ValueError("guess must be positive")
     kind = "pld" if pld_supports(make_event(1.0)) else "rdp"
+    coarse = _CALIBRATION_SEARCH_DISCRETIZATION
 
     def eps(sigma: float, disc: float, make: Callable[[float], dpa.DpEvent] = make_event) -> float:
         acc = make_accountant(kind, disc)
@@ -170,67 +171,33 @@ def calibrate_sigma(
             acc.compose(make(sigma))
             return float(acc.get_epsilon(delta))
 
-    def gap(sigma: float) -> float:
-        """log(epsilon / target) on the coarse accountant: > 0 means too little noise."""
-        e = eps(sigma, _CALIBRATION_SEARCH_DISCRETIZATION)
-        return math.inf if not math.isfinite(e) else (math.log(e / target_epsilon) if e > 0 else -math.inf)
-
-    lo, hi = _bracket(gap, guess)
-    hi = _false_position(gap, lo, hi, rel_tol)
+    lo, hi = _bracket(lambda s: eps(s, coarse) > target_epsilon, guess)
+    with _quiet_absl():
+        sigma = float(dpa.calibrate_dp_mechanism(
+            lambda: make_accountant(kind, coarse), make_event, target_epsilon, delta,
+            bracket_interval=dpa.ExplicitBracketInterval(lo, hi), tol=rel_tol * lo,
+        ))
     check = final_event or make_event
-    if kind == "pld" and not pld_supports(check(hi)):
+    if kind == "pld" and not pld_supports(check(sigma)):
         kind = "rdp"
-    return _step_up(lambda s: eps(s, PLD_DISCRETIZATION, check), hi, target_epsilon, rel_tol)
+    return _step_up(lambda s: eps(s, PLD_DISCRETIZATION, check), sigma, target_epsilon, rel_tol)
 
 
-def _bracket(gap: Callable[[float], float], guess: float) -> tuple[tuple[float, float], tuple[float, float]]:  # noqa: E501
-    """``((lo, gap(lo)), (hi, gap(hi)))`` with ``gap(lo) > 0 >= gap(hi)``, by doubling or halving."""
-    g = gap(guess)
-    if g <= 0:
-        hi = (guess, g)
-        lo_s = guess / 2
-        while (g := gap(lo_s)) <= 0:
-            if lo_s < 1e-6:
-                raise ValueError("no noise is needed for this target; the event does not depend on sigma")
-            hi, lo_s = (lo_s, g), lo_s / 2
-        return (lo_s, g), hi
-    lo = (guess, g)
-    hi_s = guess * 2
-    while (g := gap(hi_s)) > 0:
-        if hi_s > 1e6:
-            raise ValueError("no noise multiplier up to 1e6 meets this target")
-        lo, hi_s = (hi_s, g), hi_s * 2
-    return lo, (hi_s, g)
-
-
-def _false_position(gap: Callable[[float], float], lo: tuple[float, float], hi: tuple[float, float],
-                    rel_tol: float) -> float:
-    """Narrow ``[lo, hi]`` to relative width ``rel_tol``, or until ``gap(hi)`` is within ``rel_tol``
-    of 0 (epsilon within 0.1 % below the target); returns the ``hi`` end (enough noise)."""
-    xl, xh = math.log(lo[0]), math.log(hi[0])
-    gl, gh = lo[1], hi[1]  # weights of the secant (Illinois halves the end that stays twice)
-    gap_hi = hi[1]  # the true gap at the hi end
-    last = 0  # which end moved last: -1 hi, +1 lo
-    for _ in range(100):
-        if xh - xl <= math.log1p(rel_tol) or gap_hi >= -rel_tol:
-            break
-        w = xh - xl
-        if math.isfinite(gl) and math.isfinite(gh) and gl != gh:
-            x = min(max(xh - gh * w / (gh - gl), xl + 1e-3 * w), xh - 1e-3 * w)
-        else:
-            x = xl + 0.5 * w
-        gx = gap(math.exp(x))
-        if gx <= 0:
-            xh, gh, gap_hi = x, gx, gx
-            if last == -1:
-                gl /= 2
-            last = -1
-        else:
-            xl, gl = x, gx
-            if last == 1:
-                gh /= 2
-            last = 1
-    return math.exp(xh)
+def _bracket(too_little: Callable[[float], bool], guess: float) -> tuple[float, float]:
+    """``(lo, hi)`` with too little noise at ``lo`` and enough at ``hi``, doubling or halving."""
+    if too_little(guess):
+        lo, hi = guess, guess * 2
+        while too_little(hi):
+            if hi > 1e6:
+                raise ValueError("no noise multiplier up to 1e6 meets this target")
+            lo, hi = hi, hi * 2
+        return lo, hi
+    hi, lo = guess, guess / 2
+    while not too_little(lo):
+        if lo < 1e-6:
+            raise ValueError("no noise is needed for this target; the event does not depend on sigma")
+        hi, lo = lo, lo / 2
+    return lo, hi
 
 
 @contextlib.contextmanager
