@@ -198,3 +198,21 @@ def test_public_fallback_and_public_only_sample_the_public_prompt(source):
     a = generate_demonstration(source, NEVER_STOP, (), "LOC", small, lp_small, Noise(4)).token_ids
     b = generate_demonstration(source, NEVER_STOP, (), "LOC", config, lp, Noise(4)).token_ids
     assert a == b
+
+
+@pytest.mark.slow
+def test_real_smollm2_public_prior_block_mode_writes_a_question():
+    from aggregation.datasets import TREC_PROMPT, load_trec
+    from aggregation.fewshot import pools_by_label
+    from aggregation.sources.local import LocalSource
+
+    records = load_trec()
+    pools = pools_by_label(records)
+    config = GenerationConfig(mode="block", block_tokens=5, mechanism="public_prior", num_subsets=10,
+                              shots_per_subset=2, max_tokens=15, epsilon=4.0)
+    plan = plan_demonstrations(config, {"LOC": 1}, {k: float(len(v)) for k, v in pools.items()}, 1e-5)
+    assert plan.epsilon() <= 4.0
+    demo = generate_demonstration(LocalSource.from_pretrained(), TREC_PROMPT, pools["LOC"], "LOC", config,
+                                  plan.labels["LOC"], Noise(0))
+    assert len(demo.text.split()) >= 3, demo.text
+    assert demo.text not in {r.text for r in records}
