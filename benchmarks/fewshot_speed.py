@@ -204,13 +204,13 @@ def main() -> None:
     dec = inside["decode step"]
     print()
     print("seconds per token: median [min-max] over rounds; x decode: per-round ratio to the decode step")
-    print(f"{'variant':<22}{'amortised s/token':>24}{'x decode':>20}{'block-start token':>24}"
-          f"{'in-block token':>24}{'x decode':>20}")
+    print(f"{'variant':<22}{'amortised s/token':>27}{'x decode':>22}{'block-start token':>27}"
+          f"{'in-block token':>27}{'x decode':>22}")
     for name in names:
-        print(f"{name:<22}{_summary(amortised[name]):>24}{_ratio(amortised[name], dec):>20}"
-              f"{_summary(starts[name]) if starts[name] else '-':>24}"
-              f"{_summary(inside[name]) if inside[name] else '-':>24}"
-              f"{_ratio(inside[name], dec) if inside[name] else '-':>20}")
+        print(f"{name:<22}{_summary(amortised[name]):>27}{_ratio(amortised[name], dec):>22}"
+              f"{_summary(starts[name]) if starts[name] else '-':>27}"
+              f"{_summary(inside[name]) if inside[name] else '-':>27}"
+              f"{_ratio(inside[name], dec) if inside[name] else '-':>22}")
     print("(amortised: all the demonstration's tokens, batch opening and prefill included. A block-start token"
           " draws a fresh sample and encodes the M prompts; an in-block token is one KV-cached step.)")
     print(f"issue 14 bar, resample amortised / decode <= 15: {_ratio(amortised['resample (k=1)'], dec)}")
@@ -221,12 +221,12 @@ def main() -> None:
     print()
     print(f"epsilon of one demonstration at sigma={args.sigma} (q={q:.4f}, T={t_tok}, delta={delta}, PLD) "
           f"and measured cost per token")
-    print(f"{'k':>4}{'blocks':>8}{'epsilon':>10}{'amortised s/token':>26}{'x decode':>22}")
+    print(f"{'k':>4}{'blocks':>8}{'epsilon':>10}{'amortised s/token':>27}{'x decode':>22}")
     rows = [(1, "resample (k=1)"), *[(k, f"block k={k}") for k in ks], (t_tok, "fixed (k=T)")]
     for k, name in rows:
         ev = demonstration_event("block", q, t_tok, sigma=args.sigma, block_tokens=k)
         eps = accounting.epsilon_of([ev], delta)
-        print(f"{k:>4}{-(-t_tok // k):>8}{eps:>10.3f}{_summary(amortised[name]):>26}{_ratio(amortised[name], dec):>22}")
+        print(f"{k:>4}{-(-t_tok // k):>8}{eps:>10.3f}{_summary(amortised[name]):>27}{_ratio(amortised[name], dec):>22}")
 
     print()
     print(f"calibration of one label for epsilon 4 (q={q:.4f}, T={t_tok}), seconds: cold (empty cache) / warm")
