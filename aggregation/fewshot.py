@@ -1,113 +1,42 @@
 """Token-by-token DP generation of few-shot demonstrations.
 
-Privacy flow: :func:`plan_demonstrations` computes every DpEvent from public quantities only
-(configuration and DP pool-size estimates), so a caller can charge its ledger *before*
-:func:`generate_demonstration` reads a single private record. Noise, sampling and their accounting
-live in :mod:`aggregation.mechanisms`.
+Privacy flow: :func:`plan_demonstrations` (in :mod:`aggregation.planning`, re-exported here)
+computes every DpEvent from public quantities only (configuration and DP pool-size estimates), so a
+caller can charge its ledger *before* :func:`generate_demonstration` reads a single private record.
+Noise, sampling and their accounting live in :mod:`aggregation.mechanisms`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import dp_accounting as dpa
 import numpy as np
 
-from aggregation import accounting
 from aggregation.mechanisms import (
     Noise,
-    demonstration_event,
     exponential_noisy_max,
     gaussian_report_noisy_max,
+    log_probs,
     poisson_subsets,
+    poisson_unit_subsets,
+    public_prior_sample,
+    top_k_plus,
+)
+from aggregation.planning import (  # noqa: F401 - re-exported: callers import them from here
+    COUNT_SIGMA,
+    GenerationConfig,
+    LabelPlan,
+    Plan,
+    noisy_pool_sizes,
+    plan_demonstrations,
 )
 from aggregation.prompts import Example, TaskPrompt
-from aggregation.sources.base import NextTokenSource, Token
-
-#: Noise multiplier of the DP label histogram that sets each pool's sampling rate. One record
-#: changes one count by 1 (L2 sensitivity 1). With 20, counts are off by ~20 records, which only
-#: nudges q, and the event adds little epsilon once composed with the demonstrations' events.
-COUNT_SIGMA = 20.0
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """Parameters of DP demonstration generation (DESIGN.md section 3 notation)."""
-
-    mode: Literal["resample", "fixed"] = "resample"
-    mechanism: Literal["gaussian", "exponential"] = "gaussian"
-    num_subsets: int = 10  # M
-    shots_per_subset: int = 2  # N
-    max_tokens: int = 20  # T
-    top_k: int | None = 100  # K; None = full vocabulary (no reduced vocabulary)
-    epsilon: float | None = 4.0  # target per demonstration set; math.inf = no noise
-    sigma: float | None = None  # explicit noise multiplier instead of a target epsilon
-    public_only: bool = False  # epsilon 0: public prompt only, no private data read
-    #: Token budget of one prompt. Examples that do not fit are left out of that prompt (a function
-    #: of its own subset only, so the sensitivity argument is unchanged). In ``fixed`` mode on a
-    #: batched local model every row is padded to exactly this width, which lets the public prompt
-    #: share the private rows' batch without its numerics depending on private prompt lengths.
-    max_prompt_tokens: int = 256
-
-    def validate(self) -> None:
-        if self.mode not in ("resample", "fixed"):
-            raise ValueError("mode must be 'resample' or 'fixed'")
-        if self.mechanism not in ("gaussian", "exponential"):
-            raise ValueError("mechanism must be 'gaussian' or 'exponential'")
-        if self.num_subsets < 1 or self.shots_per_subset < 1:
-            raise ValueError("num_subsets and shots_per_subset must be at least 1")
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError("top_k must be at least 1 (or None for the full vocabulary)")
-        if self.max_prompt_tokens < 16:
-            raise ValueError("max_prompt_tokens must be at least 16")
-        if self.public_only:
-            return
-        # epsilon 0 is spelled public_only; infinity means no noise
-        accounting.check_noise_or_target(self.sigma, self.epsilon, "sigma", allow_infinite=True)
-
-    @property
-    def private(self) -> bool:
-        """Whether noise is added (false for public-only and epsilon = infinity)."""
-        return not self.public_only and (self.sigma is not None or not math.isinf(self.epsilon or 0.0))
-
-
-@dataclass
-class LabelPlan:
-    """What generating ``shots`` demonstrations for one label costs, fixed before data is read."""
-
-    label: str
-    shots: int
-    q: float
-    sigma: float | None  # Gaussian noise multiplier
-    epsilon_per_token: float | None  # exponential mechanism
-    event: dpa.DpEvent  # event of the whole label's demonstrations (composed over shots)
-
-    def demonstration_event(self, config: GenerationConfig) -> dpa.DpEvent:
-        """The event of a single demonstration."""
-        return _single_event(config, self.q, self.sigma, self.epsilon_per_token)
-
-
-@dataclass
-class Plan:
-    """Costs of a demonstration set: one :class:`LabelPlan` per label plus the epsilon."""
-
-    config: GenerationConfig
-    delta: float
-    labels: dict[str, LabelPlan] = field(default_factory=dict)
-
-    def charges(self) -> list[tuple[str, dpa.DpEvent]]:
-        """``(partition, event)`` pairs to record in a ledger before generation."""
-        return [(lp.label, lp.event) for lp in self.labels.values()]
-
-    def epsilon(self) -> float:
-        """Epsilon of this set alone at ``delta`` (max over labels: pools are disjoint)."""
-        return accounting.PartitionedLedger(self.delta).epsilon_if_many(self.charges())
+from aggregation.sources.base import DecodeState, NextTokenSource, Token
+from aggregation.units import UnitPool
 
 
 @dataclass
@@ -124,142 +53,97 @@ class Demonstration:
 
 
 # ---------------------------------------------------------------------------------------------
-# Planning (public quantities only).
-
-
-def noisy_pool_sizes(counts: Mapping[str, int], noise: Noise, sigma: float = COUNT_SIGMA) -> tuple[dict[str, float], dpa.DpEvent]:
-    """DP estimate of each label's pool size, and its event (charge it on the whole dataset).
-
-    The sampling rate ``q = M*N/n_y`` must not depend on exact private counts, or the released
-    demonstrations would depend on them outside the accounting. Gaussian noise of std ``sigma`` on
-    the label histogram (L2 sensitivity 1 under add/remove) makes ``q`` a post-processing of a DP
-    release.
-    """
-    labels = sorted(counts)
-    draws = noise.normal(sigma, len(labels))
-    noisy = {lab: float(counts[lab]) + float(z) for lab, z in zip(labels, draws)}
-    return noisy, dpa.GaussianDpEvent(sigma)
-
-
-def _single_event(config: GenerationConfig, q: float, sigma: float | None, ept: float | None) -> dpa.DpEvent:
-    if config.public_only:
-        return dpa.NoOpDpEvent()
-    if not config.private:
-        return dpa.NonPrivateDpEvent()
-    return demonstration_event(config.mode, q, config.max_tokens, sigma=sigma, epsilon_per_token=ept)
-
-
-@functools.lru_cache(maxsize=256)
-def _calibrate(mode: str, mechanism: str, q: float, tokens: int, shots: int, target: float, delta: float) -> float:
-    """Noise parameter (sigma, or epsilon per token) so that ``shots`` demonstrations cost target."""
-    if mechanism == "gaussian":
-        return accounting.calibrate_sigma(
-            lambda s: dpa.SelfComposedDpEvent(demonstration_event(mode, q, tokens, sigma=s), shots),
-            target, delta,
-        )
-    # Exponential: the per-token epsilon is inversely related to noise; calibrate 1/eps_t.
-    inv = accounting.calibrate_sigma(
-        lambda s: dpa.SelfComposedDpEvent(demonstration_event(mode, q, tokens, epsilon_per_token=1.0 / s), shots),
-        target, delta,
-    )
-    return 1.0 / inv
-
-
-def plan_demonstrations(
-    config: GenerationConfig,
-    shots: Mapping[str, int],
-    pool_sizes: Mapping[str, float],
-    delta: float,
-) -> Plan:
-    """Fix noise and events for ``shots[label]`` demonstrations per label from public inputs.
-
-    ``pool_sizes`` must be public or DP estimates (see :func:`noisy_pool_sizes`). With a target
-    epsilon, sigma is calibrated per label so that the label's demonstrations together cost at
-    most the target; the set then costs at most the target too (labels are disjoint).
-    """
-    config.validate()
-    plan = Plan(config, delta)
-    m_n = config.num_subsets * config.shots_per_subset
-    for label, count in shots.items():
-        if count < 1:
-            continue
-        n_est = float(pool_sizes.get(label, 0.0))
-        if not config.public_only and n_est < m_n:
-            raise ValueError(
-                f"the pool of label {label!r} is too small for M*N = {m_n} sampled records "
-                f"(estimated size {max(0, round(n_est))}); lower num_subsets or shots_per_subset"
-            )
-        q = min(1.0, m_n / n_est) if n_est > 0 else 1.0
-        sigma = ept = None
-        if config.private:
-            if config.mechanism == "gaussian":
-                sigma = config.sigma if config.sigma is not None else _calibrate(
-                    config.mode, "gaussian", q, config.max_tokens, count, float(config.epsilon), delta)
-            else:
-                ept = (1.0 / config.sigma) if config.sigma is not None else _calibrate(
-                    config.mode, "exponential", q, config.max_tokens, count, float(config.epsilon), delta)
-        single = _single_event(config, q, sigma, ept)
-        event = single if count == 1 else dpa.SelfComposedDpEvent(single, count)
-        plan.labels[label] = LabelPlan(label, count, q, sigma, ept, event)
-    return plan
-
-
-# ---------------------------------------------------------------------------------------------
 # Generation (reads private data; charge the plan first).
 
 
 def generate_demonstration(
     source: NextTokenSource,
     prompt: TaskPrompt,
-    pool: Sequence[Example],
+    pool: Sequence[Example] | UnitPool,
     label: str,
     config: GenerationConfig,
     label_plan: LabelPlan,
     noise: Noise,
     on_token: Callable[[int], None] | None = None,
 ) -> Demonstration:
-    """Generate one demonstration for ``label`` from ``pool`` (that label's private records)."""
+    """Generate one demonstration for ``label`` from ``pool`` (that label's private records).
+
+    ``pool`` is a list of rows (each row its own privacy unit) or a :class:`UnitPool` (Poisson
+    sampling over units, one row of each sampled unit); ``label_plan.q`` must count the same.
+
+    One Poisson sample per block of ``config.block_length`` tokens: at a block boundary the M
+    private prompts are opened afresh (with the tokens generated so far as a suffix); within a
+    block their decoding state (KV cache) is kept and advanced by one token per step.
+    """
+    if label_plan.decision == "skip":
+        raise ValueError(f"the plan skips label {label!r} ({label_plan.rule}); generate Plan.to_generate() only")
+    # Public-only configuration, or a label whose small DP pool estimate fell back to epsilon 0:
+    # decode the public prompt alone; no private row is read.
+    public_only = config.public_only or label_plan.decision == "public"
     started = time.perf_counter()
     calls = 0
     m = config.num_subsets
+    k = config.block_length
     width = config.max_prompt_tokens
-    public_prompt = prompt.public_prompt(label)
     vocab = source.vocabulary()
     if config.top_k is None and vocab is None:
         raise ValueError("this source cannot score the full vocabulary; set top_k")
-    if (source.count_tokens(public_prompt) or 0) > width:
+    # The task instruction is public and opens every row: pass it as the shared prefix (tokenised
+    # on its own; ``width`` counts it). Rows are the rest of each prompt.
+    prefix = _shared_prefix(source, prompt, label)
+    head = (source.count_tokens(prefix) or 0) if prefix else 0
+    public_prompt = _body(prompt, (), label, prefix)
+    if head + (source.count_tokens(public_prompt) or 0) > width:
         raise ValueError(f"the public prompt is longer than max_prompt_tokens = {width}")
-    # In fixed mode on a batched, KV-cached backend the public prompt rides in row 0 of the private
-    # batch (one decode step per token instead of two). That is sound only because every row is
-    # padded to the public width ``max_prompt_tokens``: the batch shape then carries nothing private.
-    shared = (not config.public_only and config.mode == "fixed" and source.caches_state
-              and config.top_k is not None)
+    # On a batched, KV-cached backend the public prompt rides in row 0 of the private batch (one
+    # forward per step instead of two). That is sound only because every row is padded to the
+    # public width (``max_prompt_tokens`` plus the tokens generated so far): the batch shape then
+    # carries nothing private.
+    prior = config.mechanism == "public_prior"
+    needs_public = config.top_k is not None or prior or public_only
+    shared = not public_only and source.caches_state and needs_public
 
     def private_prompts() -> list[str]:
-        subsets = poisson_subsets(len(pool), label_plan.q, m, noise)
-        return [_fit_prompt(source, prompt, [pool[i] for i in idx], label, width) for idx in subsets]
+        return [_fit_prompt(source, prompt, rows, label, width, prefix, head)
+                for rows in _draw_subsets(pool, label_plan.q, m, noise)]
 
     public = None
-    private = None
-    offset = 0  # row of the first private prompt in ``private``
-    if shared:
-        private = source.open([public_prompt, *private_prompts()], keep_state=True, width=width)
-        public, offset = private, 1
-    else:
-        if config.top_k:
-            public = source.open([public_prompt], keep_state=True)
-        if not config.public_only and config.mode == "fixed":
-            private = source.open(private_prompts(), keep_state=True, width=width)
+    if needs_public and not shared:
+        public = source.open([public_prompt], keep_state=True, prefix=prefix)
+    private = None  # the current block's batch (with the public row first when shared)
+    offset = 1 if shared else 0  # row of the first private prompt in ``private``
+    left = 0  # tokens left in the current block
 
     generated: list[Token] = []
     text = ""
     for step in range(config.max_tokens):
-        candidates = public.top_tokens(config.top_k) if public is not None else list(vocab)  # type: ignore[arg-type]
-        if config.public_only:
-            choice = 0  # top_tokens is sorted: greedy decoding of the public prompt
+        if not public_only and left == 0:
+            # A block starts: a fresh Poisson sample and fresh prompts, padded to the public width.
+            left = min(k, config.max_tokens - step)
+            rows = [public_prompt, *private_prompts()] if shared else private_prompts()
+            private = source.open(rows, suffix=generated, keep_state=left > 1, width=width + len(generated),
+                                  prefix=prefix)
+            if shared:
+                public = private
+        if prior:
+            # Candidates from the public log-probabilities and C only (top-k+); epsilon 0 is
+            # sampling from the public prompt at temperature tau over its top k.
+            assert public is not None
+            clip = 0.0 if public_only else float(label_plan.clip)  # type: ignore[arg-type]
+            tau = float(label_plan.temperature or config.temperature or 1.0)
+            # (At epsilon = infinity C is infinite; the candidates stay the public top k.)
+            candidates, public_lp = _prior_candidates(public, vocab, config.top_k, 0.0 if math.isinf(clip) else clip)
+            private_lp = None
+            if not public_only:
+                assert private is not None
+                private_lp = log_probs(private.probs(candidates)[offset:])
+                left -= 1
+            choice, _ = public_prior_sample(private_lp, public_lp, clip, tau, noise)
+        elif public_only:
+            assert public is not None
+            candidates, choice = public.top_tokens(config.top_k or 1), 0  # sorted: greedy decoding
         else:
-            if config.mode == "resample":
-                private = source.open(private_prompts(), suffix=generated, keep_state=False)
+            candidates = public.top_tokens(config.top_k) if public is not None else list(vocab)  # type: ignore[arg-type]
             assert private is not None
             probs = private.probs(candidates)[offset:]
             if label_plan.sigma is not None:
@@ -268,6 +152,7 @@ def generate_demonstration(
                 choice, _ = exponential_noisy_max(probs, label_plan.epsilon_per_token, noise)
             else:  # epsilon = infinity: no noise
                 choice = int(np.argmax(probs.sum(axis=0)))
+            left -= 1
         token = candidates[choice]
         if on_token is not None:
             on_token(step)
@@ -281,14 +166,15 @@ def generate_demonstration(
         if step + 1 < config.max_tokens:
             if public is not None and not shared:
                 public.advance(token)
-            if private is not None and config.mode == "fixed":
+            if private is not None and left > 0:
                 private.advance(token)
-        if private is not None and config.mode == "resample":
+        if private is not None and left == 0:  # the block is over: drop its private state
             calls += private.calls
             private = None
-    if shared:
-        public = None
-    calls += (public.calls if public is not None else 0) + (private.calls if private is not None else 0)
+            if shared:
+                public = None
+    calls += (public.calls if public is not None and not shared else 0)
+    calls += (private.calls if private is not None else 0)
     return Demonstration(
         text=text.strip(),
         label=label,
@@ -300,21 +186,72 @@ def generate_demonstration(
     )
 
 
-def _fit_prompt(source: NextTokenSource, prompt: TaskPrompt, examples: Sequence[Example], label: str,
-                width: int) -> str:
-    """The generation prompt with as many of ``examples`` (in order) as fit in ``width`` tokens.
+def _prior_candidates(public: DecodeState, vocab: Sequence[Token] | None, k: int | None,
+                      clip: float) -> tuple[list[Token], np.ndarray]:
+    """Top-k+ candidates of the public row and their public log-probabilities (public inputs only).
 
-    Depends only on this subset's examples, so one record still changes at most one prompt.
+    A local model scores the whole vocabulary; an API source only the tokens it lists, so there
+    the set is cut to the public top list.
     """
-    full = prompt.generation_prompt(examples, label)
+    if vocab is not None:
+        lp = log_probs(public.probs(None)[0])
+        idx = top_k_plus(lp, k, clip)
+        return [vocab[int(i)] for i in idx], lp[idx]
+    listed = public.top_tokens(max(k or 0, 1000))
+    lp = log_probs(public.probs(listed)[0])
+    idx = top_k_plus(lp, k, clip)
+    return [listed[int(i)] for i in idx], lp[idx]
+
+
+def _draw_subsets(pool: Sequence[Example] | UnitPool, q: float, m: int, noise: Noise) -> list[list[Example]]:
+    """One Poisson sample split into ``m`` subsets: over rows, or over units (one row per unit)."""
+    if isinstance(pool, UnitPool):
+        picks = poisson_unit_subsets(pool.sizes, q, m, noise)
+        return [[pool.units[u][r] for u, r in subset] for subset in picks]
+    return [[pool[i] for i in idx] for idx in poisson_subsets(len(pool), q, m, noise)]
+
+
+def _shared_prefix(source: NextTokenSource, prompt: TaskPrompt, label: str) -> str:
+    """The task's shared prefix, or ``""`` when tokenising it apart would change the tokens.
+
+    Only public text decides: every row's split point is the end of the instruction followed by
+    the blank line and the label header, the same characters as in the public prompt.
+    """
+    prefix = prompt.shared_prefix()
+    if not prefix:
+        return ""
+    full, rest = prompt.public_prompt(label), prompt.public_body(label)
+    encode = getattr(source, "encode", None)
+    if callable(encode):
+        same = list(encode(prefix)) + list(encode(rest)) == list(encode(full))
+    else:
+        counts = [source.count_tokens(x) for x in (prefix, rest, full)]
+        same = None in counts or counts[0] + counts[1] == counts[2]  # type: ignore[operator]
+    return prefix if same else ""
+
+
+def _body(prompt: TaskPrompt, examples: Sequence[Example], label: str, prefix: str) -> str:
+    """The row text: the prompt after the shared prefix (the whole prompt when there is none)."""
+    return prompt.generation_body(examples, label) if prefix else prompt.generation_prompt(examples, label)
+
+
+def _fit_prompt(source: NextTokenSource, prompt: TaskPrompt, examples: Sequence[Example], label: str,
+                width: int, prefix: str = "", prefix_tokens: int = 0) -> str:
+    """The row for ``examples``: as many of them (in order) as fit in ``width`` tokens, prefix included.
+
+    Returns the text after ``prefix`` (the whole prompt when ``prefix`` is empty). Depends only on
+    this subset's examples, so one record still changes at most one prompt.
+    """
+    room = width - prefix_tokens
+    full = _body(prompt, examples, label, prefix)
     n = source.count_tokens(full)
-    if n is None or n <= width:  # API backends cannot count: their prompts are not batched
+    if n is None or n <= room:  # API backends cannot count: their prompts are not batched
         return full
     kept: list[Example] = []
     for ex in examples:
-        if (source.count_tokens(prompt.generation_prompt([*kept, ex], label)) or 0) <= width:
+        if (source.count_tokens(_body(prompt, [*kept, ex], label, prefix)) or 0) <= room:
             kept.append(ex)
-    return prompt.generation_prompt(kept, label)
+    return _body(prompt, kept, label, prefix)
 
 
 def pools_by_label(records: Sequence[Example]) -> dict[str, list[Example]]:

@@ -3,26 +3,32 @@
 Everything a reviewer needs to check one mechanism sits here side by side:
 
 * :func:`poisson_subsets` - the sampler the accountant assumes (Poisson with rate ``q``, then a
-  uniform assignment of each drawn record to one of ``M`` subsets).
+  uniform assignment of each drawn record to one of ``M`` subsets); :func:`poisson_unit_subsets`
+  the same over privacy units (one uniformly drawn row per sampled unit).
 * :func:`gaussian_report_noisy_max` - Gaussian noise of std ``sigma * sqrt(2) / M`` on the mean of
   ``M`` probability vectors (L2 sensitivity ``sqrt(2)/M`` under add/remove of one record, because
   a record sits in at most one subset and so changes at most one vector), then argmax.
 * :func:`exponential_noisy_max` - the exponential mechanism via the Gumbel-max trick.
+* :func:`public_prior_sample` - the public-prior mechanism: private-minus-public log-probabilities
+  clipped to ``[-C, C]``, averaged, added back to the public ones, sampled at temperature ``tau``
+  over the candidate set :func:`top_k_plus` (public inputs only); an exponential mechanism whose
+  per-token bound is :func:`public_prior_epsilon_per_token` = ``4C/(M tau)``.
 * :func:`demonstration_event` - the DpEvent of one demonstration for each sampling mode and
-  mechanism; the generator charges exactly this.
+  mechanism; the generator charges exactly this. Every mode is "one Poisson sample per block of
+  ``k`` tokens" (:func:`block_length`): ``resample`` is ``k = 1``, ``fixed`` is ``k = T``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Literal
+from typing import Literal, Sequence
 
 import dp_accounting as dpa
 import numpy as np
 
-Mode = Literal["resample", "fixed"]
-Mechanism = Literal["gaussian", "exponential"]
+Mode = Literal["resample", "fixed", "block"]
+Mechanism = Literal["gaussian", "exponential", "public_prior"]
 
 
 class Noise:
@@ -102,6 +108,26 @@ def poisson_subsets(pool_size: int, q: float, num_subsets: int, noise: Noise) ->
     return [drawn[which == i] for i in range(num_subsets)]
 
 
+def poisson_unit_subsets(unit_sizes: Sequence[int], q: float, num_subsets: int,
+                         noise: Noise) -> list[list[tuple[int, int]]]:
+    """Poisson-sample *units* with rate ``q``, take one row of each, split them into ``M`` subsets.
+
+    ``unit_sizes[u]`` is the number of rows unit ``u`` holds in this pool. Each unit is drawn
+    independently with probability ``q`` (the Poisson sampling ``PoissonSampledDpEvent`` assumes,
+    now over units), then one of its rows uniformly at random, then a uniformly random subset.
+    Returns ``(unit, row)`` pairs per subset: a unit contributes at most one row to one subset,
+    however many rows it has. Rows-as-units (all sizes 1) is exactly :func:`poisson_subsets`.
+    """
+    sizes = np.asarray(unit_sizes, dtype=np.int64)
+    if sizes.size and sizes.min() < 1:
+        raise ValueError("every unit in a pool holds at least one row")
+    drawn = np.flatnonzero(noise.uniform(len(sizes)) < q)
+    which = noise.integers(num_subsets, len(drawn))
+    # Floor of a 53-bit uniform times the unit's size: bias below 2**-40 for any realistic size.
+    rows = np.minimum((noise.uniform(len(drawn)) * sizes[drawn]).astype(np.int64), sizes[drawn] - 1)
+    return [[(int(u), int(r)) for u, r in zip(drawn[which == i], rows[which == i])] for i in range(num_subsets)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Aggregation.
 
@@ -149,6 +175,72 @@ def exponential_noisy_max(probs: np.ndarray, epsilon_per_token: float, noise: No
     return int(np.argmax(noisy)), noisy
 
 
+def log_probs(probs: np.ndarray) -> np.ndarray:
+    """Natural log of probabilities; 0 becomes -inf (no warning)."""
+    with np.errstate(divide="ignore"):
+        return np.log(np.asarray(probs, dtype=np.float64))
+
+
+def top_k_plus(public_logprobs: np.ndarray, k: int | None, clip: float) -> np.ndarray:
+    """Candidate tokens of the public-prior mechanism, best public first; public inputs only.
+
+    Every token whose public log-probability is within ``2C`` of the public k-th largest. The
+    aggregate ``u(v) = pub(v) + shift(v)`` has ``shift(v)`` in ``[-C, C]``, so a token outside this
+    set can never overtake the public top k (it would need ``pub(v) + C >= pub_k - C``): the set
+    holds the top k of ``u`` whatever the private data. ``k=None`` (or ``k`` >= the number of
+    tokens, or ``C`` infinite) keeps every token.
+    """
+    lp = np.asarray(public_logprobs, dtype=np.float64)
+    if k is None or k >= lp.shape[0] or math.isinf(clip):
+        idx = np.arange(lp.shape[0])
+    else:
+        kth = np.partition(lp, -k)[-k]
+        idx = np.flatnonzero(lp >= kth - 2.0 * clip)
+    return idx[np.argsort(-lp[idx], kind="stable")]
+
+
+def public_prior_epsilon_per_token(clip: float, temperature: float, num_subsets: int) -> float:
+    """Bounded-range width (hence pure epsilon) of one public-prior token: ``4C / (M tau)``.
+
+    Adding or removing one record changes one subset's clipped shift, each coordinate staying in
+    ``[-C, C]``: every coordinate of the mean moves by at most ``2C/M`` either way, so the change
+    of ``u/tau`` spans an interval of width at most ``4C/(M tau)`` over the candidates.
+    """
+    if not clip >= 0 or not temperature > 0 or num_subsets < 1:
+        raise ValueError("need clip >= 0, temperature > 0 and at least one subset")
+    return 4.0 * clip / (num_subsets * temperature)
+
+
+def public_prior_scores(private_logprobs: np.ndarray | None, public_logprobs: np.ndarray, clip: float) -> np.ndarray:
+    """``pub + mean_i clip(lp_i - pub, -C, C)`` over the candidates (``[M, K]`` and ``[K]``).
+
+    ``None`` or ``C = 0``: the public log-probabilities alone. A token a private prompt gives
+    probability 0 gets shift ``-C`` from that prompt (within the bound).
+    """
+    pub = np.asarray(public_logprobs, dtype=np.float64)
+    if private_logprobs is None or clip == 0:
+        return pub.copy()
+    with np.errstate(invalid="ignore"):
+        diff = np.asarray(private_logprobs, dtype=np.float64) - pub[None, :]
+    diff = np.clip(np.nan_to_num(diff, nan=0.0, posinf=math.inf, neginf=-math.inf), -clip, clip)
+    return pub + diff.mean(axis=0)
+
+
+def public_prior_sample(private_logprobs: np.ndarray | None, public_logprobs: np.ndarray, clip: float,
+                        temperature: float, noise: Noise) -> tuple[int, np.ndarray]:
+    """Sample a candidate with probability proportional to ``exp(u / tau)`` (Gumbel-max).
+
+    ``u`` is :func:`public_prior_scores`. With ``private_logprobs=None`` (epsilon 0) this is
+    sampling from the public prompt at temperature ``tau`` over the candidates. Returns the
+    winning column and the scores.
+    """
+    if not temperature > 0:
+        raise ValueError("temperature must be positive")
+    u = public_prior_scores(private_logprobs, public_logprobs, clip)
+    noisy = u / temperature + noise.gumbel(u.shape[0])
+    return int(np.argmax(noisy)), u
+
+
 # ---------------------------------------------------------------------------------------------
 # Accounting of one demonstration.
 
@@ -160,52 +252,97 @@ def _amplified_pure_epsilon(epsilon: float, q: float) -> float:
     return math.log1p(q * math.expm1(epsilon))
 
 
+def block_length(mode: Mode, tokens: int, block_tokens: int | None = None) -> int:
+    """Tokens generated from one Poisson sample: 1 (``resample``), T (``fixed``), min(k, T) (``block``)."""
+    if tokens < 1:
+        raise ValueError("tokens must be at least 1")
+    if mode == "resample":
+        return 1
+    if mode == "fixed":
+        return tokens
+    if mode == "block":
+        if block_tokens is None or block_tokens < 1:
+            raise ValueError("block mode needs block_tokens >= 1")
+        return min(int(block_tokens), tokens)
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def blocks_of(tokens: int, k: int) -> tuple[int, int]:
+    """``(full, last)``: ``full`` blocks of ``k`` tokens, then one block of ``last`` tokens (0 = none).
+
+    ``ceil(T/k)`` blocks in all; the last is shorter when ``k`` does not divide ``T``.
+    """
+    full, rest = divmod(tokens, k)
+    return full, rest
+
+
+def _compose(full: int, block: dpa.DpEvent, last: dpa.DpEvent | None) -> dpa.DpEvent:
+    """``full`` independent copies of ``block``, then ``last``; a single block stays unwrapped."""
+    head = block if full == 1 else dpa.SelfComposedDpEvent(block, full) if full > 1 else None
+    if last is None:
+        assert head is not None
+        return head
+    return last if head is None else dpa.ComposedDpEvent([head, last])
+
+
+def _block_rho(length: int, e: float, q: float) -> float:
+    """zCDP of ``length`` eps-DP (hence eps-bounded-range) tokens on one Poisson sample.
+
+    The smaller of two valid bounds: bounded range composes to ``length * e^2/8`` (ignores the
+    sampling), and the block is ``length*e``-DP, amplified by Poisson sampling to ``e'`` and
+    converted as ``e'^2/2``.
+    """
+    return min(length * e * e / 8.0, _amplified_pure_epsilon(length * e, q) ** 2 / 2.0)
+
+
 def demonstration_event(
     mode: Mode,
     q: float,
     tokens: int,
     sigma: float | None = None,
     epsilon_per_token: float | None = None,
+    block_tokens: int | None = None,
 ) -> dpa.DpEvent:
     """The DpEvent of one demonstration of at most ``tokens`` tokens.
 
-    Gaussian mechanism:
+    The generator draws one Poisson sample (rate ``q``) per block of ``k`` consecutive tokens
+    (:func:`block_length`) and keeps it for the whole block; blocks use independent samples.
 
-    * ``resample``: a fresh Poisson sample per token ->
-      ``SelfComposed(PoissonSampled(q, Gaussian(sigma)), T)``.
-    * ``fixed``: one Poisson sample reused for all T tokens. T adaptive Gaussians of multiplier
-      sigma on the same sample compose exactly into one Gaussian of multiplier ``sigma/sqrt(T)``
-      -> ``PoissonSampled(q, Gaussian(sigma / sqrt(T)))``.
+    Gaussian mechanism: the ``L`` tokens of one block are ``L`` adaptive Gaussians of multiplier
+    sigma on the same sample. They compose exactly into one Gaussian of multiplier
+    ``sigma/sqrt(L)``, and Poisson sampling amplifies that whole block, so one block is
+    ``PoissonSampled(q, Gaussian(sigma / sqrt(L)))``. The ``ceil(T/k)`` blocks compose; the last
+    one has ``T - k*(ceil(T/k) - 1)`` tokens. Written as ``SelfComposed`` of the full blocks
+    composed with the last block, which dp-accounting's PLD accountant composes exactly:
 
-    Exponential mechanism (eps-DP per token, accounted as zCDP on the RDP accountant because
-    dp-accounting's PLD accountant has no pure-DP event under add/remove): we take the smaller of
-    two valid bounds: the bounded-range bound ``eps^2/8`` per token (Cesar and Rogers 2021, which
-    ignores sampling; sampling cannot hurt) and ``eps'^2/2`` for the pure-DP epsilon ``eps'``
-    amplified by Poisson sampling (Bun and Steinke 2016).
+    * ``resample`` (k = 1): ``SelfComposed(PoissonSampled(q, Gaussian(sigma)), T)``;
+    * ``fixed`` (k = T): ``PoissonSampled(q, Gaussian(sigma / sqrt(T)))``.
+
+    Exponential and public-prior mechanisms (eps-DP and eps-bounded-range per token; for the
+    public prior ``eps = 4C/(M tau)``), accounted as zCDP on the RDP accountant because
+    dp-accounting's PLD accountant has no pure-DP event under add/remove): per block of ``L``
+    tokens the smaller of the bounded-range bound ``L*eps^2/8`` (Cesar and Rogers 2021, which
+    ignores sampling; sampling cannot hurt) and ``eps'^2/2`` for the pure-DP epsilon ``L*eps``
+    amplified by Poisson sampling to ``eps'`` (Bun and Steinke 2016); zCDP adds over blocks.
 
     The generator always charges the full ``T`` tokens: the stopping time depends on private data.
     """
-    if tokens < 1:
-        raise ValueError("tokens must be at least 1")
+    k = block_length(mode, tokens, block_tokens)
     if not 0 < q <= 1:
         raise ValueError("sampling rate q must be in (0, 1]")
+    full, last = blocks_of(tokens, k)
     if sigma is not None:
         if sigma <= 0:
             raise ValueError("sigma must be positive")
-        if mode == "resample":
-            return dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), tokens)
-        if mode == "fixed":
-            return dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma / math.sqrt(tokens)))
-        raise ValueError(f"unknown mode {mode!r}")
+
+        def block(length: int) -> dpa.DpEvent:
+            return dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma / math.sqrt(length)))
+
+        return _compose(full, block(k), block(last) if last else None)
     if epsilon_per_token is not None:
         e = epsilon_per_token
         if e <= 0:
             raise ValueError("epsilon per token must be positive")
-        if mode == "resample":
-            rho = tokens * min(e * e / 8.0, _amplified_pure_epsilon(e, q) ** 2 / 2.0)
-        elif mode == "fixed":
-            rho = min(tokens * e * e / 8.0, _amplified_pure_epsilon(tokens * e, q) ** 2 / 2.0)
-        else:
-            raise ValueError(f"unknown mode {mode!r}")
+        rho = full * _block_rho(k, e, q) + (_block_rho(last, e, q) if last else 0.0)
         return dpa.ZCDpEvent(rho)
     raise ValueError("give sigma (Gaussian) or epsilon_per_token (exponential)")

@@ -13,10 +13,15 @@ from typing import Sequence
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled text (private record or generated demonstration)."""
+    """One labelled text (private record or generated demonstration).
+
+    ``unit`` names the record's privacy unit (e.g. a customer id); records without one are their
+    own unit (see :mod:`aggregation.units`).
+    """
 
     text: str
     label: str
+    unit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -45,10 +50,27 @@ class TaskPrompt:
     def generation_header(self, label: str) -> str:
         return f"{self.label_prefix} {self.word(label)}\n{self.input_prefix}"
 
+    def shared_prefix(self) -> str:
+        """The text every generation prompt of the task starts with (public: the instruction).
+
+        A next-token source may encode it once and reuse its state across rows, steps and calls.
+        It ends where the instruction ends; the rest starts with the blank line, so a BPE
+        tokenizer splits prefix and rest where it would split the whole prompt anyway.
+        """
+        return self.instruction
+
+    def generation_body(self, examples: Sequence[Example], label: str) -> str:
+        """The generation prompt after :meth:`shared_prefix`: examples, then the label header."""
+        body = "".join(self.generation_example(e) for e in examples)
+        return f"\n\n{body}{self.generation_header(label)}"
+
     def generation_prompt(self, examples: Sequence[Example], label: str) -> str:
         """Instruction, the examples in generation format, then the header for ``label``."""
-        body = "".join(self.generation_example(e) for e in examples)
-        return f"{self.instruction}\n\n{body}{self.generation_header(label)}"
+        return self.shared_prefix() + self.generation_body(examples, label)
+
+    def public_body(self, label: str) -> str:
+        """:meth:`public_prompt` without the shared prefix."""
+        return self.generation_body((), label)
 
     def public_prompt(self, label: str) -> str:
         """The generation prompt without private examples (free to query)."""

@@ -147,3 +147,51 @@ def test_exponential_event_uses_the_smaller_valid_zcdp_bound():
     ev = demonstration_event("resample", q, t, epsilon_per_token=e)
     amplified = math.log1p(q * math.expm1(e))
     assert ev.rho == pytest.approx(t * min(e * e / 8, amplified**2 / 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Block resampling: one Poisson sample per block of k tokens.
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 12])
+def test_block_mode_at_k_1_is_resample_and_at_k_t_is_fixed(tokens):
+    q, sigma, delta = 0.01, 0.8, 1e-5
+    written_resample = dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), tokens)
+    written_fixed = dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma / math.sqrt(tokens)))
+    k1 = demonstration_event("block", q, tokens, sigma=sigma, block_tokens=1)
+    kt = demonstration_event("block", q, tokens, sigma=sigma, block_tokens=tokens)
+    assert accounting.epsilon_of([k1], delta) == accounting.epsilon_of([written_resample], delta)
+    assert accounting.epsilon_of([kt], delta) == accounting.epsilon_of([written_fixed], delta)
+    assert kt == demonstration_event("fixed", q, tokens, sigma=sigma)
+    assert demonstration_event("block", q, tokens, sigma=sigma, block_tokens=tokens + 5) == kt
+    e = 0.3
+    assert demonstration_event("block", q, tokens, epsilon_per_token=e, block_tokens=1) == \
+        demonstration_event("resample", q, tokens, epsilon_per_token=e)
+    assert demonstration_event("block", q, tokens, epsilon_per_token=e, block_tokens=tokens) == \
+        demonstration_event("fixed", q, tokens, epsilon_per_token=e)
+
+
+def test_block_event_composes_full_blocks_with_a_shorter_last_block():
+    q, sigma, delta = 0.02, 1.1, 1e-5
+    ev = demonstration_event("block", q, 10, sigma=sigma, block_tokens=4)  # blocks of 4, 4, 2
+    assert accounting.pld_supports(ev)
+    by_hand = [dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma / 2.0))] * 2 + \
+        [dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma / math.sqrt(2)))]
+    assert accounting.epsilon_of([ev], delta) == pytest.approx(accounting.epsilon_of(by_hand, delta), rel=1e-9)
+    # Longer blocks share a sample across more tokens: less amplification, more epsilon.
+    eps = [accounting.epsilon_of([demonstration_event("block", q, 16, sigma=sigma, block_tokens=k)], delta)
+           for k in (1, 2, 4, 8, 16)]
+    assert eps == sorted(eps) and eps[0] < eps[-1]
+    # Exponential mechanism: zCDP adds over blocks, each block the smaller of its two bounds.
+    e = 0.4
+    amp = lambda x: math.log1p(q * math.expm1(x))  # noqa: E731
+    rho = lambda length: min(length * e * e / 8, amp(length * e) ** 2 / 2)  # noqa: E731
+    em = demonstration_event("block", q, 10, epsilon_per_token=e, block_tokens=4)
+    assert em.rho == pytest.approx(2 * rho(4) + rho(2))
+
+
+def test_block_mode_needs_a_block_size():
+    with pytest.raises(ValueError):
+        demonstration_event("block", 0.01, 10, sigma=1.0)
+    with pytest.raises(ValueError):
+        demonstration_event("block", 0.01, 10, sigma=1.0, block_tokens=0)

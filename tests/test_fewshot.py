@@ -16,10 +16,20 @@ from aggregation.fewshot import (
 )
 from aggregation.mechanisms import Noise, demonstration_event
 from aggregation.prompts import Example, TaskPrompt
+from aggregation.sources.base import DecodeState, NextTokenSource
 from tests.tiny_model import tiny_source
 
 PROMPT = TaskPrompt("Write a question.", "Question:", "Answer type:", (("LOC", "location"),))
 POOL = [Example(f"Where is city number {i} located ?", "LOC") for i in range(60)]
+
+
+class _NeverStop(TaskPrompt):
+    @property
+    def stop(self) -> str:
+        return "\x00never\x00"
+
+
+NEVER_STOP = _NeverStop(PROMPT.instruction, PROMPT.input_prefix, PROMPT.label_prefix, PROMPT.label_words)
 
 
 @pytest.fixture(scope="module")
@@ -115,13 +125,76 @@ def test_plan_calibrates_each_label_to_the_target():
     assert plan.labels["a"].sigma > plan_demonstrations(config, {"a": 1}, {"a": 500.0}, 1e-5).labels["a"].sigma
 
 
-def test_plan_rejects_a_pool_too_small_and_bad_configs():
-    with pytest.raises(ValueError, match="too small"):
-        plan_demonstrations(GenerationConfig(epsilon=1.0), {"a": 1}, {"a": 5.0}, 1e-5)
+def test_plan_rejects_bad_configs():
     with pytest.raises(ValueError):
         plan_demonstrations(GenerationConfig(epsilon=-1.0), {"a": 1}, {"a": 500.0}, 1e-5)
     with pytest.raises(ValueError):
         plan_demonstrations(GenerationConfig(mode="other"), {"a": 1}, {"a": 500.0}, 1e-5)
+    with pytest.raises(ValueError):
+        plan_demonstrations(GenerationConfig(small_pool="fail"), {"a": 1}, {"a": 500.0}, 1e-5)
+    with pytest.raises(ValueError):  # a threshold below M*N would need q > 1
+        plan_demonstrations(GenerationConfig(min_pool=5), {"a": 1}, {"a": 500.0}, 1e-5)
+
+
+@pytest.mark.parametrize("policy", ["public", "skip"])
+def test_small_pools_never_fail_the_plan_and_the_decision_follows_the_noisy_count(policy):
+    """One row can move a noisy count across the threshold; it must change a decision, never raise."""
+    config = GenerationConfig(num_subsets=5, shots_per_subset=2, max_tokens=6, epsilon=2.0, small_pool=policy)
+    sizes = {"big": 400.0, "edge_in": 10.0, "edge_out": 9.99, "negative": -7.3, "nan": float("nan")}
+    plan = plan_demonstrations(config, {lab: 1 for lab in [*sizes, "missing"]}, sizes, 1e-5)
+    got = {lab: lp.decision for lab, lp in plan.labels.items()}
+    assert got == {"big": "private", "edge_in": "private", **{lab: policy for lab in
+                                                              ("edge_out", "negative", "nan", "missing")}}
+    assert plan.labels["edge_in"].q == 1.0
+    for lab in ("edge_out", "negative", "nan", "missing"):
+        lp = plan.labels[lab]
+        assert isinstance(lp.event, dpa.NoOpDpEvent) and lp.sigma is None
+        assert "below 10" in lp.rule
+    # Every planned label is charged (a no-op for fallbacks), so the ledger's partitions are the
+    # label set whatever the decisions; the set still meets the target.
+    assert [part for part, _ in plan.charges()] == list(plan.labels)
+    assert plan.epsilon() <= 2.0
+    expected = [lab for lab in plan.labels if got[lab] != "skip"]
+    assert plan.to_generate() == expected
+    assert plan.decisions()["big"][0] == "private"
+    # A public threshold above M*N moves the line; the decision depends on it and the count only.
+    strict = plan_demonstrations(GenerationConfig(num_subsets=5, shots_per_subset=2, max_tokens=6, epsilon=2.0,
+                                                  small_pool=policy, min_pool=50), {"a": 1, "b": 1},
+                                 {"a": 49.0, "b": 50.0}, 1e-5)
+    assert strict.labels["a"].decision == policy and strict.labels["b"].decision == "private"
+
+
+def test_a_public_fallback_label_reads_no_private_row_and_a_skipped_one_refuses(source):
+    class Exploding(list):
+        def __getitem__(self, i):
+            raise AssertionError("private pool was read")
+
+        def __len__(self):
+            return 3
+
+    config = GenerationConfig(num_subsets=4, shots_per_subset=2, max_tokens=4, top_k=5, sigma=1.0)
+    plan = plan_demonstrations(config, {"LOC": 1}, {"LOC": 3.0}, 1e-4)
+    lp = plan.labels["LOC"]
+    assert lp.decision == "public"
+    demo = generate_demonstration(source, PROMPT, Exploding(), "LOC", config, lp, Noise(0))
+    public = generate_demonstration(source, PROMPT, (), "LOC", GenerationConfig(public_only=True, max_tokens=4,
+                                                                                 top_k=5),
+                                    plan_demonstrations(GenerationConfig(public_only=True), {"LOC": 1}, {}, 0.5)
+                                    .labels["LOC"], Noise(1))
+    assert demo.token_ids == public.token_ids  # exactly the epsilon-0 demonstration
+    assert isinstance(demo.event, dpa.NoOpDpEvent)
+    skip = plan_demonstrations(GenerationConfig(num_subsets=4, shots_per_subset=2, small_pool="skip", sigma=1.0),
+                               {"LOC": 1}, {"LOC": 3.0}, 1e-4)
+    with pytest.raises(ValueError, match="skips"):
+        generate_demonstration(source, PROMPT, Exploding(), "LOC", config, skip.labels["LOC"], Noise(0))
+
+
+def test_public_only_with_the_full_vocabulary_decodes_greedily(source):
+    config = GenerationConfig(public_only=True, max_tokens=3, top_k=None)
+    lp = plan_demonstrations(config, {"LOC": 1}, {}, 0.5).labels["LOC"]
+    demo = generate_demonstration(source, NEVER_STOP, (), "LOC", config, lp, Noise(0))
+    state = source.open([NEVER_STOP.public_prompt("LOC")])
+    assert demo.token_ids[0] == int(np.argmax(state.probs(None)[0]))
 
 
 def test_noisy_pool_sizes_are_noisy_and_charged():
@@ -156,23 +229,121 @@ def test_real_smollm2_generates_a_trec_question_at_epsilon_8():
     assert any(c.isalpha() for c in demo.text)
 
 
-def test_fixed_mode_pads_every_row_to_the_public_width(source, monkeypatch):
+@pytest.mark.parametrize("mode,k", [("fixed", None), ("resample", None), ("block", 2)])
+def test_every_mode_pads_every_row_to_the_public_width(source, monkeypatch, mode, k):
     """The public row shares the private batch only with a data-independent batch shape."""
-    widths = []
+    shapes = []
     real_open = type(source).open
 
-    def spy(self, prompts, suffix=(), keep_state=False, width=None):
-        state = real_open(self, prompts, suffix, keep_state, width)
-        widths.append((len(prompts), state._mask.shape[1]))
+    def spy(self, prompts, suffix=(), keep_state=False, width=None, prefix=""):
+        state = real_open(self, prompts, suffix, keep_state, width, prefix)
+        shapes.append((len(prompts), len(suffix), state._mask.shape[1]))
         return state
 
     monkeypatch.setattr(type(source), "open", spy)
-    config = GenerationConfig(mode="fixed", num_subsets=3, shots_per_subset=2, max_tokens=3, top_k=5,
+    config = GenerationConfig(mode=mode, block_tokens=k, num_subsets=3, shots_per_subset=2, max_tokens=4, top_k=5,
                               sigma=1.0, max_prompt_tokens=120)
     plan = _plan(config)
     for seed in range(3):  # different samples, different natural prompt lengths, same shape
-        generate_demonstration(source, PROMPT, POOL, "LOC", config, plan.labels["LOC"], Noise(seed))
-    assert widths and all(w == (4, 120) for w in widths)  # public + 3 private rows, width 120
+        generate_demonstration(source, NEVER_STOP, POOL, "LOC", config, plan.labels["LOC"], Noise(seed))
+    # public + 3 private rows, width 120 plus the tokens generated before the block started
+    assert shapes and all(rows == 4 and w == 120 + done for rows, done, w in shapes)
+
+
+class RecordingSource(NextTokenSource):
+    """A fake batched source: uniform distributions over a 50-token vocabulary, one token per word.
+
+    It records what every ``open`` was asked for; nothing about the answers depends on the rows.
+    """
+
+    def __init__(self, caches_state: bool):
+        self.caches_state = caches_state
+        self.opened: list[tuple[int, int, int | None, str]] = []
+        self.texts: list[str] = []
+
+    def open(self, prompts, suffix=(), keep_state=False, width=None, prefix=""):
+        rows = [prefix + p for p in prompts]
+        if width is not None:
+            assert all(self.count_tokens(r) + len(suffix) <= width for r in rows)
+        self.opened.append((len(prompts), len(suffix), width, prefix))
+        self.texts.extend(rows)
+        return _UniformState(len(prompts))
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+    def decode(self, tokens):
+        return "".join(f" w{t}" for t in tokens)
+
+    def vocabulary(self):
+        return range(50)
+
+
+class _UniformState(DecodeState):
+    def __init__(self, rows):
+        self.rows, self.calls = rows, 1
+
+    def probs(self, candidates):
+        n = 50 if candidates is None else len(candidates)
+        return np.full((self.rows, n), 1.0 / 50)
+
+    def top_tokens(self, k):
+        return list(range(min(k, 50)))
+
+    def advance(self, token):
+        self.calls += 1
+
+
+@pytest.mark.parametrize("caches_state", [True, False])
+@pytest.mark.parametrize("mode,k", [("resample", None), ("fixed", None), ("block", 3)])
+def test_batch_shapes_do_not_depend_on_private_prompt_lengths(caches_state, mode, k):
+    """D and D + one very long record open the same shapes, step by step (q = 1: always drawn)."""
+    pool = [Example(f"short question {i} ?", "LOC") for i in range(8)]
+    long = Example("a very long private record " * 30, "LOC")
+    config = GenerationConfig(mode=mode, block_tokens=k, num_subsets=4, shots_per_subset=2, max_tokens=7,
+                              top_k=5, sigma=1.0, max_prompt_tokens=60)
+    plan = plan_demonstrations(config, {"LOC": 1}, {"LOC": 8.0}, 1e-4)
+    assert plan.labels["LOC"].q == 1.0
+    seen = []
+    for data in (pool, [*pool, long]):
+        src = RecordingSource(caches_state)
+        generate_demonstration(src, NEVER_STOP, data, "LOC", config, plan.labels["LOC"], Noise(5))
+        seen.append(src.opened)
+        assert all(src.count_tokens(t) <= 60 + 7 for t in src.texts)
+    assert seen[0] == seen[1]
+    private_opens = [o for o in seen[0] if o[2] is not None]
+    assert private_opens and all(w == 60 + done for _, done, w, _ in private_opens)
+    assert all(o[3] == NEVER_STOP.shared_prefix() for o in seen[0])  # the instruction is the shared prefix
+
+
+def test_rows_are_the_same_prompts_split_at_the_shared_prefix(source):
+    """Passing the instruction as a prefix changes neither the text nor its tokens."""
+    from aggregation.fewshot import _fit_prompt
+
+    prefix = PROMPT.shared_prefix()
+    head = source.count_tokens(prefix)
+    for n in range(4):
+        exs = POOL[n: 2 * n]
+        body = _fit_prompt(source, PROMPT, exs, "LOC", 256, prefix, head)
+        full = _fit_prompt(source, PROMPT, exs, "LOC", 256)
+        assert prefix + body == full == PROMPT.generation_prompt(exs, "LOC")
+        assert source.encode(prefix) + source.encode(body) == source.encode(full)
+    recorder = RecordingSource(True)
+    config = GenerationConfig(num_subsets=3, shots_per_subset=2, max_tokens=2, top_k=5, sigma=1.0)
+    generate_demonstration(recorder, NEVER_STOP, POOL, "LOC", config, _plan(config).labels["LOC"], Noise(1))
+    assert recorder.texts[0] == NEVER_STOP.public_prompt("LOC")
+
+
+def test_fitting_counts_the_prefix(source):
+    from aggregation.fewshot import _fit_prompt
+
+    prefix = PROMPT.shared_prefix()
+    head = source.count_tokens(prefix)
+    exs = [Example("word " * 12, "LOC"), Example("short one ?", "LOC")]
+    width = source.count_tokens(PROMPT.generation_prompt(exs[1:], "LOC")) + 2
+    body = _fit_prompt(source, PROMPT, exs, "LOC", width, prefix, head)
+    assert "short one" in body and "word word" not in body
+    assert head + source.count_tokens(body) <= width
 
 
 def test_examples_that_do_not_fit_are_left_out(source):
@@ -182,3 +353,37 @@ def test_examples_that_do_not_fit_are_left_out(source):
     text = _fit_prompt(source, PROMPT, long, "LOC", 64)
     assert "short one" in text and "word word" not in text
     assert source.count_tokens(text) <= 64
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 6])
+def test_block_mode_draws_one_poisson_sample_per_block(source, monkeypatch, k):
+    import aggregation.fewshot as fewshot
+
+    calls, steps = [], []
+    real = fewshot.poisson_subsets
+
+    def counting(*args, **kwargs):
+        calls.append(len(steps))  # the step at which the sample was drawn
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fewshot, "poisson_subsets", counting)
+    config = GenerationConfig(mode="block", block_tokens=k, num_subsets=3, shots_per_subset=2, max_tokens=6,
+                              top_k=20, sigma=0.5)
+    plan = _plan(config)
+    generate_demonstration(source, NEVER_STOP, POOL, "LOC", config, plan.labels["LOC"], Noise(3),
+                           on_token=steps.append)
+    # One sample at the start of each block of k tokens, none in between.
+    assert calls == [s for s in range(len(steps)) if s % k == 0]
+    assert len(steps) >= 2
+
+
+def test_block_plans_calibrate_like_resample_at_k_1_and_fixed_at_k_t():
+    base = dict(num_subsets=5, shots_per_subset=2, max_tokens=8, epsilon=2.0)
+    sig = {name: plan_demonstrations(GenerationConfig(**base, **kw), {"a": 1}, {"a": 400.0}, 1e-5).labels["a"].sigma
+           for name, kw in {"resample": dict(mode="resample"), "fixed": dict(mode="fixed"),
+                            "k1": dict(mode="block", block_tokens=1), "kT": dict(mode="block", block_tokens=8),
+                            "k4": dict(mode="block", block_tokens=4)}.items()}
+    assert sig["k1"] == sig["resample"] and sig["kT"] == sig["fixed"]
+    assert sig["resample"] < sig["k4"] < sig["fixed"]
+    plan = plan_demonstrations(GenerationConfig(**base, mode="block", block_tokens=4), {"a": 1}, {"a": 400.0}, 1e-5)
+    assert plan.epsilon() <= 2.0
