@@ -91,9 +91,8 @@ def generate_demonstration(
     # The task instruction is public and opens every row: pass it as the shared prefix (tokenised
     # on its own; ``width`` counts it). Rows are the rest of each prompt.
     prefix = _shared_prefix(source, prompt, label)
-    head = (source.count_tokens(prefix) or 0) if prefix else 0
     public_prompt = _body(prompt, (), label, prefix)
-    if head + (source.count_tokens(public_prompt) or 0) > width:
+    if (source.count_tokens(public_prompt, prefix=prefix) or 0) > width:
         raise ValueError(f"the public prompt is longer than max_prompt_tokens = {width}")
     # On a batched, KV-cached backend the public prompt rides in row 0 of the private batch (one
     # forward per step instead of two). That is sound only because every row is padded to the
@@ -104,7 +103,7 @@ def generate_demonstration(
     shared = not public_only and source.caches_state and needs_public
 
     def private_prompts() -> list[str]:
-        return [_fit_prompt(source, prompt, rows, label, width, prefix, head)
+        return [_fit_prompt(source, prompt, rows, label, width, prefix)
                 for rows in _draw_subsets(pool, label_plan.q, m, noise)]
 
     public = None
@@ -236,20 +235,21 @@ def _body(prompt: TaskPrompt, examples: Sequence[Example], label: str, prefix: s
 
 
 def _fit_prompt(source: NextTokenSource, prompt: TaskPrompt, examples: Sequence[Example], label: str,
-                width: int, prefix: str = "", prefix_tokens: int = 0) -> str:
+                width: int, prefix: str = "") -> str:
     """The row for ``examples``: as many of them (in order) as fit in ``width`` tokens, prefix included.
 
-    Returns the text after ``prefix`` (the whole prompt when ``prefix`` is empty). Depends only on
-    this subset's examples, so one record still changes at most one prompt.
+    Counted the way the source lays the row out (prefix tokenised on its own, special tokens
+    included; API sources give a public upper bound). Returns the text after ``prefix`` (the whole
+    prompt when ``prefix`` is empty). Depends only on this subset's examples, so one record still
+    changes at most one prompt.
     """
-    room = width - prefix_tokens
     full = _body(prompt, examples, label, prefix)
-    n = source.count_tokens(full)
-    if n is None or n <= room:  # API backends cannot count: their prompts are not batched
+    n = source.count_tokens(full, prefix=prefix)
+    if n is None or n <= width:  # a source that cannot count sends every row on its own
         return full
     kept: list[Example] = []
     for ex in examples:
-        if (source.count_tokens(_body(prompt, [*kept, ex], label, prefix)) or 0) <= room:
+        if (source.count_tokens(_body(prompt, [*kept, ex], label, prefix), prefix=prefix) or 0) <= width:
             kept.append(ex)
     return _body(prompt, kept, label, prefix)
 

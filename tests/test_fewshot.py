@@ -269,8 +269,8 @@ class RecordingSource(NextTokenSource):
         self.texts.extend(rows)
         return _UniformState(len(prompts))
 
-    def count_tokens(self, text):
-        return len(text.split())
+    def count_tokens(self, text, prefix=""):
+        return len((prefix + text).split())
 
     def decode(self, tokens):
         return "".join(f" w{t}" for t in tokens)
@@ -321,10 +321,9 @@ def test_rows_are_the_same_prompts_split_at_the_shared_prefix(source):
     from aggregation.fewshot import _fit_prompt
 
     prefix = PROMPT.shared_prefix()
-    head = source.count_tokens(prefix)
     for n in range(4):
         exs = POOL[n: 2 * n]
-        body = _fit_prompt(source, PROMPT, exs, "LOC", 256, prefix, head)
+        body = _fit_prompt(source, PROMPT, exs, "LOC", 256, prefix)
         full = _fit_prompt(source, PROMPT, exs, "LOC", 256)
         assert prefix + body == full == PROMPT.generation_prompt(exs, "LOC")
         assert source.encode(prefix) + source.encode(body) == source.encode(full)
@@ -338,12 +337,12 @@ def test_fitting_counts_the_prefix(source):
     from aggregation.fewshot import _fit_prompt
 
     prefix = PROMPT.shared_prefix()
-    head = source.count_tokens(prefix)
     exs = [Example("word " * 12, "LOC"), Example("short one ?", "LOC")]
     width = source.count_tokens(PROMPT.generation_prompt(exs[1:], "LOC")) + 2
-    body = _fit_prompt(source, PROMPT, exs, "LOC", width, prefix, head)
+    body = _fit_prompt(source, PROMPT, exs, "LOC", width, prefix)
     assert "short one" in body and "word word" not in body
-    assert head + source.count_tokens(body) <= width
+    head, rows = source.segments([body], (), prefix)
+    assert len(head) + len(rows[0]) <= width
 
 
 def test_examples_that_do_not_fit_are_left_out(source):
