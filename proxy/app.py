@@ -67,7 +67,7 @@ def _build_upstreams(config: Config, http: httpx.AsyncClient) -> dict[str, Any]:
         local_loader=_load_local_model)
     for entry in config.model_list:
         ups[entry.model_name] = build_upstream(entry.model_dump(), http, s.timeout, s.retries,
-                                               local_loader=_load_local_model)
+                                               local_loader=_load_local_model, max_retry_wait=s.max_retry_wait)
     return ups
 
 
