@@ -174,6 +174,12 @@ class ServerSettings(_Strict):
     timeout: float = Field(60.0, gt=0)
     #: Extra attempts on transient upstream errors (with backoff).
     retries: int = Field(2, ge=0, le=10)
+    #: Longest total wait between the retries of one request (backoff and upstream ``Retry-After``);
+    #: a longer ``Retry-After`` is passed to the client with the 429 instead of being waited out.
+    max_retry_wait: float = Field(8.0, ge=0, le=300)
+    #: Seconds from the start of a request by which its whole body must have arrived; a slower
+    #: body is cut off with 408 (and the connection closed).
+    body_timeout: float = Field(60.0, gt=0, le=3600)
     #: Largest accepted request body (checked on Content-Length and on the streamed body).
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     #: Serve /v1 without a client key even when an admin key is set (local development).
