@@ -21,7 +21,7 @@ from proxy.api.errors import install_error_handlers
 from proxy.api.health import router as health_router
 from proxy.api.jobs import router as jobs_router
 from proxy.api.middleware import RequestMiddleware
-from proxy.api.openai import router as openai_router
+from proxy.api.openai import routes as openai_routes
 from proxy.api.openapi import router as openapi_router
 from proxy.auth import Authenticator
 from proxy.budget import BudgetService
@@ -131,7 +131,7 @@ def create_app(config: Config | None = None, freeze_gc: bool = False) -> FastAPI
     app.add_middleware(RequestMiddleware, limit=config.server.max_body_bytes, metrics=metrics,
                        access_log=config.server.access_log, body_timeout=config.server.body_timeout)
 
-    app.include_router(openai_router)
+    app.router.routes.extend(openai_routes)
     app.include_router(admin_router)
     app.include_router(jobs_router)
     app.include_router(health_router)

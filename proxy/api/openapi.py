@@ -14,8 +14,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from pydantic import TypeAdapter
 from starlette.responses import Response
+from starlette.routing import Route
 
 from proxy.api.common import json_response, require_admin
 from proxy.api.schemas import BudgetUpdate, ChatRequest, CompletionRequest, WarmRequest
@@ -83,6 +85,14 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``app``'s routes with their request bodies and error responses."""
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
                       description="dpicl proxy: OpenAI-compatible routes (/v1) and the admin API (/admin).")
+    # Plain Starlette routes (the /v1 hot path) are not in FastAPI's document: add them.
+    paths = doc.setdefault("paths", {})
+    for route in app.routes:
+        if isinstance(route, Route) and not isinstance(route, APIRoute) and route.include_in_schema:
+            summary = ((route.endpoint.__doc__ or "").strip().splitlines() or [route.name])[0]
+            for method in sorted((route.methods or set()) - {"HEAD"}):
+                paths.setdefault(route.path, {})[method.lower()] = {
+                    "summary": summary, "operationId": f"{route.name}_{method.lower()}"}
     components = doc.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     schemas["Error"] = ERROR_SCHEMA
