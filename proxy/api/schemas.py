@@ -63,4 +63,7 @@ class WarmRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    #: Only price the warm-up (nothing queued, charged or read).
     dry_run: bool = False
+    #: Block until the warm-up finishes (scripts); otherwise answer 202 at once.
+    wait: bool = False

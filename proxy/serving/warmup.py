@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import dp_accounting as dpa
 
@@ -35,6 +35,11 @@ from proxy.upstreams.base import UpstreamError
 
 #: Cached payload format version (bump when the payload layout changes).
 PAYLOAD_VERSION = 1
+
+#: ``progress(tokens_done, tokens_total)``; called from the generating thread.
+Progress = Callable[[int, int], None]
+#: ``reserved(epsilon_cost)``: the cost (count release included) is in the ledger; no row read yet.
+Reserved = Callable[[float], None]
 
 
 @dataclass
@@ -100,11 +105,23 @@ class Warmup:
     def _refuse(self, exc: BudgetExceeded) -> APIError:
         return APIError(402, f"privacy budget exceeded: {exc}", "budget_exceeded")
 
-    def generate(self, task: TaskConfig, prep: Prepared, actor: str, admin: bool = True) -> dict[str, Any]:
-        """Reserve the set's cost, then read the rows, generate the set and store it (blocking)."""
+    def generate(self, task: TaskConfig, prep: Prepared, actor: str, admin: bool = True,
+                 progress: Progress | None = None, reserved: Reserved | None = None) -> dict[str, Any]:
+        """Reserve the set's cost, then read the rows, generate the set and store it (blocking).
+
+        ``reserved`` is told the cost once it is in the ledger; ``progress`` after every token.
+        Progress counts the charged maximum ``T`` per demonstration (a demonstration that stops
+        early jumps to its full ``T``), so ``tokens_total`` is public; how fast it moves is not
+        (stopping depends on the data), which is why warm-up views are admin-only.
+        A demonstration that came out empty is not stored; its label is listed in
+        ``empty_labels`` (the choice is post-processing of DP output).
+        """
         meta, labels = prep.meta, prep.labels
         reason = f"task {task.name} demos {prep.key[:12]}"
         config = generation_config(task)
+        # What this warm-up adds to the dataset's spend (count release included when it happens
+        # now). Another process charging at the same moment would be counted too (over-reports).
+        spent_before = self.budget.spent(meta.id) if reserved is not None else 0.0
         try:
             if config.public_only:
                 pools: dict[str, float] = {}
@@ -136,6 +153,8 @@ class Warmup:
         self.metrics.record_spend(meta.id, res.spent_after, res.budget_epsilon)
         log_event("demos.reserved", task=task.name, dataset_id=meta.id, epsilon=_num(res.epsilon),
                   spent=_num(res.spent_after), actor=actor)
+        if reserved is not None:
+            reserved(max(res.epsilon, res.spent_after - spent_before))
         source = self.generators.source(task)
         prompt = task_prompt(task)
         noise = Noise(None)  # CSPRNG: the noise must not be reproducible from the seed
@@ -152,13 +171,29 @@ class Warmup:
                 pools_rows = pools_by_label([Example(t, lab) for t, lab in rows])
                 del rows
             demos: list[dict[str, Any]] = []
+            empty: list[str] = []
             tokens = 0
+            total = len(labels) * task.shots * config.max_tokens
+            done = 0
+
+            def on_token(step: int) -> None:
+                if progress is not None:
+                    progress(done + step + 1, total)
+
             for label in labels:
                 for _ in range(task.shots):
                     d = generate_demonstration(source, prompt, pools_rows.get(label, []), label, config,
-                                               plan.labels[label], noise)
-                    demos.append({"text": d.text, "label": label})
+                                               plan.labels[label], noise, on_token=on_token)
+                    done += config.max_tokens
+                    if progress is not None:
+                        progress(done, total)
                     tokens += d.tokens
+                    if not d.text.strip():
+                        # An empty demonstration teaches nothing and would inject a bare header.
+                        if label not in empty:
+                            empty.append(label)
+                        continue
+                    demos.append({"text": d.text, "label": label})
             del pools_rows
         payload = {
             "version": PAYLOAD_VERSION,
@@ -167,6 +202,7 @@ class Warmup:
             "dataset_version": meta.version,
             "labels": labels,
             "demos": demos,
+            "empty_labels": empty,
             "epsilon": _num(plan.epsilon()),
             "delta": meta.budget_delta,
             "generator": self.generators.generator_id(task),

@@ -12,6 +12,8 @@ Every key starts with a prefix (``dpicl:`` by default) so one Redis can hold sev
 ``{p}demos:ds:{id}``          set of demo keys of a dataset; ``{p}demos:task:{task}`` by task
 ``{p}tasks``                  hash: task name -> spec JSON
 ``{p}job:{id}``, ``{p}jobs``  job record JSON; sorted set of job ids by creation time
+``{p}warmup:{id}``            warm-up record JSON; ``{p}warmups``: sorted set of ids by creation
+``{p}warmup-active:{dedupe}`` id of the active (queued/running) warm-up with that dedupe key
 ``{p}blob:{key}``             raw bytes of a job result
 ============================  ===============================================================
 
@@ -33,6 +35,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis
 
 from proxy.store.base import (
+    ACTIVE_WARMUP_STATES,
     BudgetCheck,
     Charge,
     DatasetMeta,
@@ -304,6 +307,68 @@ class RedisStore(Store):
             return record
 
         return self._transaction(txn, job_key)
+
+    # -- warm-ups ------------------------------------------------------------------------
+    def create_warmup(self, record: dict[str, Any], dedupe: str | None = None) -> tuple[dict[str, Any], bool]:
+        wkey = self._k("warmup", record["id"])
+        if dedupe is None:
+            with self.r.pipeline(transaction=True) as pipe:
+                pipe.set(wkey, json.dumps(record))
+                pipe.zadd(self._k("warmups"), {record["id"]: time.time()})
+                pipe.execute()
+            return dict(record), True
+        akey = self._k("warmup-active", dedupe)
+
+        def txn(pipe: redis.client.Pipeline) -> tuple[dict[str, Any], bool]:
+            current = pipe.get(akey)
+            if current is not None:
+                raw = pipe.get(self._k("warmup", current.decode()))
+                if raw is not None:
+                    existing = json.loads(raw)
+                    if existing.get("state") in ACTIVE_WARMUP_STATES:
+                        pipe.multi()  # nothing to write; EXEC of an empty transaction
+                        return existing, False
+            pipe.multi()
+            pipe.set(wkey, json.dumps({**record, "dedupe": dedupe}))
+            pipe.zadd(self._k("warmups"), {record["id"]: time.time()})
+            pipe.set(akey, record["id"])
+            return {**record, "dedupe": dedupe}, True
+
+        return self._transaction(txn, akey)
+
+    def get_warmup(self, warmup_id: str) -> dict[str, Any] | None:
+        raw = self.r.get(self._k("warmup", warmup_id))
+        return json.loads(raw) if raw is not None else None
+
+    def list_warmups(self, limit: int = 200) -> list[dict[str, Any]]:
+        ids = [i.decode() for i in self.r.zrevrange(self._k("warmups"), 0, max(0, int(limit) - 1))]
+        if not ids:
+            return []
+        return [json.loads(raw) for raw in self.r.mget([self._k("warmup", i) for i in ids]) if raw is not None]
+
+    def update_warmup(self, warmup_id: str, expect: Sequence[str] | None = None, **fields: Any) -> dict[str, Any] | None:
+        wkey = self._k("warmup", warmup_id)
+
+        def txn(pipe: redis.client.Pipeline) -> dict[str, Any] | None:
+            raw = pipe.get(wkey)
+            if raw is None:
+                raise NotFound(f"warm-up {warmup_id} not found")
+            record = json.loads(raw)
+            if expect is not None and record.get("state") not in expect:
+                pipe.multi()
+                return None
+            record.update(fields)
+            dedupe = record.get("dedupe")
+            akey = self._k("warmup-active", dedupe) if dedupe else None
+            owner = pipe.get(akey) if akey else None
+            pipe.multi()
+            pipe.set(wkey, json.dumps(record))
+            if akey and record.get("state") not in ACTIVE_WARMUP_STATES and owner is not None \
+                    and owner.decode() == warmup_id:
+                pipe.delete(akey)
+            return record
+
+        return self._transaction(txn, wkey)
 
     # -- blobs --------------------------------------------------------------------------
     def put_blob(self, key: str, data: bytes) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from proxy.store.base import (
+    ACTIVE_WARMUP_STATES,
     BudgetCheck,
     Charge,
     DatasetMeta,
@@ -87,6 +88,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     record TEXT NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS warmups (
+    id TEXT PRIMARY KEY,
+    dedupe TEXT,
+    state TEXT NOT NULL,
+    record TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS warmups_by_dedupe ON warmups (dedupe, state);
 CREATE TABLE IF NOT EXISTS blobs (
     key TEXT PRIMARY KEY,
     data BLOB NOT NULL
@@ -334,6 +343,42 @@ class SqliteStore(Store):
                 raise NotFound(f"job {job_id} not found")
             record = {**json.loads(row[0]), **fields}
             c.execute("UPDATE jobs SET record = ? WHERE id = ?", (json.dumps(record), job_id))
+        return record
+
+    # -- warm-ups ------------------------------------------------------------------------
+    def create_warmup(self, record: dict[str, Any], dedupe: str | None = None) -> tuple[dict[str, Any], bool]:
+        active = ", ".join("?" * len(ACTIVE_WARMUP_STATES))
+        with self._tx(immediate=True) as c:
+            if dedupe is not None:
+                row = c.execute(f"SELECT record FROM warmups WHERE dedupe = ? AND state IN ({active}) "
+                                "ORDER BY created_at LIMIT 1", (dedupe, *ACTIVE_WARMUP_STATES)).fetchone()
+                if row is not None:
+                    return json.loads(row[0]), False
+            record = {**record, "dedupe": dedupe}
+            c.execute("INSERT INTO warmups (id, dedupe, state, record, created_at) VALUES (?, ?, ?, ?, ?)",
+                      (record["id"], dedupe, record["state"], json.dumps(record), time.time()))
+        return record, True
+
+    def get_warmup(self, warmup_id: str) -> dict[str, Any] | None:
+        row = self._conn().execute("SELECT record FROM warmups WHERE id = ?", (warmup_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def list_warmups(self, limit: int = 200) -> list[dict[str, Any]]:
+        cur = self._conn().execute("SELECT record FROM warmups ORDER BY created_at DESC, id DESC LIMIT ?",
+                                   (int(limit),))
+        return [json.loads(r[0]) for r in cur.fetchall()]
+
+    def update_warmup(self, warmup_id: str, expect: Sequence[str] | None = None, **fields: Any) -> dict[str, Any] | None:
+        with self._tx(immediate=True) as c:
+            row = c.execute("SELECT record FROM warmups WHERE id = ?", (warmup_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"warm-up {warmup_id} not found")
+            record = json.loads(row[0])
+            if expect is not None and record.get("state") not in expect:
+                return None
+            record.update(fields)
+            c.execute("UPDATE warmups SET record = ?, state = ? WHERE id = ?",
+                      (json.dumps(record), record["state"], warmup_id))
         return record
 
     # -- blobs --------------------------------------------------------------------------
