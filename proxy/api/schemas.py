@@ -59,9 +59,9 @@ class BudgetUpdate(BaseModel):
 
 
 class WarmRequest(BaseModel):
-    """``POST /admin/tasks/{task}/demos``."""
+    """``POST /admin/tasks/{task}/demos`` (strict: ``"yes"`` or ``1`` is not a switch)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     #: Only price the warm-up (nothing queued, charged or read).
     dry_run: bool = False
