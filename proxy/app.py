@@ -16,6 +16,8 @@ import httpx
 from fastapi import FastAPI
 
 from proxy.api.admin import router as admin_router
+from proxy.api.budget import router as budget_router
+from proxy.api.datasets import router as datasets_router
 from proxy.api.errors import install_error_handlers
 from proxy.api.health import router as health_router
 from proxy.api.jobs import router as jobs_router
@@ -120,6 +122,8 @@ def create_app(config: Config | None = None) -> FastAPI:
 
     app.include_router(openai_router)
     app.include_router(admin_router)
+    app.include_router(datasets_router)
+    app.include_router(budget_router)
     app.include_router(jobs_router)
     app.include_router(health_router)
     return app
