@@ -8,6 +8,10 @@ Rules (see docs/serving.md):
   the config says ``server.open: true``. Otherwise it needs a client key or the admin key.
 - A client key may use the tasks it lists (``"*"`` = all) and, unless ``passthrough: false``,
   the pass-through models. Clients never see budgets or datasets.
+- The admin key is read from ``Authorization: Bearer <key>`` only (the scheme name is
+  case-insensitive, RFC 7235). ``/v1`` also accepts ``x-api-key`` / ``api-key`` headers, which some
+  OpenAI-compatible clients send; the admin API does not (one documented form for the most
+  powerful key).
 """
 
 from __future__ import annotations
@@ -52,13 +56,19 @@ class Authenticator:
         self.open = bool(config.server.open or (config.admin_key is None and not self._clients))
 
     @staticmethod
-    def _bearer(request: Request) -> str | None:
+    def _bearer(request: Request, alternatives: bool = True) -> str | None:
+        """The key of a request: None when absent, "" when the header is malformed.
+
+        ``alternatives``: also read ``x-api-key`` / ``api-key`` (the /v1 routes only).
+        """
         header = request.headers.get("authorization")
         if header:
             scheme, _, value = header.partition(" ")
             if scheme.lower() == "bearer" and value.strip():
                 return value.strip()
             return ""  # present but malformed
+        if not alternatives:
+            return None
         key = request.headers.get("x-api-key") or request.headers.get("api-key")
         return key.strip() if key else None
 
@@ -89,7 +99,7 @@ class Authenticator:
         if self._admin_key is None:
             raise APIError(401, "the admin API is disabled: start the server with DPICL_ADMIN_KEY set",
                            "admin_disabled")
-        key = self._bearer(request)
+        key = self._bearer(request, alternatives=False)
         if not key:
             raise APIError(401, "missing admin key: send 'Authorization: Bearer <admin key>'", "missing_api_key")
         principal = self._lookup(key)
