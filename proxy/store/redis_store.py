@@ -32,7 +32,6 @@ import json
 import random
 import time
 from typing import Any, Callable, Sequence, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 
@@ -55,6 +54,7 @@ from proxy.store.base import (
     new_dataset_id,
     normalise_rows,
 )
+from proxy.store.redis_url import split_prefix
 
 T = TypeVar("T")
 
@@ -63,20 +63,6 @@ _ROW_CHUNK = 5000
 #: Optimistic transactions give up after this many conflicts (each conflict means another
 #: client made progress, so this only trips under pathological contention).
 _MAX_ATTEMPTS = 10_000
-
-
-def split_prefix(url: str, default: str = "dpicl:") -> tuple[str, str]:
-    """Remove a ``prefix=`` query parameter (ours, not redis-py's) from ``url``."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = default
-    kept = []
-    for k, v in query:
-        if k == "prefix":
-            prefix = v
-        else:
-            kept.append((k, v))
-    return urlunsplit(parts._replace(query=urlencode(kept))), prefix
 
 
 class RedisStore(Store):
@@ -258,19 +244,11 @@ class RedisStore(Store):
         return [d["id"] for d in sorted(docs, key=lambda d: d["version"])]
 
     def get_population(self, name: str) -> Population:
-        pop = self._pop(name)
-        pop.versions = self._versions(name)
-        return pop
+        return self._pop_from(self.r.get(self._k("pop", name)), name, self._versions(name))
 
     def list_populations(self) -> list[Population]:
         names = sorted(n.decode() for n in self.r.smembers(self._k("pops")))
-        docs = self._raw_metas()
-        out = []
-        for n, raw in zip(names, self.r.mget([self._k("pop", n) for n in names]) if names else []):
-            if raw is not None:
-                ids = [d["id"] for d in sorted((d for d in docs if d["name"] == n), key=lambda d: d["version"])]
-                out.append(self._pop_from(raw, n, ids))
-        return out
+        return [self.get_population(n) for n in names]
 
     def set_budget(self, name: str, epsilon: float, delta: float, check: BudgetSetCheck) -> Population:
         pop_key, ledger_key = self._k("pop", name), self._k("ledger", name)
