@@ -11,6 +11,7 @@ Every key starts with a prefix (``dpicl:`` by default) so one Redis can hold sev
 ``{p}demo:{key}``             cached demonstration set ``{dataset_id, task, payload}``
 ``{p}demos:ds:{id}``          set of demo keys of a dataset; ``{p}demos:task:{task}`` by task
 ``{p}tasks``                  hash: task name -> spec JSON
+``{p}client_keys``            hash: client key name -> record JSON (the key's SHA-256, not the key)
 ``{p}job:{id}``, ``{p}jobs``  job record JSON; sorted set of job ids by creation time
 ``{p}blob:{key}``             raw bytes of a job result
 ============================  ===============================================================
@@ -273,6 +274,17 @@ class RedisStore(Store):
 
     def delete_task(self, name: str) -> bool:
         return bool(self.r.hdel(self._k("tasks"), name))
+
+    # -- client keys --------------------------------------------------------------------
+    def add_client_key(self, name: str, record: dict[str, Any]) -> bool:
+        return bool(self.r.hsetnx(self._k("client_keys"), name, json.dumps(record)))
+
+    def list_client_keys(self) -> dict[str, dict[str, Any]]:
+        raw = self.r.hgetall(self._k("client_keys"))
+        return {k.decode(): json.loads(v) for k, v in sorted(raw.items())}
+
+    def delete_client_key(self, name: str) -> bool:
+        return bool(self.r.hdel(self._k("client_keys"), name))
 
     # -- jobs ---------------------------------------------------------------------------
     def put_job(self, job_id: str, record: dict[str, Any]) -> None:

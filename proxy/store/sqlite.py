@@ -82,6 +82,10 @@ CREATE TABLE IF NOT EXISTS tasks (
     name TEXT PRIMARY KEY,
     spec TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS client_keys (
+    name TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     record TEXT NOT NULL,
@@ -310,6 +314,20 @@ class SqliteStore(Store):
     def delete_task(self, name: str) -> bool:
         with self._tx() as c:
             return c.execute("DELETE FROM tasks WHERE name = ?", (name,)).rowcount > 0
+
+    # -- client keys --------------------------------------------------------------------
+    def add_client_key(self, name: str, record: dict[str, Any]) -> bool:
+        with self._tx() as c:
+            cur = c.execute("INSERT OR IGNORE INTO client_keys (name, record) VALUES (?, ?)", (name, json.dumps(record)))
+            return cur.rowcount > 0
+
+    def list_client_keys(self) -> dict[str, dict[str, Any]]:
+        cur = self._conn().execute("SELECT name, record FROM client_keys ORDER BY name")
+        return {name: json.loads(record) for name, record in cur.fetchall()}
+
+    def delete_client_key(self, name: str) -> bool:
+        with self._tx() as c:
+            return c.execute("DELETE FROM client_keys WHERE name = ?", (name,)).rowcount > 0
 
     # -- jobs ---------------------------------------------------------------------------
     def put_job(self, job_id: str, record: dict[str, Any]) -> None:
