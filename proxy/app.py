@@ -17,12 +17,15 @@ import httpx
 from fastapi import FastAPI
 
 from proxy.api.admin import router as admin_router
+from proxy.api.budget import router as budget_router
+from proxy.api.datasets import router as datasets_router
 from proxy.api.errors import install_error_handlers
 from proxy.api.health import router as health_router
 from proxy.api.jobs import router as jobs_router
 from proxy.api.keys import router as keys_router
 from proxy.api.middleware import RequestMiddleware
 from proxy.api.openai import router as openai_router
+from proxy.api.openapi import router as openapi_router
 from proxy.auth import Authenticator
 from proxy.budget import BudgetService
 from proxy.config import LOCAL_MODEL_NAME, Config, load_config
@@ -69,7 +72,7 @@ def _build_upstreams(config: Config, http: httpx.AsyncClient) -> dict[str, Any]:
         local_loader=_load_local_model)
     for entry in config.model_list:
         ups[entry.model_name] = build_upstream(entry.model_dump(), http, s.timeout, s.retries,
-                                               local_loader=_load_local_model)
+                                               local_loader=_load_local_model, max_retry_wait=s.max_retry_wait)
     return ups
 
 
@@ -133,13 +136,16 @@ def create_app(config: Config | None = None) -> FastAPI:
                   openapi_url=None)
     install_error_handlers(app)
     app.add_middleware(RequestMiddleware, limit=config.server.max_body_bytes, metrics=metrics,
-                       access_log=config.server.access_log)
+                       access_log=config.server.access_log, body_timeout=config.server.body_timeout)
 
     app.include_router(openai_router)
     app.include_router(admin_router)
+    app.include_router(datasets_router)
+    app.include_router(budget_router)
     app.include_router(jobs_router)
     app.include_router(keys_router)
     app.include_router(health_router)
+    app.include_router(openapi_router)
     return app
 
 

@@ -12,6 +12,10 @@ Rules (see docs/serving.md):
   stores only their SHA-256. Each replica keeps the stored keys in memory and re-reads them every
   ``server.cache_recheck_seconds`` (and at once after a change it made itself), so an unknown key
   never costs a store read and a key deleted on another replica stops working within that time.
+- The admin key is read from ``Authorization: Bearer <key>`` only (the scheme name is
+  case-insensitive, RFC 7235). ``/v1`` also accepts ``x-api-key`` / ``api-key`` headers, which some
+  OpenAI-compatible clients send; the admin API does not (one documented form for the most
+  powerful key).
 """
 
 from __future__ import annotations
@@ -72,13 +76,19 @@ class Authenticator:
         self._stored = stored
 
     @staticmethod
-    def _bearer(request: Request) -> str | None:
+    def _bearer(request: Request, alternatives: bool = True) -> str | None:
+        """The key of a request: None when absent, "" when the header is malformed.
+
+        ``alternatives``: also read ``x-api-key`` / ``api-key`` (the /v1 routes only).
+        """
         header = request.headers.get("authorization")
         if header:
             scheme, _, value = header.partition(" ")
             if scheme.lower() == "bearer" and value.strip():
                 return value.strip()
             return ""  # present but malformed
+        if not alternatives:
+            return None
         key = request.headers.get("x-api-key") or request.headers.get("api-key")
         return key.strip() if key else None
 
@@ -110,7 +120,7 @@ class Authenticator:
         if self._admin_key is None:
             raise APIError(401, "the admin API is disabled: start the server with DPICL_ADMIN_KEY set",
                            "admin_disabled")
-        key = self._bearer(request)
+        key = self._bearer(request, alternatives=False)
         if not key:
             raise APIError(401, "missing admin key: send 'Authorization: Bearer <admin key>'", "missing_api_key")
         principal = self._lookup(key)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from proxy.app import create_app
 from proxy.cli import app as cli
 from tests.test_app_support import (  # noqa: F401 - fixtures
-    ADMIN_KEY, CANARY, CLIENT_KEY, TINY_GENERATION, LiveServer, dataset_rows, fake_upstream, free_port, jsonl_bytes,
+    ADMIN_KEY, CANARY, CLIENT_KEY, LABELS, TINY_GENERATION, LiveServer, dataset_rows, fake_upstream, free_port, jsonl_bytes,
     make_config, tiny_model_dir,
 )
 
@@ -50,7 +50,8 @@ def test_datasets_budget_tasks_round_trip(live):
     srv, tmp = live
     data = tmp / "rows.jsonl"
     data.write_bytes(jsonl_bytes(dataset_rows(30)))
-    up = ok_json(srv.url, "datasets", "upload", str(data), "--name", "qs", "--epsilon", "5")
+    up = ok_json(srv.url, "datasets", "upload", str(data), "--name", "qs", "--epsilon", "5",
+                 "--labels", ",".join(LABELS))
     assert up["rows"] == 90 and up["name"] == "qs"
     listed = ok_json(srv.url, "datasets", "list")
     assert [d["id"] for d in listed["data"]] == [up["id"]]

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
 
-from proxy.api.common import json_response, read_json, require_admin, validate_body
+from proxy.api.common import audit, json_response, read_json, require_admin, validate_body
 from proxy.config import sha256_hex
 from proxy.errors import APIError
 from proxy.logs import log_event
@@ -89,6 +89,7 @@ async def create_key(request: Request) -> Response:
         raise APIError(409, f"client key {req.name!r} already exists; delete it first", "key_exists", param="name")
     await reload_keys(request)
     log_event("key.created", key_name=req.name, tasks=len(req.tasks), passthrough=req.passthrough)
+    await audit(request, "key.create", req.name, tasks=req.tasks, passthrough=req.passthrough)
     view = _view(req.name, req.tasks, req.passthrough, "admin", record["created_at"], record["key_prefix"])
     # The only place the secret ever appears: it is not stored, logged or listed.
     return json_response({**view, "key": secret}, 201)
@@ -104,4 +105,5 @@ async def delete_key(request: Request, name: str) -> Response:
         raise APIError(404, f"client key {name!r} not found", "key_not_found")
     await reload_keys(request)
     log_event("key.deleted", key_name=name)
+    await audit(request, "key.delete", name)
     return json_response({"object": "client_key", "name": name, "deleted": True})

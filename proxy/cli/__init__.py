@@ -1,9 +1,6 @@
-"""The ``dpicl`` command line: the typer app and ``main`` here, one module per command group (serve,
-engine: account/generate, evaluate: eval, data: sample datasets, and the admin API clients datasets,
-budget, tasks, keys, jobs/worker; common: shared options; http: the admin API client; output:
-tables and JSON). May import any proxy or aggregation module, lazily inside commands so that
-``--help`` stays fast.
-"""
+"""The ``dpicl`` command line: the typer app and ``main``; one module per command group (serve, engine,
+evaluate, data, datasets, budget, tasks, keys, jobs), ``http`` (the admin API client) and ``output``.
+May import any proxy or aggregation module, lazily inside commands so that ``--help`` stays fast."""
 
 from __future__ import annotations
 

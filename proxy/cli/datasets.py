@@ -28,6 +28,8 @@ _COLUMNS = [
 def upload(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL ({\"text\", \"label\"} per line) or CSV."),
     name: str = typer.Option(..., "--name", help="Dataset name; an existing name gets a new version."),
+    labels: Optional[str] = typer.Option(None, "--labels",
+                                         help="The label domain, comma-separated (required unless --public)."),
     epsilon: Optional[float] = typer.Option(None, "--epsilon", help="Privacy budget (default: the server's)."),
     delta: Optional[float] = typer.Option(None, "--delta", help="Delta of the budget (default: the server's)."),
     public: bool = typer.Option(False, "--public", help="The data is public (no privacy needed)."),
@@ -36,6 +38,8 @@ def upload(
 ) -> None:
     """Upload a dataset (its rows stay on the server; only counts come back)."""
     form = {"name": name, "public": str(public).lower(), "deduplicate": str(deduplicate).lower()}
+    if labels is not None:
+        form["labels"] = labels
     if epsilon is not None:
         form["epsilon"] = repr(epsilon)
     if delta is not None:
