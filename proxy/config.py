@@ -336,7 +336,8 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = No
         if ck.key_env is not None:
             secret = env.get(ck.key_env)
             if not secret:
-                raise ConfigError(f"{source}: client key {ck.name!r}: environment variable {ck.key_env} is not set")
+                raise ConfigError(f"{source}: client key {ck.name!r}: environment variable {ck.key_env} is not set "
+                                  f"(export {ck.key_env}=<the key>)")
             digest = sha256_hex(secret)
         else:
             digest = ck.key_hash  # type: ignore[assignment]
@@ -344,7 +345,20 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = No
             raise ConfigError(f"{source}: client keys {hashes[digest].name!r} and {ck.name!r} are the same key")
         hashes[digest] = ck
     cfg.client_key_hashes = hashes
+    _check_model_env(cfg, env, source)
     return cfg
+
+
+def _check_model_env(cfg: Config, env: Mapping[str, str], source: str) -> None:
+    """Every ``os.environ/NAME`` of ``model_list`` must be set now, not at the first request."""
+    for entry in cfg.model_list:
+        for key, value in entry.litellm_params.items():
+            if isinstance(value, str) and value.startswith("os.environ/"):
+                var = value[len("os.environ/"):]
+                if not env.get(var):
+                    raise ConfigError(
+                        f"{source}: model_list {entry.model_name!r} litellm_params.{key}: environment variable "
+                        f"{var} is not set (export {var}=..., or remove that model from model_list)")
 
 
 def format_validation_errors(errors: list[dict[str, Any]]) -> str:

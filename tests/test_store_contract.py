@@ -216,6 +216,19 @@ def test_tasks(store):
     assert store.list_tasks() == {"other": {"model": "o"}}
 
 
+def test_client_keys(store):
+    rec = {"key_hash": "a" * 64, "tasks": ["t1"], "passthrough": False, "created_at": 1.0}
+    assert store.list_client_keys() == {}
+    assert store.add_client_key("app2", rec) is True
+    assert store.add_client_key("app2", {**rec, "key_hash": "b" * 64}) is False  # never overwritten
+    store.add_client_key("app1", {**rec, "key_hash": "c" * 64})
+    keys = store.list_client_keys()
+    assert list(keys) == ["app1", "app2"] and keys["app2"] == rec
+    assert store.delete_client_key("app2") is True
+    assert store.delete_client_key("app2") is False
+    assert list(store.list_client_keys()) == ["app1"]
+
+
 def test_jobs(store):
     store.put_job("j1", {"id": "j1", "state": "queued", "progress": 0.0})
     store.put_job("j2", {"id": "j2", "state": "queued"})

@@ -283,6 +283,19 @@ class Store(ABC):
     @abstractmethod
     def delete_task(self, name: str) -> bool: ...
 
+    # -- client keys created through the admin API ---------------------------------------
+    @abstractmethod
+    def add_client_key(self, name: str, record: dict[str, Any]) -> bool:
+        """Store a client key record (its SHA-256, never the key); False if ``name`` exists."""
+
+    @abstractmethod
+    def list_client_keys(self) -> dict[str, dict[str, Any]]:
+        """Every stored client key record by name."""
+
+    @abstractmethod
+    def delete_client_key(self, name: str) -> bool:
+        """Remove a client key; False if there was none."""
+
     # -- jobs ---------------------------------------------------------------------------
     @abstractmethod
     def put_job(self, job_id: str, record: dict[str, Any]) -> None: ...

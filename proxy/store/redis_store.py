@@ -14,6 +14,7 @@ Every key starts with a prefix (``dpicl:`` by default) so one Redis can hold sev
 ``{p}demo:{key}``             cached demonstration set ``{dataset_id, task, payload}``
 ``{p}demos:ds:{id}``          set of demo keys of a dataset; ``{p}demos:task:{task}`` by task
 ``{p}tasks``                  hash: task name -> spec JSON
+``{p}client_keys``            hash: client key name -> record JSON (the key's SHA-256, not the key)
 ``{p}job:{id}``, ``{p}jobs``  job record JSON; sorted set of job ids by creation time
 ``{p}blob:{key}``             raw bytes of a job result
 ============================  ===============================================================
@@ -54,6 +55,7 @@ from proxy.store.base import (
     new_dataset_id,
     normalise_rows,
 )
+from proxy.store.client_keys import RedisClientKeys
 from proxy.store.redis_url import split_prefix
 
 T = TypeVar("T")
@@ -65,7 +67,7 @@ _ROW_CHUNK = 5000
 _MAX_ATTEMPTS = 10_000
 
 
-class RedisStore(Store):
+class RedisStore(RedisClientKeys, Store):
     """:class:`~proxy.store.base.Store` on Redis (``redis://host:port/db``; ``?prefix=`` optional)."""
 
     def __init__(self, url: str, prefix: str | None = None, socket_timeout: float = 30.0):

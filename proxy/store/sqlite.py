@@ -40,6 +40,7 @@ from proxy.store.base import (
     new_dataset_id,
     normalise_rows,
 )
+from proxy.store.client_keys import SQLITE_SCHEMA, SqliteClientKeys
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_info (
@@ -118,10 +119,10 @@ CREATE TABLE IF NOT EXISTS blobs (
     data BLOB NOT NULL
 );
 INSERT OR IGNORE INTO schema_info (key, value) VALUES ('version', '2');
-"""
+""" + SQLITE_SCHEMA
 
 
-class SqliteStore(Store):
+class SqliteStore(SqliteClientKeys, Store):
     """:class:`~proxy.store.base.Store` on one SQLite file (created with its parent directory)."""
 
     def __init__(self, path: str | os.PathLike[str], timeout: float = 60.0):
