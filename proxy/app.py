@@ -8,6 +8,7 @@ globals. The routers are in :mod:`proxy.api`, the request middleware in
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -16,11 +17,15 @@ import httpx
 from fastapi import FastAPI
 
 from proxy.api.admin import router as admin_router
+from proxy.api.budget import router as budget_router
+from proxy.api.datasets import router as datasets_router
 from proxy.api.errors import install_error_handlers
 from proxy.api.health import router as health_router
 from proxy.api.jobs import router as jobs_router
+from proxy.api.keys import router as keys_router
 from proxy.api.middleware import RequestMiddleware
 from proxy.api.openai import router as openai_router
+from proxy.api.openapi import router as openapi_router
 from proxy.auth import Authenticator
 from proxy.budget import BudgetService
 from proxy.config import LOCAL_MODEL_NAME, Config, load_config
@@ -67,8 +72,20 @@ def _build_upstreams(config: Config, http: httpx.AsyncClient) -> dict[str, Any]:
         local_loader=_load_local_model)
     for entry in config.model_list:
         ups[entry.model_name] = build_upstream(entry.model_dump(), http, s.timeout, s.retries,
-                                               local_loader=_load_local_model)
+                                               local_loader=_load_local_model, max_retry_wait=s.max_retry_wait)
     return ups
+
+
+async def _refresh_client_keys(app: FastAPI, interval: float) -> None:
+    """Keep this replica's copy of the admin-created client keys fresh (see proxy.auth)."""
+    while True:
+        await anyio.sleep(interval)
+        try:
+            records = await anyio.to_thread.run_sync(app.state.store.list_client_keys)
+        except Exception as exc:  # noqa: BLE001 - a store hiccup: keep the last copy, try again
+            log_event("keys.refresh_failed", error=type(exc).__name__)
+            continue
+        app.state.auth.load_stored(records)
 
 
 def create_app(config: Config | None = None) -> FastAPI:
@@ -89,6 +106,7 @@ def create_app(config: Config | None = None) -> FastAPI:
         app.state.budget = BudgetService(store)
         app.state.metrics = metrics
         app.state.auth = Authenticator(config)
+        app.state.auth.load_stored(await anyio.to_thread.run_sync(store.list_client_keys))
         app.state.http = http
         app.state.upstreams = _build_upstreams(config, http)
         app.state.tasks = TaskRegistry(config, store, config.server.cache_recheck_seconds)
@@ -99,9 +117,11 @@ def create_app(config: Config | None = None) -> FastAPI:
             log_event("server.open_mode", note="/v1 accepts requests without a key")
         if config.admin_key is None:
             log_event("server.admin_disabled", note="set DPICL_ADMIN_KEY to enable the admin API")
+        keys_task = asyncio.create_task(_refresh_client_keys(app, max(0.5, config.server.cache_recheck_seconds)))
         try:
             yield
         finally:
+            keys_task.cancel()
             for up in app.state.upstreams.values():
                 try:
                     await up.aclose()
@@ -116,15 +136,22 @@ def create_app(config: Config | None = None) -> FastAPI:
                   openapi_url=None)
     install_error_handlers(app)
     app.add_middleware(RequestMiddleware, limit=config.server.max_body_bytes, metrics=metrics,
-                       access_log=config.server.access_log)
+                       access_log=config.server.access_log, body_timeout=config.server.body_timeout)
 
     app.include_router(openai_router)
     app.include_router(admin_router)
+    app.include_router(datasets_router)
+    app.include_router(budget_router)
     app.include_router(jobs_router)
+    app.include_router(keys_router)
     app.include_router(health_router)
+    app.include_router(openapi_router)
     return app
 
 
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory proxy.app:app_from_env`` (config from ``DPICL_CONFIG``)."""
+    from proxy.logs import server_logging
+
+    server_logging()  # each worker process: JSON lines only
     return create_app(load_config())

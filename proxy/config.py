@@ -67,9 +67,15 @@ class ModelEntry(BaseModel):
 class GenerationSettings(_Strict):
     """DP generation parameters of a task (aggregation.fewshot.GenerationConfig, minus epsilon)."""
 
-    #: resample is the quality default (DESIGN.md section 3); fixed is faster but needs more noise.
-    mode: Literal["resample", "fixed"] = "resample"
-    mechanism: Literal["gaussian", "exponential"] = "gaussian"
+    #: resample is the quality default (DESIGN.md section 3); fixed is faster but needs more noise;
+    #: block keeps one Poisson sample for ``block_tokens`` tokens (between the two).
+    mode: Literal["resample", "fixed", "block"] = "resample"
+    block_tokens: int | None = Field(None, ge=1, le=512)
+    #: public_prior: clipped private-minus-public log-probabilities sampled at a temperature
+    #: (docs/privacy.md); ``clip``/``temperature`` are its knobs (one given, the other calibrated).
+    mechanism: Literal["gaussian", "exponential", "public_prior"] = "gaussian"
+    clip: float | None = Field(None, gt=0)
+    temperature: float | None = Field(1.0, gt=0)
     num_subsets: int = Field(10, ge=1, le=1000)
     shots_per_subset: int = Field(2, ge=1, le=100)
     max_tokens: int = Field(30, ge=1, le=512)
@@ -83,6 +89,20 @@ class GenerationSettings(_Strict):
     top_logprobs: int = Field(20, ge=1, le=100_000)
     #: Token budget (and, in fixed mode, the public batch width) of one generation prompt.
     max_prompt_tokens: int = Field(256, ge=16, le=32_768)
+
+    @model_validator(mode="after")
+    def _mechanism_knobs(self) -> "GenerationSettings":
+        # Refused at load time rather than at the first warm-up (GenerationConfig.validate agrees).
+        if self.mode == "block" and self.block_tokens is None:
+            raise ValueError("mode 'block' needs block_tokens")
+        if self.mechanism == "public_prior":
+            if self.sigma is not None:
+                raise ValueError("the public_prior mechanism takes clip and temperature, not sigma")
+            if self.clip is None and self.temperature is None:
+                raise ValueError("the public_prior mechanism needs clip or temperature (the other is calibrated)")
+        elif self.clip is not None:
+            raise ValueError("clip applies to the public_prior mechanism only")
+        return self
 
 
 class TaskConfig(_Strict):
@@ -154,6 +174,12 @@ class ServerSettings(_Strict):
     timeout: float = Field(60.0, gt=0)
     #: Extra attempts on transient upstream errors (with backoff).
     retries: int = Field(2, ge=0, le=10)
+    #: Longest total wait between the retries of one request (backoff and upstream ``Retry-After``);
+    #: a longer ``Retry-After`` is passed to the client with the 429 instead of being waited out.
+    max_retry_wait: float = Field(8.0, ge=0, le=300)
+    #: Seconds from the start of a request by which its whole body must have arrived; a slower
+    #: body is cut off with 408 (and the connection closed).
+    body_timeout: float = Field(60.0, gt=0, le=3600)
     #: Largest accepted request body (checked on Content-Length and on the streamed body).
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     #: Serve /v1 without a client key even when an admin key is set (local development).
@@ -310,7 +336,8 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = No
         if ck.key_env is not None:
             secret = env.get(ck.key_env)
             if not secret:
-                raise ConfigError(f"{source}: client key {ck.name!r}: environment variable {ck.key_env} is not set")
+                raise ConfigError(f"{source}: client key {ck.name!r}: environment variable {ck.key_env} is not set "
+                                  f"(export {ck.key_env}=<the key>)")
             digest = sha256_hex(secret)
         else:
             digest = ck.key_hash  # type: ignore[assignment]
@@ -318,7 +345,20 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = No
             raise ConfigError(f"{source}: client keys {hashes[digest].name!r} and {ck.name!r} are the same key")
         hashes[digest] = ck
     cfg.client_key_hashes = hashes
+    _check_model_env(cfg, env, source)
     return cfg
+
+
+def _check_model_env(cfg: Config, env: Mapping[str, str], source: str) -> None:
+    """Every ``os.environ/NAME`` of ``model_list`` must be set now, not at the first request."""
+    for entry in cfg.model_list:
+        for key, value in entry.litellm_params.items():
+            if isinstance(value, str) and value.startswith("os.environ/"):
+                var = value[len("os.environ/"):]
+                if not env.get(var):
+                    raise ConfigError(
+                        f"{source}: model_list {entry.model_name!r} litellm_params.{key}: environment variable "
+                        f"{var} is not set (export {var}=..., or remove that model from model_list)")
 
 
 def format_validation_errors(errors: list[dict[str, Any]]) -> str:

@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - orjson is optional
 _TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_budget",
     403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
-    409: "conflict_error", 413: "invalid_request_error", 415: "invalid_request_error",
+    408: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 415: "invalid_request_error",
     422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 502: "upstream_error",
     503: "service_unavailable", 504: "upstream_timeout",
 }
@@ -55,6 +55,14 @@ class APIError(Exception):
 class BodyTooLarge(APIError):
     def __init__(self, limit: int):
         super().__init__(413, f"request body is larger than the limit of {limit} bytes", "body_too_large")
+
+
+class BodyTimeout(APIError):
+    """The request body did not arrive in time; the connection is closed after the answer."""
+
+    def __init__(self, seconds: float):
+        super().__init__(408, f"the request body did not arrive within {seconds:g} seconds", "body_timeout",
+                         headers={"Connection": "close"})
 
 
 def error_body(status: int, message: str, code: str | None = None, type: str | None = None,

@@ -46,9 +46,9 @@ def _count_row_reads(app) -> list[int]:
     calls = [0]
     original = store.load_rows
 
-    def counting(dataset_id):
+    def counting(dataset_id, **kwargs):
         calls[0] += 1
-        return original(dataset_id)
+        return original(dataset_id, **kwargs)
 
     store.load_rows = counting
     return calls
@@ -114,7 +114,7 @@ def test_budget_endpoints(server):
     assert one["budget_epsilon"] == 6 and one["spent_epsilon"] == 0 and one["remaining_epsilon"] == 6
     assert one["entries"] == []
     allb = http.get("/admin/budget").json()["data"]
-    assert [b["dataset_id"] for b in allb] == [ds["id"]]
+    assert [(b["name"], b["versions"]) for b in allb] == [("b", [ds["id"]])]
     up = http.put(f"/admin/datasets/{ds['id']}/budget", json={"epsilon": 8, "delta": 1e-6})
     assert up.status_code == 200, up.text
     assert up.json()["budget_epsilon"] == 8 and up.json()["budget_delta"] == 1e-6

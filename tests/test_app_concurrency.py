@@ -3,6 +3,7 @@ budget allows only a few: the ledger never exceeds the budget and every refusal 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import yaml
 
 from aggregation.accounting import PartitionedLedger, event_from_dict
 from tests.test_app_support import (  # noqa: F401 - fixtures
-    ADMIN_KEY, admin_headers, dataset_rows, free_port, jsonl_bytes, task_spec, tiny_model_dir,
+    ADMIN_KEY, LABELS, admin_headers, dataset_rows, free_port, jsonl_bytes, task_spec, tiny_model_dir,
 )
 
 WARMUPS = 50
@@ -63,7 +64,7 @@ def test_two_processes_one_redis_never_overspend(tmp_path, redis_url, tiny_model
         urls = [url for _, url, _ in procs]
         adm = admin_headers()
         with httpx.Client(timeout=300, headers=adm) as http:
-            r = http.post(urls[0] + "/admin/datasets", data={"name": "shared", "epsilon": "100"},
+            r = http.post(urls[0] + "/admin/datasets", data={"name": "shared", "epsilon": "100", "labels": json.dumps(LABELS)},
                           files={"file": ("rows.jsonl", jsonl_bytes(dataset_rows(100)), "application/octet-stream")})
             assert r.status_code == 201, r.text
             ds = r.json()

@@ -227,7 +227,7 @@ def test_deleting_a_dataset_stops_serving_its_demos(server):
     err = assert_openai_error(http.post("/v1/chat/completions", headers=CLIENT, json=chat), 409)
     assert "an admin must warm them up" in err["message"]
     assert ds["id"] not in err["message"]  # clients never see dataset ids
-    # The ledger outlives the dataset (audit trail), read-only.
-    assert http.get("/admin/budget", headers=adm).json()["data"] == []
-    kept = http.get(f"/admin/datasets/{ds['id']}/budget", headers=adm).json()
-    assert kept["deleted"] is True and len(kept["entries"]) == 4 and kept["spent_epsilon"] > 0
+    # The ledger and budget outlive the dataset: they belong to its name (a re-upload continues them).
+    (kept,) = http.get("/admin/budget", headers=adm).json()["data"]
+    assert (kept["name"], kept["versions"], kept["events"]) == ("qs", [], 4) and kept["epsilon_spent"] > 0
+    assert len(http.get("/admin/budget/qs", headers=adm).json()["ledger"]) == 4

@@ -311,12 +311,24 @@ def test_quick_pipeline_end_to_end_on_a_tiny_subset(tmp_path):
 def test_outputs_round_trip(tmp_path):
     runs = [icl_eval.RunRecord("toy", icl_eval.ZERO_SHOT, "", 0.0, 0.0, 0.01, s, 0.25, 0.5, 4, 0, 0, 0.0, 0.1)
             for s in (0, 1)]
-    runs += [icl_eval.RunRecord("toy", icl_eval.DP, m, e, e, 0.01, s, 0.5, 0.5, 4, 2, 0, 1.0, 0.1)
+    runs += [icl_eval.RunRecord("toy", icl_eval.DP, m, e, e, 0.01, s, 0.5, 0.5, 4, 2, 0, 1.0, 0.1,
+                                "public_prior", 0.25 * (s + 1), 8)
              for m in ("resample", "fixed") for e in (1.0, math.inf) for s in (0, 1)]
-    files = icl_eval.write_outputs(tmp_path, runs, [], icl_eval.QUICK, "toy")
-    assert icl_eval.read_runs(files["runs.csv"]) == runs
+    files = icl_eval.write_outputs(tmp_path, runs, [], icl_eval.QUICK, "toy", evaluator={"features": "TF-IDF"})
+    assert icl_eval.read_runs(files["runs.csv"]) == runs  # NaN fidelity (zero-shot) included
     assert files["accuracy_vs_epsilon.png"].read_bytes()[:4] == b"\x89PNG"
-    assert "| DP demonstrations | fixed | ∞ |" in files["table.md"].read_text()
+    assert files["fidelity_vs_epsilon.png"].read_bytes()[:4] == b"\x89PNG"
+    table = files["table.md"].read_text()
+    assert "| DP demonstrations | fixed | ∞ |" in table
+    assert "| DP demonstrations | public_prior | fixed | ∞ | 37.5 ± 17.7 | 16 |" in table
+
+
+def test_read_runs_accepts_files_written_before_the_fidelity_columns(tmp_path):
+    path = tmp_path / "runs.csv"
+    old_fields = icl_eval.RUN_FIELDS[:icl_eval.RUN_FIELDS.index("mechanism")]
+    path.write_text(",".join(old_fields) + "\ntoy,dp,fixed,1.0,1.01,0.01,0,0.5,0.5,4,2,0,1.0,0.1\n")
+    (r,) = icl_eval.read_runs(path)
+    assert r.mechanism == "gaussian" and math.isnan(r.fidelity) and r.fidelity_demos == 0 and r.accuracy == 0.5
 
 
 def test_resume_keeps_finished_runs_and_refuses_other_settings(tmp_path):
@@ -327,7 +339,7 @@ def test_resume_keeps_finished_runs_and_refuses_other_settings(tmp_path):
     task = icl_eval.Task("toy", _records(120), TaskPrompt("Classify the text."), labels)
     # epsilon = inf keeps the test fast (no sigma calibration); resuming does not depend on epsilon.
     settings = icl_eval.EvalSettings(seeds=(0,), n_test=8, held_out=20, epsilons=(math.inf,), modes=("fixed",),
-                                     num_subsets=2, shots_per_subset=2, max_tokens=2, top_k=20)
+                                     num_subsets=2, shots_per_subset=2, max_tokens=2, top_k=20, fidelity_demos=0)
     quiet = dict(progress=False, log=lambda s: None)
     first = icl_eval.run_eval(task, tiny_source(), KeywordScorer(labels), settings, tmp_path, **quiet)
     assert (tmp_path / "settings.json").exists() and not list(tmp_path.glob("*.tmp"))
@@ -364,3 +376,248 @@ def test_table_compares_rows_with_epsilon_0_seed_by_seed():
     assert dp.vs_public_cal[0] == pytest.approx(0.0, abs=1e-12) and dp.vs_public_cal[2:] == (1, 2)
     row = next(line for line in icl_eval.table_markdown(runs).splitlines() if line.startswith("| DP"))
     assert row.endswith("| +15.0 ± 7.1 (2/2) | +0.0 ± 14.1 (1/2) |")
+
+
+# ---------------------------------------------------------------------------------------------
+# Demonstration fidelity and trec-opaque.
+
+
+def test_trec_opaque_words_are_distinct_single_tokens_and_say_nothing_about_the_classes():
+    from transformers import AutoTokenizer
+
+    from aggregation.evaluation.tasks import TREC_OPAQUE_WORDS
+    from aggregation.sources.local import ensure_smollm2
+
+    trec, opaque = icl_eval.load_task("trec"), icl_eval.load_task("trec-opaque")
+    assert opaque.records == trec.records and opaque.labels == trec.labels  # only the shown words differ
+    words = opaque.words()
+    assert sorted(words) == sorted(w for _, w in TREC_OPAQUE_WORDS) and len(set(words)) == 6
+    tok = AutoTokenizer.from_pretrained(ensure_smollm2())
+    first = [tok(" " + w, add_special_tokens=False)["input_ids"] for w in words]
+    assert all(len(ids) == 1 for ids in first), first
+    assert len({ids[0] for ids in first}) == 6
+    # Neither the instruction nor the headers name a class (only the private examples tell them apart).
+    shown = (opaque.prompt.instruction + opaque.prompt.label_prefix + opaque.prompt.input_prefix).lower()
+    for _, word in TREC_PROMPT.label_words:
+        assert word not in shown
+    scorer_words = icl_eval.ModelScorer(*_tiny(), words)
+    assert scorer_words.single_token_labels
+
+
+def _tiny():
+    from tests.tiny_model import tiny_model_and_tokenizer
+
+    return tiny_model_and_tokenizer()
+
+
+def _topic_records(n_per_label: int = 40) -> list[Example]:
+    topics = {"sport": ["football", "goal", "match", "team", "score"],
+              "food": ["bread", "cheese", "soup", "apple", "dinner"],
+              "weather": ["rain", "snow", "storm", "sunny", "wind"]}
+    rng = np.random.default_rng(0)
+    out = []
+    for label, words in topics.items():
+        for i in range(n_per_label):
+            picked = rng.choice(words, 3, replace=False)
+            out.append(Example(f"{' '.join(picked)} note {i}", label))
+    return out
+
+
+def test_fidelity_evaluator_scores_own_label_share_and_counts_empty_text_as_a_miss():
+    from aggregation.evaluation.fidelity import FidelityEvaluator
+
+    ev = FidelityEvaluator(embed=None).fit(_topic_records())
+    assert ev.features == "TF-IDF"
+    right = [Example("goal match team", "sport"), Example("cheese soup", "food"), Example("storm and rain", "weather")]
+    wrong = [Example(d.text, lab) for d, lab in zip(right, ["food", "weather", "sport"])]
+    assert ev.fidelity(right) == (1.0, 3)
+    assert ev.fidelity(wrong) == (0.0, 3)
+    assert ev.fidelity(right + [Example("", "sport"), Example("   ", "food")]) == (pytest.approx(0.6), 5)
+    assert math.isnan(ev.fidelity([])[0])
+    with pytest.raises(ValueError):
+        FidelityEvaluator().fit([Example("x", "a")])
+
+
+def test_fidelity_evaluator_stacks_embeddings_when_given():
+    from aggregation.evaluation.fidelity import FidelityEvaluator
+
+    calls = []
+
+    def embed(texts):  # a fake sentence embedding: one dimension per topic keyword family
+        calls.append(len(texts))
+        return np.array([[("goal" in t) + ("match" in t), ("soup" in t) + ("bread" in t), ("rain" in t)] for t in texts],
+                        dtype=float)
+
+    ev = FidelityEvaluator(embed=embed).fit(_topic_records())
+    assert ev.features == "MiniLM + TF-IDF" and calls
+    assert ev.fidelity([Example("goal match", "sport"), Example("rain", "weather")])[0] == 1.0
+
+
+def test_evaluator_split_is_disjoint_from_pool_and_test_and_keeps_the_test_set():
+    recs = _records(400) + [Example("text number 7", "d")]  # a repeated text, as TREC has
+    task = icl_eval.Task("toy", recs, TaskPrompt("Classify."), ["a", "b", "c", "d"])
+    pool0, test0 = icl_eval.held_out_split(task, 40, 0)
+    pool, test = icl_eval.held_out_split(task, 40, 0, evaluator=60)
+    train = icl_eval.evaluator_split(task, 40, 0, 60)
+    assert test == test0 and len(pool) == len(pool0) - 60
+    assert 0 < len(train) <= 60
+    texts = {r.text for r in train}
+    assert texts.isdisjoint({r.text for r in pool}) and texts.isdisjoint({r.text for r in test})
+    assert sorted(r.text for r in pool + test) + sorted(r.text for r in train) != []
+
+
+class KeywordEvaluator:
+    """A fake fidelity evaluator: a text is labelled by the keyword it contains."""
+
+    features = "keywords"
+
+    def __init__(self, keywords: dict[str, str]):
+        self.keywords = keywords
+
+    def _label(self, text: str) -> str:
+        return next((lab for k, lab in self.keywords.items() if k in text), "none")
+
+    def fidelity(self, demos):
+        if not demos:
+            return math.nan, 0
+        return sum(self._label(d.text) == d.label for d in demos) / len(demos), len(demos)
+
+    def accuracy(self, records):
+        return self.fidelity(records)[0]
+
+
+@pytest.mark.parametrize("mechanism", ["gaussian", "public_prior"])
+def test_run_eval_scores_fidelity_of_every_row_but_zero_shot(tmp_path, mechanism):
+    from tests.tiny_model import tiny_source
+
+    labels = ["a", "b", "c", "d"]
+    recs = [Example(f"{lab}word text {i}", lab) for i in range(100) for lab in labels]  # noisy sizes stay >= M*N
+    task = icl_eval.Task("toy", recs, TaskPrompt("Classify the text."), labels)
+    settings = icl_eval.EvalSettings(seeds=(0, 1), n_test=8, held_out=20, epsilons=(math.inf,), modes=("fixed",),
+                                     num_subsets=2, shots_per_subset=2, max_tokens=2, top_k=20, fidelity_demos=3,
+                                     evaluator_records=20, mechanism=mechanism)
+    evaluator = KeywordEvaluator({f"{lab}word": lab for lab in labels})
+    out = icl_eval.run_eval(task, tiny_source(), KeywordScorer(labels), settings, tmp_path, progress=False,
+                            log=lambda s: None, evaluator=evaluator)
+    for r in out.runs:
+        assert r.mechanism == mechanism
+        if r.row == icl_eval.ZERO_SHOT:
+            assert math.isnan(r.fidelity) and r.fidelity_demos == 0
+        elif r.row == icl_eval.PUBLIC and mechanism == "gaussian":  # greedy: one distinct set, scored once
+            assert r.fidelity_demos == len(labels) and 0.0 <= r.fidelity <= 1.0
+        else:
+            assert r.fidelity_demos == 3 * len(labels) and 0.0 <= r.fidelity <= 1.0
+    real = [r for r in out.runs if r.row == icl_eval.REAL]
+    assert all(r.fidelity == 1.0 for r in real)  # real examples carry their keyword
+    # Every set of the finite-epsilon or public rows is written (here only epsilon 0: epsilon is inf).
+    import json
+
+    lines = [json.loads(x) for x in (tmp_path / "demos.jsonl").read_text().splitlines()]
+    public_sets = {(x["seed"], x["set"]) for x in lines if x["row"] == icl_eval.PUBLIC}
+    assert public_sets == ({(0, 0), (1, 0)} if mechanism == "gaussian" else {(s, j) for s in (0, 1) for j in range(3)})
+    assert all(x["row"] == icl_eval.PUBLIC for x in lines)
+    assert "Demonstration fidelity" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "fidelity_vs_epsilon.png").exists()
+
+
+def test_summaries_pair_with_the_same_mechanisms_epsilon_0_and_keep_one_reference_row():
+    def rec(row, mech, eps, seed, fid):
+        return icl_eval.RunRecord("toy", row, "fixed" if row == icl_eval.DP else "", eps, eps, 0.01, seed, 0.5, 0.5,
+                                  4, 2, 0, 0.0, 0.0, mech, fid, 6)
+
+    runs = []
+    for mech, public_fid in (("gaussian", 0.2), ("public_prior", 0.4)):
+        for seed in (0, 1):
+            runs += [rec(icl_eval.REAL, mech, math.inf, seed, 0.9), rec(icl_eval.PUBLIC, mech, 0.0, seed, public_fid),
+                     rec(icl_eval.DP, mech, 4.0, seed, 0.6)]
+    sums = icl_eval.summarise(runs)
+    assert sum(s.row == icl_eval.REAL for s in sums) == 1
+    dp = {s.mechanism: s for s in sums if s.row == icl_eval.DP}
+    assert dp["gaussian"].vs_public_fid[0] == pytest.approx(0.4)
+    assert dp["public_prior"].vs_public_fid[0] == pytest.approx(0.2)
+    table = icl_eval.fidelity_markdown(runs)
+    assert "| DP demonstrations | public_prior | fixed | 4 | 60.0 ± 0.0 | 12 | +20.0 ± 0.0 (2/2) |" in table
+
+
+def test_model_scorer_puts_bos_first_when_the_tokenizer_adds_one():
+    torch = pytest.importorskip("torch")
+    model, tok = _tiny()
+    words = ["number", "location"]
+    scorer = icl_eval.ModelScorer(model, tok, words)
+    assert scorer.bos == []  # SmolLM2's tokenizer adds no BOS
+    scorer.bos = [int(tok.bos_token_id if tok.bos_token_id is not None else 1)]  # as for Gemma
+    prefix = TREC_PROMPT.serving_prefix([Example("Where is Oslo ?", "LOC")])
+    query = TREC_PROMPT.query("How many legs has a spider ?")
+    got = scorer.logprobs(prefix, [query])
+    ids = scorer.bos + tok(prefix + query, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+    want = [float(lp[tok(" " + w, add_special_tokens=False)["input_ids"][0]]) for w in words]
+    np.testing.assert_allclose(got[0], want, atol=1e-4)
+
+
+def test_cli_eval_takes_the_public_prior_mechanism_block_mode_and_trec_opaque():
+    from typer.testing import CliRunner
+
+    from proxy.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--help"])
+    for text in ("public_prior", "--block-tokens", "--fidelity-demos", "trec-opaque", "gemma3-270m"):
+        assert text in result.output
+    result = CliRunner().invoke(app, ["eval", "--modes", "sideways"])
+    assert result.exit_code == 2 and "block" in result.output
+
+
+def test_task_config_takes_the_public_prior_mechanism_and_block_mode():
+    from pydantic import ValidationError
+
+    from proxy.config import GenerationSettings, TaskConfig
+    from proxy.serving.tasks import generation_config
+
+    task = TaskConfig(name="t", dataset="d", instruction="Classify.", epsilon=2.0,
+                      generation=GenerationSettings(mode="block", block_tokens=4, mechanism="public_prior",
+                                                    temperature=1.0))
+    cfg = generation_config(task)
+    assert (cfg.mode, cfg.block_tokens, cfg.mechanism, cfg.clip, cfg.temperature) == ("block", 4, "public_prior", None, 1.0)
+    cfg.validate()
+    for bad in (dict(mode="block"), dict(mechanism="public_prior", sigma=1.0), dict(clip=1.0),
+                dict(mechanism="public_prior", temperature=None)):
+        with pytest.raises(ValidationError):
+            GenerationSettings(**bad)
+
+
+def test_audit_unit_case_puts_every_canary_copy_in_one_privacy_unit(tmp_path):
+    """Unit case: the canary records are one unit, so the audited pool counts one entry for them."""
+    from tests.tiny_model import tiny_source
+
+    labels = ["a", "b"]
+    recs = [Example(f"{lab} text {i}", lab) for i in range(120) for lab in labels]
+    task = icl_eval.Task("toy", recs, TaskPrompt("Classify the text."), labels)
+    settings = icl_eval.EvalSettings(held_out=20, num_subsets=2, shots_per_subset=2, max_tokens=2, top_k=20,
+                                     fidelity_demos=0)
+    seen = []  # the pools the generator is given
+    import aggregation.evaluation.audit as audit_mod
+
+    real_generate = audit_mod.generate_demonstration
+
+    def spy(source, prompt, pool, label, *args, **kwargs):
+        seen.append(pool)
+        return real_generate(source, prompt, pool, label, *args, **kwargs)
+
+    audit_mod.generate_demonstration = spy
+    try:
+        for unit in (False, True):
+            audit = icl_eval.AuditSettings(seeds=(0,), epsilons=(math.inf,), modes=("fixed",), demos_per_run=1,
+                                           copies=50, top_k=20, label="a", unit=unit)
+            recs_out, table = icl_eval.run_audit(task, tiny_source(), settings, audit, tmp_path / str(unit),
+                                                 progress=False, log=lambda s: None)
+            assert recs_out[0].privacy_unit == ("unit" if unit else "row") and recs_out[0].copies == 50
+            assert ("one unit holds every copy" in table) == unit
+    finally:
+        audit_mod.generate_demonstration = real_generate
+    from aggregation.units import UnitPool
+
+    rows_pool, unit_pool = seen
+    assert not isinstance(rows_pool, UnitPool) and isinstance(unit_pool, UnitPool)
+    assert len(unit_pool) == len(rows_pool) - 50 + 1  # 50 canary rows became one unit
+    assert sorted(unit_pool.sizes)[-1] == 50 and unit_pool.rows() == len(rows_pool)

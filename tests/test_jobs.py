@@ -95,7 +95,7 @@ def wait_for(client: Any, job_id: str, states: set[str], timeout: float = 90.0) 
 
 
 def job_entries(app: Any, dataset_id: str, job_id: str) -> list:
-    return [e for e in app.state.store.ledger(dataset_id) if job_id in e.reason and "label counts" not in e.reason]
+    return [e for e in app.state.store.ledger("words") if job_id in e.reason and "label counts" not in e.reason]
 
 
 PE_BODY = {"kind": "pe", "epsilon": 4.0, "iterations": 3, "population": 12, "num_samples": 30, "seed": 1}
@@ -155,7 +155,7 @@ def test_api_errors_are_openai_style(tmp_path):
         assert over.status_code == 402, over.text
         err = over.json()["error"]
         assert err["code"] == "budget_exceeded" and "remains" in err["message"]
-        assert all("(pe)" not in e.reason for e in app.state.store.ledger(ds))
+        assert all("(pe)" not in e.reason for e in app.state.store.ledger("words"))
         assert c.get("/admin/jobs", headers=AUTH).json()["data"] == []
         # A job that fits the remaining budget still runs.
         ok = c.post("/admin/jobs", json={**PE_BODY, "dataset": ds, "epsilon": 0.6}, headers=AUTH)
@@ -170,7 +170,7 @@ def test_dpsgd_refuses_a_provider_model_before_charging(tmp_path):
         ds = make_dataset(app)
         r = c.post("/admin/jobs", json={"kind": "dpsgd", "dataset": ds, "model": "remote"}, headers=AUTH)
         assert r.status_code == 400 and "local model" in r.json()["error"]["message"]
-        assert all("job-" not in e.reason or "label counts" in e.reason for e in app.state.store.ledger(ds))
+        assert all("job-" not in e.reason or "label counts" in e.reason for e in app.state.store.ledger("words"))
         # PE only calls the model, so a provider model is accepted there.
         ok = c.post("/admin/jobs", json={**PE_BODY, "dataset": ds, "model": "remote"}, headers=AUTH)
         assert ok.status_code == 201, ok.text

@@ -124,17 +124,22 @@ def dp_demonstrations(
 
 def public_demonstrations(
     source: NextTokenSource, prompt: TaskPrompt, labels: Sequence[str], config: GenerationConfig,
-    progress: bool = False,
+    progress: bool = False, seed: int = 0,
 ) -> DemoSet:
-    """Epsilon 0: one demonstration per label from the public prompt alone (no private data)."""
+    """Epsilon 0: one demonstration per label from the public prompt alone (no private data).
+
+    Greedy for the Gaussian and exponential mechanisms; the public-prior mechanism samples at its
+    temperature (``seed`` seeds that draw).
+    """
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
     cfg = replace(config, public_only=True)
     plan = plan_demonstrations(cfg, {lab: 1 for lab in labels}, {}, 0.5)
+    noise = Noise(seed)
     demos = []
     for label in tqdm(list(labels), desc="generating (public)", leave=False, disable=not progress):
-        d = generate_demonstration(source, prompt, (), label, cfg, plan.labels[label], Noise(0))
+        d = generate_demonstration(source, prompt, (), label, cfg, plan.labels[label], noise)
         demos.append(Example(d.text, label))
     return DemoSet(demos, 0.0, 0.0, time.perf_counter() - started)
 

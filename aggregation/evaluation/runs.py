@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -26,11 +26,14 @@ from aggregation.evaluation.demos import DemoSet, dp_demonstrations, noise_seed,
 from aggregation.evaluation.scoring import LabelScorer, accuracy, score_queries
 from aggregation.evaluation.settings import DP, FULL, INF, PUBLIC, REAL, RUN_FIELDS, ZERO_SHOT, EvalSettings, \
     RunRecord, eps_text
-from aggregation.evaluation.tables import csv_text, plot_accuracy, table_markdown, write_atomic
-from aggregation.evaluation.tasks import Task, held_out_split
+from aggregation.evaluation.tables import csv_text, fidelity_markdown, plot_accuracy, table_markdown, write_atomic
+from aggregation.evaluation.tasks import Task, evaluator_split, held_out_split
 from aggregation.fewshot import pools_by_label
 from aggregation.prompts import Example
 from aggregation.sources.base import NextTokenSource
+
+if TYPE_CHECKING:
+    from aggregation.evaluation.fidelity import FidelityEvaluator
 
 
 @dataclass
@@ -50,6 +53,7 @@ def run_eval(
     progress: bool = True,
     log: Callable[[str], None] = print,
     finished: tuple[list[RunRecord], list[dict]] | None = None,
+    evaluator: FidelityEvaluator | None = None,
 ) -> EvalOutput:
     """Run every row for every seed; write runs.csv, demos.jsonl, table.md and the plot.
 
@@ -57,11 +61,16 @@ def run_eval(
     finished. To resume, pass ``finished=load_finished(out_dir, settings, dataset)`` (which checks
     ``settings.json``): those runs are kept and only the missing ones are run. Every run's noise is
     seeded from its own parameters, so a resumed table equals an uninterrupted one.
+
+    With ``settings.fidelity_demos`` > 0 every row except zero-shot also gets a fidelity score
+    (:mod:`aggregation.evaluation.fidelity`): ``fidelity_demos`` sets of one demonstration per label
+    (the first is the ICL set), labelled by ``evaluator`` (default: trained here on the records of
+    :func:`evaluator_split`).
     """
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    pool, test = held_out_split(task, settings.held_out, settings.split_seed)
+    pool, test = held_out_split(task, settings.held_out, settings.split_seed, settings.evaluator_size)
     test = test[:settings.n_test]
     pools = pools_by_label(pool)
     labels = task.labels
@@ -71,6 +80,21 @@ def run_eval(
     delta = 1.0 / len(pool)
     log(f"{task.name}: private pool {len(pool)} records, {len(test)} test questions, "
         f"{len(labels)} labels, delta = 1/{len(pool)}")
+    n_sets = max(1, settings.fidelity_demos)
+    if settings.fidelity_demos > 0 and evaluator is None:
+        from aggregation.evaluation.fidelity import FidelityEvaluator, default_embedder
+
+        train = evaluator_split(task, settings.held_out, settings.split_seed, settings.evaluator_size)
+        evaluator = FidelityEvaluator(default_embedder()).fit(train)
+        evaluator_info = {"features": evaluator.features, "train_records": len(train),
+                          "test_accuracy": evaluator.accuracy(test)}
+        log(f"fidelity evaluator ({evaluator.features}, {len(train)} records disjoint from the pool): "
+            f"{100 * evaluator_info['test_accuracy']:.1f}% on the test questions")
+    elif evaluator is not None:
+        evaluator_info = {"features": getattr(evaluator, "features", "given"), "train_records": 0,
+                          "test_accuracy": evaluator.accuracy(test)}
+    else:
+        evaluator_info = {}
 
     score_cache: dict[str, tuple[float, float, float]] = {}
 
@@ -96,7 +120,10 @@ def run_eval(
         before = len(jobs)
         jobs = [j for j in jobs if _run_key(*j) not in done]
         log(f"resuming: {before - len(jobs)} of {before} runs already done")
-    public_set: DemoSet | None = None
+    # Epsilon 0 of the Gaussian and exponential mechanisms is greedy decoding of the public prompt
+    # (the same for every seed: generated once); the public-prior mechanism samples it.
+    sampled_public = settings.mechanism == "public_prior"
+    public_cache: list[DemoSet] = []
     files: dict[str, Path] = {}
     last_plot = time.perf_counter()
     bar = tqdm(jobs, desc="runs", disable=not progress)
@@ -104,35 +131,44 @@ def run_eval(
         bar.set_postfix_str(f"seed {seed} {row} {mode} {'' if row != DP else eps}".strip())
         # The same label order for every few-shot row of a seed, so rows differ only in content.
         order = list(np.random.default_rng([seed, 1]).permutation(labels))
+        # sets[0] is the ICL set; all sets are scored for fidelity (independent draws at the row's epsilon).
         if row == ZERO_SHOT:
-            ds = DemoSet([], 0.0, 0.0)
+            sets = [DemoSet([], 0.0, 0.0)]
         elif row == PUBLIC:
-            if public_set is None:  # greedy decoding of the public prompt: the same for every seed
-                public_set = public_demonstrations(source, task.prompt, labels,
-                                                   settings.generation("fixed", INF), progress)
-            ds = replace(public_set, demos=ordered(public_set.demos, order))
+            if sampled_public or not public_cache:
+                public_cache = [public_demonstrations(source, task.prompt, labels, settings.generation("fixed", INF),
+                                                      progress, noise_seed(seed, "public", j) if sampled_public else 0)
+                                for j in range(n_sets if sampled_public else 1)]
+            sets = [replace(ds, demos=ordered(ds.demos, order)) for ds in public_cache]
         elif row == REAL:
-            ds = real_demonstrations(pools, labels, np.random.default_rng([seed, 2]))
-            ds.demos = ordered(ds.demos, order)
+            rng = np.random.default_rng([seed, 2])
+            sets = [real_demonstrations(pools, labels, rng) for _ in range(n_sets)]
         else:
-            ds = dp_demonstrations(source, task.prompt, pools, labels, settings.generation(mode, eps),
-                                   noise_seed(seed, mode, eps), delta, progress)
-            ds.demos = ordered(ds.demos, order)
+            sets = [dp_demonstrations(source, task.prompt, pools, labels, settings.generation(mode, eps),
+                                      noise_seed(seed, mode, eps, *([f"set{j}"] if j else [])), delta, progress)
+                    for j in range(n_sets)]
+        ds = sets[0]
+        ds.demos = ordered(ds.demos, order)
         acc, acc_cal, score_s = evaluate(ds.demos)
+        fid, n_fid = math.nan, 0
+        if evaluator is not None and row != ZERO_SHOT:
+            fid, n_fid = evaluator.fidelity([d for s in sets for d in s.demos])
         runs.append(RunRecord(task.name, row, mode, eps if row == DP else ds.epsilon, ds.epsilon_total, delta,
                               seed, acc, acc_cal, len(test), len(ds.demos), len(ds.missing),
-                              round(ds.seconds, 2), round(score_s, 2)))
+                              round(sum(s.seconds for s in sets), 2), round(score_s, 2),
+                              settings.mechanism, fid, n_fid))
         # Only DP outputs (finite epsilon) and public-only text may be written.
         if row == PUBLIC or (row == DP and math.isfinite(eps)):
-            demo_lines.append({"dataset": task.name, "row": row, "mode": mode, "epsilon": eps, "seed": seed,
-                               "demonstrations": [{"label": d.label, "text": d.text} for d in ds.demos]})
+            for j, s in enumerate(sets):
+                demo_lines.append({"dataset": task.name, "row": row, "mode": mode, "epsilon": eps, "seed": seed,
+                                   "set": j, "demonstrations": [{"label": d.label, "text": d.text} for d in s.demos]})
         if out_dir is not None:
             # Drawing the plot takes about a second: redraw it at most once a minute while running.
             redraw = time.perf_counter() - last_plot >= 60.0
-            write_outputs(out_dir, runs, demo_lines, settings, task.name, plot=redraw)
+            write_outputs(out_dir, runs, demo_lines, settings, task.name, plot=redraw, evaluator=evaluator_info)
             last_plot = time.perf_counter() if redraw else last_plot
     if out_dir is not None:
-        files = write_outputs(out_dir, runs, demo_lines, settings, task.name)
+        files = write_outputs(out_dir, runs, demo_lines, settings, task.name, evaluator=evaluator_info)
     table = table_markdown(runs, settings.calibrate)
     return EvalOutput(runs, table, files, time.perf_counter() - started)
 
@@ -188,8 +224,10 @@ def load_finished(out_dir: Path, settings: EvalSettings, dataset: str) -> tuple[
 
 
 def write_outputs(out_dir: Path, runs: Sequence[RunRecord], demo_lines: Sequence[dict], settings: EvalSettings,
-                  dataset: str, plot: bool = True) -> dict[str, Path]:
-    """runs.csv, demos.jsonl, table.md, settings.json and (with ``plot``) accuracy_vs_epsilon.png."""
+                  dataset: str, plot: bool = True, evaluator: dict | None = None) -> dict[str, Path]:
+    """runs.csv, demos.jsonl, table.md, settings.json and (with ``plot``) the plots
+    (accuracy_vs_epsilon.png, and fidelity_vs_epsilon.png when fidelity was measured).
+    ``evaluator`` (numbers only) describes the fidelity evaluator; it goes into table.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name
              for name in ("runs.csv", "demos.jsonl", "table.md", "accuracy_vs_epsilon.png", "settings.json")}
@@ -206,9 +244,24 @@ def write_outputs(out_dir: Path, runs: Sequence[RunRecord], demo_lines: Sequence
               f"ε (demo set) is the target per demonstration set; 'ε incl. pool sizes' adds the DP label histogram "
               f"that sets the sampling rates. Mean ± sample std over seeds. Δ: per-seed difference from "
               f"epsilon 0 in points, mean ± std (seeds on which the row scored higher).\n\n")
-    write_atomic(paths["table.md"], header + table_markdown(runs, settings.calibrate))
+    text = header + table_markdown(runs, settings.calibrate)
+    fidelity = any(math.isfinite(r.fidelity) for r in runs)
+    if fidelity:
+        ev = evaluator or {}
+        acc = ev.get("test_accuracy")
+        text += (f"\n## Demonstration fidelity\n\n{settings.fidelity_demos} demonstration set(s) per row and seed "
+                 f"(one demonstration per label each, every set drawn independently at the row's ε), labelled by "
+                 f"the evaluator ({ev.get('features', '?')}, logistic regression, trained on "
+                 f"{ev.get('train_records', '?')} records disjoint from the pool and the test set"
+                 + (f"; {100 * acc:.1f}% on the test questions" if acc is not None else "") + "). Fidelity: share "
+                 f"labelled as the label it was generated for.\n\n" + fidelity_markdown(runs))
+    write_atomic(paths["table.md"], text)
     if plot:
-        plot_accuracy(runs, paths["accuracy_vs_epsilon.png"], settings.calibrate, title=f"{dataset}: {n_test} test, {seeds} seed(s)")
+        title = f"{dataset}: {n_test} test, {seeds} seed(s)"
+        plot_accuracy(runs, paths["accuracy_vs_epsilon.png"], settings.calibrate, title=title)
+        if fidelity:
+            paths["fidelity_vs_epsilon.png"] = out_dir / "fidelity_vs_epsilon.png"
+            plot_accuracy(runs, paths["fidelity_vs_epsilon.png"], metric="fidelity", title=title)
     return paths
 
 
@@ -218,6 +271,14 @@ def read_runs(path: Path) -> list[RunRecord]:
     out = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
+            # Columns added later (mechanism, fidelity) are missing from older files: keep their defaults.
             out.append(RunRecord(**{k: (row[k] if types[k] == "str" else int(row[k]) if types[k] == "int"
-                                        else float(row[k])) for k in RUN_FIELDS}))
+                                        else _float(row[k])) for k in RUN_FIELDS if k in row}))
     return out
+
+
+def _float(text: str) -> float:
+    # "not measured" is the one shared math.nan object, so records read back compare equal to the
+    # records that were written (tuple equality checks identity before ==, and NaN != NaN).
+    value = float(text)
+    return math.nan if math.isnan(value) else value

@@ -44,7 +44,9 @@ class ModelScorer:
     line), and the cached part is the longest token prefix all queries share, so the numbers equal
     those of a plain forward pass over each full string. Only the positions whose next token is a
     label token go through the output layer. A label word of several tokens gets one extra row per
-    query holding its first tokens; its log-probability is the sum over its tokens.
+    query holding its first tokens; its log-probability is the sum over its tokens. A BOS token
+    opens every sequence when the tokenizer adds one by default (Gemma), as in
+    :class:`aggregation.sources.local.LocalSource`.
     """
 
     def __init__(self, model: Any, tokenizer: Any, label_words: Sequence[str], batch_size: int = 16,
@@ -62,6 +64,12 @@ class ModelScorer:
         self.progress = progress
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad or 0)
+        # A model trained with a BOS token in front (Gemma) needs it; SmolLM2's tokenizer adds none.
+        from aggregation.sources.local import leading_bos
+
+        self.bos = leading_bos(tokenizer)
+        # Gemma-style final logit soft-capping (tanh) is part of the model's output distribution.
+        self.softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
 
     @property
     def single_token_labels(self) -> bool:
@@ -77,8 +85,8 @@ class ModelScorer:
         out = np.zeros((len(queries), len(self.label_ids)), dtype=np.float64)
         if not queries:
             return out
-        full = [self._encode(prefix + q) for q in queries]
-        pre = self._encode(prefix)
+        full = [self.bos + self._encode(prefix + q) for q in queries]
+        pre = self.bos + self._encode(prefix)
         shared = min(_common_prefix(pre, f) for f in full)
         shared = max(0, min(shared, min(len(f) for f in full) - 1))  # every row keeps >= 1 own token
 
@@ -122,7 +130,11 @@ class ModelScorer:
                 for b, r in enumerate(batch):
                     for pos, token, j in rows[r][2]:
                         bi.append(b), pi.append(pos), tgt.append(token), qi.append(rows[r][0]), lab.append(j)
+                # Only the positions whose next token is a label token go through the output layer
+                # (Gemma's vocabulary is 262k: all positions would cost more than the forward pass).
                 logits = head(hidden[torch.tensor(bi), torch.tensor(pi)]).double()
+                if self.softcap:
+                    logits = torch.tanh(logits / self.softcap) * self.softcap
                 picked = torch.log_softmax(logits, dim=-1)[torch.arange(len(tgt)), torch.tensor(tgt)]
                 np.add.at(out, (np.asarray(qi), np.asarray(lab)), picked.numpy())
         return out

@@ -40,19 +40,33 @@ class EvalSettings:
     shots_per_subset: int = 2
     max_tokens: int = 15
     top_k: int | None = 100
+    block_tokens: int | None = None  # k, for mode "block"
     calibrate: bool = False  # which accuracy the plot shows; both are always computed
+    #: Demonstrations per label and seed that the fidelity metric scores (each an independent draw
+    #: of a one-per-label set at the row's epsilon; the first set is also the ICL set). 0 = off.
+    fidelity_demos: int = 4
+    #: Records taken out of the pool (never private, never tested) to train the fidelity evaluator.
+    evaluator_records: int = 1200
 
     def generation(self, mode: str, epsilon: float) -> GenerationConfig:
         return GenerationConfig(mode=mode, mechanism=self.mechanism,  # type: ignore[arg-type]
                                 num_subsets=self.num_subsets, shots_per_subset=self.shots_per_subset,
-                                max_tokens=self.max_tokens, top_k=self.top_k, epsilon=epsilon)
+                                max_tokens=self.max_tokens, top_k=self.top_k, epsilon=epsilon,
+                                block_tokens=self.block_tokens if mode == "block" else None)
+
+    @property
+    def evaluator_size(self) -> int:
+        """Records held out for the fidelity evaluator (0 when fidelity is off)."""
+        return self.evaluator_records if self.fidelity_demos > 0 else 0
 
 
 FULL = EvalSettings()
 #: CI preset. Fixed mode only: a resample-mode demonstration re-encodes all M prompts for every
 #: token and costs about 5x a fixed-mode one, which would take the preset past 10 minutes on two
 #: cores (see docs/evaluation.md); add it with ``--modes resample,fixed``.
-QUICK = EvalSettings(seeds=(0, 1), n_test=100, epsilons=(1.0, 4.0, INF), modes=("fixed",))
+#: It covers what the fidelity goal compares (epsilon 0, 1 and 4) with 3 demonstrations per label
+#: and seed; epsilon = infinity is left out for time (add it with ``--epsilons 1,4,inf``).
+QUICK = EvalSettings(seeds=(0, 1), n_test=100, epsilons=(1.0, 4.0), modes=("fixed",), fidelity_demos=3)
 
 
 @dataclass
@@ -73,6 +87,10 @@ class RunRecord:
     missing_labels: int
     generate_seconds: float
     score_seconds: float
+    # Added with the fidelity metric; runs.csv files written before it read as gaussian / NaN / 0.
+    mechanism: str = "gaussian"
+    fidelity: float = math.nan  # share of the scored demonstrations the evaluator gives their own label
+    fidelity_demos: int = 0  # demonstrations scored (all labels, all sets of the run)
 
 
 RUN_FIELDS = [f.name for f in dataclasses.fields(RunRecord)]

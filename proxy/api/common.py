@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 from fastapi import Request
 from pydantic import TypeAdapter, ValidationError
 from starlette.responses import Response
@@ -32,15 +33,18 @@ async def read_json(request: Request) -> dict[str, Any]:
     return body
 
 
-def validate_body(model: type | TypeAdapter, body: dict[str, Any], name_param: bool = False) -> Any:
+def validate_body(model: type | TypeAdapter, body: dict[str, Any], name_param: bool = False,
+                  strict: bool = True) -> Any:
     """``body`` as ``model`` (a pydantic model or a TypeAdapter of a union), else an OpenAI-style 400.
 
-    ``name_param``: name the first invalid field in the error's ``param`` (the OpenAI routes do).
+    Strict by default: JSON types must match (``"5"`` and ``true`` are not numbers, ``"yes"`` is
+    not a boolean). ``name_param``: name the first invalid field in the error's ``param`` (the
+    OpenAI routes do).
     """
     try:
         if isinstance(model, TypeAdapter):
-            return model.validate_python(body)
-        return model.model_validate(body)
+            return model.validate_python(body, strict=strict)
+        return model.model_validate(body, strict=strict)
     except ValidationError as exc:
         errors = exc.errors(include_input=False, include_url=False)
         param = ".".join(str(x) for x in errors[0]["loc"]) if errors and name_param else None
@@ -59,3 +63,11 @@ def require_admin(request: Request) -> Principal:
     request.state.client = principal.name
     request.state.model = "-"
     return principal
+
+
+async def audit(request: Request, action: str, target: str, **details: Any) -> None:
+    """Append an admin audit record (docs/admin-api.md): the acting key's name, the action, its
+    target and details. Callers pass names, ids and numbers only, never row text."""
+    actor = str(getattr(request.state, "client", None) or "admin")
+    store = request.app.state.store
+    await anyio.to_thread.run_sync(lambda: store.append_audit(actor, action, target, details))

@@ -21,7 +21,7 @@ from proxy.auth import Principal
 from proxy.config import LOCAL_ALIASES, LOCAL_MODEL_NAME
 from proxy.errors import APIError, dumps, error_body
 from proxy.serving.injection import check_completion_prompt, inject_chat, inject_completion
-from proxy.upstreams.base import Upstream, UpstreamError
+from proxy.upstreams.base import StreamError, Upstream, UpstreamError
 
 router = APIRouter()
 
@@ -50,11 +50,14 @@ async def _route(request: Request, model: str, principal: Principal) -> tuple[Up
     return upstream, task
 
 
+def _code(exc: UpstreamError, status: int) -> str:
+    return exc.code or ("upstream_timeout" if status == 504 else "upstream_error")
+
+
 def _upstream_error(request: Request, model: str, exc: UpstreamError) -> APIError:
     status = exc.status if 400 <= exc.status < 600 else 502
     request.app.state.metrics.upstream_errors.labels(model, str(status)).inc()
-    return APIError(status, exc.message, exc.code or ("upstream_timeout" if status == 504 else "upstream_error"),
-                    exc.type)
+    return APIError(status, exc.message, _code(exc, status), exc.type, headers=exc.headers)
 
 
 async def _respond(request: Request, model: str, call: Any, stream_call: Any, body: dict[str, Any],
@@ -66,24 +69,34 @@ async def _respond(request: Request, model: str, call: Any, stream_call: Any, bo
             raise _upstream_error(request, model, exc) from None
         return Response(dumps(result), media_type="application/json")
     agen = stream_call(body)
+    early: StreamError | None = None
     try:
         first = await agen.__anext__()
     except StopAsyncIteration:
         first = b"data: [DONE]\n\n"
+    except StreamError as exc:
+        # The upstream answered 200 but its stream was unusable from the start: still reported in-band.
+        first, early = b"", exc
     except UpstreamError as exc:
         raise _upstream_error(request, model, exc) from None
     metrics = request.app.state.metrics
 
+    def in_band(exc: UpstreamError) -> bytes:
+        metrics.upstream_errors.labels(model, str(exc.status)).inc()
+        return b"data: " + error_body(exc.status, exc.message, _code(exc, exc.status), exc.type) \
+            + b"\n\ndata: [DONE]\n\n"
+
     async def relay() -> AsyncIterator[bytes]:
+        if early is not None:
+            yield in_band(early)
+            return
         yield first
         try:
             async for chunk in agen:
                 yield chunk
         except UpstreamError as exc:
             # Headers are sent: report the failure in-band, the way OpenAI streams do.
-            metrics.upstream_errors.labels(model, str(exc.status)).inc()
-            yield b"data: " + error_body(exc.status, exc.message, exc.code, exc.type) + b"\n\n"
-            yield b"data: [DONE]\n\n"
+            yield in_band(exc)
 
     return StreamingResponse(relay(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

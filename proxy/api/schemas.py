@@ -2,6 +2,8 @@
 
 OpenAI request models validate only what the proxy relies on and allow every other field, so
 requests are forwarded unchanged (the original dict is forwarded, not a re-serialisation).
+Bodies are validated in pydantic's strict mode (:func:`proxy.api.common.validate_body`): ``"5"`` or
+``true`` is not a number and ``"yes"`` is not a boolean, so a typo cannot silently pick a value.
 """
 
 from __future__ import annotations
@@ -9,7 +11,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+
+#: Largest privacy budget (epsilon) the admin API accepts for a dataset. An epsilon of 100 already
+#: gives no meaningful protection; anything larger is a typo (or 1e308), and a finite cap keeps
+#: every figure the accountant compares against finite.
+MAX_BUDGET_EPSILON = 100.0
+
+
+def check_budget(epsilon: float, delta: float | None) -> None:
+    """Raise ValueError unless ``0 < epsilon <= MAX_BUDGET_EPSILON`` (finite) and ``0 < delta < 1``."""
+    if not (math.isfinite(epsilon) and 0 < epsilon <= MAX_BUDGET_EPSILON):
+        raise ValueError(f"epsilon must be a finite number in (0, {MAX_BUDGET_EPSILON:g}]")
+    if delta is not None and not (math.isfinite(delta) and 0 < delta < 1):
+        raise ValueError("delta must be in (0, 1)")
 
 
 class ChatMessage(BaseModel):
@@ -24,7 +39,7 @@ class ChatRequest(BaseModel):
 
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool | None = False
+    stream: StrictBool | None = False
 
 
 class CompletionRequest(BaseModel):
@@ -32,30 +47,16 @@ class CompletionRequest(BaseModel):
 
     model: str = Field(min_length=1)
     prompt: str | list[Any]
-    stream: bool | None = False
+    stream: StrictBool | None = False
 
 
 class BudgetUpdate(BaseModel):
     """``PUT /admin/datasets/{id}/budget``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    epsilon: float
-    delta: float | None = None
-
-    @field_validator("epsilon")
-    @classmethod
-    def _eps(cls, v: float) -> float:
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError("epsilon must be a positive finite number")
-        return v
-
-    @field_validator("delta")
-    @classmethod
-    def _delta(cls, v: float | None) -> float | None:
-        if v is not None and not (0 < v < 1):
-            raise ValueError("delta must be in (0, 1)")
-        return v
+    epsilon: float = Field(gt=0, le=MAX_BUDGET_EPSILON, allow_inf_nan=False)
+    delta: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False)
 
 
 class WarmRequest(BaseModel):
@@ -67,3 +68,18 @@ class WarmRequest(BaseModel):
     dry_run: bool = False
     #: Block until the warm-up finishes (scripts); otherwise answer 202 at once.
     wait: bool = False
+
+
+class BudgetReset(BaseModel):
+    """``POST /admin/budget/{name}/reset``: an explicit, audited restart of a name's accounting."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    reason: str = Field(min_length=1, max_length=1000)
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("reason must not be blank")
+        return v.strip()

@@ -15,6 +15,7 @@ class ModeOpt(str, Enum):
 class MechanismOpt(str, Enum):
     gaussian = "gaussian"
     exponential = "exponential"
+    public_prior = "public_prior"
 
 
 def fail(message: str) -> None:

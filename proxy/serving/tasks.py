@@ -82,7 +82,8 @@ def generation_config(task: TaskConfig) -> GenerationConfig:
     return GenerationConfig(mode=g.mode, mechanism=g.mechanism, num_subsets=g.num_subsets,
                             shots_per_subset=g.shots_per_subset, max_tokens=g.max_tokens, top_k=g.top_k,
                             epsilon=task.epsilon, sigma=g.sigma, public_only=g.public_only,
-                            max_prompt_tokens=g.max_prompt_tokens)
+                            max_prompt_tokens=g.max_prompt_tokens, block_tokens=g.block_tokens,
+                            clip=g.clip, temperature=g.temperature)
 
 
 def task_labels(task: TaskConfig, meta: DatasetMeta) -> list[str]:

@@ -63,6 +63,8 @@ def result_view(task: str, result: dict[str, Any]) -> dict[str, Any]:
         "charged": bool(result.get("charged")), "epsilon": payload.get("epsilon"), "delta": payload.get("delta"),
         "dataset_id": payload.get("dataset_id"), "demonstrations": payload.get("demos", []),
         "empty_labels": payload.get("empty_labels", []),
+        # Which rule applied to each label (private / public fallback / skip), from the DP count.
+        "decisions": payload.get("decisions"),
     }
     for k in ("epsilon_cost", "spent_epsilon", "remaining_epsilon"):
         if k in result:

@@ -23,10 +23,13 @@ Contract for callers (the FastAPI app):
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
+import math
 import os
 import random
+import time
 from abc import ABC, abstractmethod
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
@@ -58,15 +61,18 @@ _QUOTE_WINDOW = 16
 class UpstreamError(Exception):
     """An upstream failure mapped to an HTTP status (502, 504, or the upstream's 4xx).
 
-    ``message`` is safe to show to clients and to log: it never contains prompt text.
+    ``message`` is safe to show to clients and to log: it never contains prompt text. ``headers``
+    are response headers to pass on to the client (``Retry-After`` of a 429).
     """
 
-    def __init__(self, status: int, message: str, type: str = "upstream_error", code: str | None = None):
+    def __init__(self, status: int, message: str, type: str = "upstream_error", code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.code = code
+        self.headers = headers
 
     def to_dict(self) -> dict:
         """OpenAI-style error body."""
@@ -74,12 +80,60 @@ class UpstreamError(Exception):
                           "code": self.code or str(self.status)}}
 
 
+class StreamError(UpstreamError):
+    """A failure after the upstream accepted a streamed request (it answered 200 and began sending):
+    the client is told in-band, with an SSE error event and ``[DONE]``, even before the first chunk."""
+
+
 class Transient(UpstreamError):
-    """A failure worth retrying (connection error, 5xx, 429); becomes an UpstreamError when retries run out."""
+    """A failure worth retrying (connection error, 5xx, 429); becomes an UpstreamError when retries run out.
+
+    ``retry_after`` is the upstream's ``Retry-After`` in seconds, when it sent one.
+    """
 
     def __init__(self, status: int, message: str, type: str = "upstream_error", retry_after: float | None = None):
         super().__init__(status, message, type)
         self.retry_after = retry_after
+
+    def final(self) -> UpstreamError:
+        """The error to report once no retry is left; a 429 keeps the upstream's ``Retry-After``."""
+        headers = None
+        if self.status == 429 and self.retry_after is not None:
+            headers = {"Retry-After": str(max(0, math.ceil(self.retry_after)))}
+        return UpstreamError(self.status, self.message, self.type, self.code, headers)
+
+
+#: Exception class names (anywhere in the cause chain) meaning the upstream dropped the connection.
+_CLOSED = frozenset({"RemoteProtocolError", "ServerDisconnectedError", "ClientPayloadError", "ReadError",
+                     "TransferEncodingError", "ContentLengthError", "ConnectionResetError", "IncompleteReadError",
+                     "BrokenPipeError", "ClientOSError"})
+#: ... meaning no connection could be made.
+_UNREACHABLE = frozenset({"ConnectError", "ClientConnectorError", "ConnectionRefusedError", "gaierror",
+                          "ClientConnectorDNSError", "ClientConnectionError", "InvalidURL", "UnsupportedProtocol"})
+
+
+def cause_names(exc: BaseException | None) -> list[str]:
+    """Class names along an exception's ``__cause__`` / ``__context__`` chain, outermost first."""
+    names: list[str] = []
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen and len(names) < 20:
+        seen.add(id(exc))
+        names.append(type(exc).__name__)
+        exc = exc.__cause__ or exc.__context__
+    return names
+
+
+def connection_failure(name: str, exc: BaseException, mid_stream: bool = False) -> Transient | None:
+    """A plain-words error for a failed connection (closed by the upstream, or never made), found
+    by the exception's cause chain; None when the chain shows neither. Library class names are not
+    put in the message: clients see what happened, not which library noticed it."""
+    names = cause_names(exc)
+    if any(n in _CLOSED for n in names):
+        where = " mid-stream" if mid_stream else " before answering"
+        return Transient(502, f"upstream {name!r} closed the connection{where}")
+    if any(n in _UNREACHABLE for n in names):
+        return Transient(502, f"could not connect to upstream {name!r}")
+    return None
 
 
 def sse_error(err: UpstreamError) -> bytes:
@@ -147,11 +201,12 @@ def status_error(status: int, content: bytes, headers: Mapping[str, str] | None,
     except ValueError:
         message = content[:MAX_ERROR_CHARS].decode("utf-8", "replace")
     message = safe_upstream_message(message, body, status)
-    if status >= 500:
-        return Transient(502, f"upstream {name!r} failed (HTTP {status}): {message}", "upstream_error")
     if status == 429:
         return Transient(429, f"upstream {name!r} rate-limited the request: {message}", "rate_limit_error",
                           _retry_after(headers))
+    if status >= 500:
+        return Transient(502, f"upstream {name!r} failed (HTTP {status}): {message}", "upstream_error",
+                         _retry_after(headers))
     if status in (401, 403):
         # The proxy's own upstream credentials were refused: a proxy misconfiguration, not the
         # client's fault, so it is a 502 rather than the client-facing 401/403.
@@ -160,11 +215,28 @@ def status_error(status: int, content: bytes, headers: Mapping[str, str] | None,
     return UpstreamError(status, message, type_ if isinstance(type_, str) else "invalid_request_error")
 
 
-def _retry_after(headers: Mapping[str, str] | None) -> float | None:
-    try:
-        return float(headers["retry-after"]) if headers and "retry-after" in headers else None
-    except ValueError:
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds of a ``Retry-After`` value (delta-seconds or an HTTP date), None when absent or invalid."""
+    if not value:
         return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - time.time()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    if not headers:
+        return None
+    return parse_retry_after(headers.get("retry-after") or headers.get("Retry-After"))
 
 
 # -- config helpers ----------------------------------------------------------------------------------
@@ -216,31 +288,40 @@ class Upstream(ABC):
 
 
 class RetryingUpstream(Upstream):
-    """Retry with exponential backoff and jitter on transient failures, shared by the remote upstreams."""
+    """Retry with exponential backoff and jitter on transient failures, shared by the remote upstreams.
 
-    def __init__(self, name: str, timeout: float, retries: int, backoff: float):
+    ``max_retry_wait`` caps the time one request spends waiting between attempts, in total: a
+    ``Retry-After`` longer than what is left ends the retries at once (the client gets the 429
+    with the upstream's ``Retry-After``) instead of holding the connection.
+    """
+
+    def __init__(self, name: str, timeout: float, retries: int, backoff: float, max_retry_wait: float = 8.0):
         self.name = name
         self.timeout = float(timeout)
         self.retries = max(0, int(retries))
         self.backoff = float(backoff)
+        self.max_retry_wait = max(0.0, float(max_retry_wait))
 
-    def _delay(self, attempt: int, err: Transient) -> float:
-        cap = 8.0
+    def _delay(self, attempt: int, err: Transient, left: float) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up (the hint is beyond ``left``)."""
         hinted = err.retry_after
         if hinted is not None:
-            return min(cap, max(0.0, hinted))
+            return hinted if hinted <= left else None
         # "Full jitter" between half and all of base * 2^attempt, so replicas do not retry in lockstep.
-        return min(cap, self.backoff * (2 ** attempt)) * (0.5 + random.random() / 2)
+        return min(left, self.backoff * (2 ** attempt) * (0.5 + random.random() / 2))
 
     async def _with_retries(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        waited = 0.0
         for i in range(self.retries + 1):
             try:
                 return await attempt()
             except Transient as err:
-                if i == self.retries:
-                    raise UpstreamError(err.status, err.message, err.type, err.code) from None
+                delay = None if i == self.retries else self._delay(i, err, self.max_retry_wait - waited)
+                if delay is None:
+                    raise err.final() from None
                 log.info("upstream %s transient failure (%s), retry %d/%d", self.name, err.status, i + 1, self.retries)
-                await asyncio.sleep(self._delay(i, err))
+                waited += delay
+                await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _timeout_error(self, where: str = "") -> UpstreamError:

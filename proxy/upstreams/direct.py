@@ -10,7 +10,20 @@ from typing import Any, AsyncIterator
 
 import httpx
 
-from proxy.upstreams.base import RetryingUpstream, Transient, UpstreamError, dumps, loads, status_error
+from proxy.upstreams.base import RetryingUpstream, StreamError, Transient, UpstreamError, connection_failure, dumps, \
+    loads, status_error
+from proxy.upstreams.sse import checked
+
+
+def json_object(content: bytes, name: str) -> dict:
+    """A non-streamed upstream answer as a JSON object; anything else is a 502 (never relayed as 200)."""
+    try:
+        data = loads(content)
+    except ValueError:
+        raise UpstreamError(502, f"upstream {name!r} returned a body that is not JSON") from None
+    if not isinstance(data, dict):
+        raise UpstreamError(502, f"upstream {name!r} returned JSON that is not an object")
+    return data
 
 
 class OpenAIHTTPUpstream(RetryingUpstream):
@@ -23,8 +36,9 @@ class OpenAIHTTPUpstream(RetryingUpstream):
 
     def __init__(self, name: str, model: str, api_base: str, api_key: str | None = None,
                  http: httpx.AsyncClient | None = None, timeout: float = 60.0, retries: int = 2,
-                 backoff: float = 0.25, extra_headers: dict | None = None, organization: str | None = None):
-        super().__init__(name, timeout, retries, backoff)
+                 backoff: float = 0.25, extra_headers: dict | None = None, organization: str | None = None,
+                 max_retry_wait: float = 8.0):
+        super().__init__(name, timeout, retries, backoff, max_retry_wait)
         self.model = model
         self._owns_http = http is None and self._uses_httpx
         self.http = http
@@ -61,13 +75,10 @@ class OpenAIHTTPUpstream(RetryingUpstream):
             except httpx.TimeoutException:
                 raise self._timeout_error() from None
             except httpx.TransportError as exc:
-                raise Transient(502, f"could not reach upstream {self.name!r} ({type(exc).__name__})") from None
+                raise self._unreachable(exc) from None
             if r.status_code >= 400:
                 raise status_error(r.status_code, r.content, r.headers, body, self.name)
-            try:
-                return loads(r.content)
-            except ValueError:
-                raise UpstreamError(502, f"upstream {self.name!r} returned invalid JSON") from None
+            return json_object(r.content, self.name)
 
         return await self._with_retries(attempt)
 
@@ -82,7 +93,7 @@ class OpenAIHTTPUpstream(RetryingUpstream):
             except httpx.TimeoutException:
                 raise self._timeout_error() from None
             except httpx.TransportError as exc:
-                raise Transient(502, f"could not reach upstream {self.name!r} ({type(exc).__name__})") from None
+                raise self._unreachable(exc) from None
             if resp.status_code >= 400:
                 try:
                     content = await resp.aread()
@@ -101,21 +112,31 @@ class OpenAIHTTPUpstream(RetryingUpstream):
         except httpx.TimeoutException:
             raise self._timeout_error(" mid-stream") from None
         except httpx.TransportError as exc:
-            raise UpstreamError(502, f"upstream {self.name!r} stream broke ({type(exc).__name__})") from None
+            raise self._broken(exc) from None
         finally:
             await resp.aclose()
+
+    def _unreachable(self, exc: BaseException) -> Transient:
+        """A failed attempt's connection error, in plain words."""
+        return connection_failure(self.name, exc) or Transient(502, f"could not reach upstream {self.name!r}")
+
+    def _broken(self, exc: BaseException) -> StreamError:
+        """A stream that broke after the upstream answered 200."""
+        err = connection_failure(self.name, exc, mid_stream=True)
+        message = err.message if err else f"the stream from upstream {self.name!r} broke off"
+        return StreamError(502, message)
 
     async def chat(self, body: dict) -> dict:
         return await self._post(self._chat_url, body)
 
     def chat_stream(self, body: dict) -> AsyncIterator[bytes]:
-        return self._stream(self._chat_url, body)
+        return checked(self._stream(self._chat_url, body), self.name)
 
     async def completion(self, body: dict) -> dict:
         return await self._post(self._completion_url, body)
 
     def completion_stream(self, body: dict) -> AsyncIterator[bytes]:
-        return self._stream(self._completion_url, body)
+        return checked(self._stream(self._completion_url, body), self.name)
 
     async def aclose(self) -> None:
         if self._owns_http and self.http is not None:
@@ -164,13 +185,10 @@ class AiohttpOpenAIUpstream(OpenAIHTTPUpstream):
             except asyncio.TimeoutError:
                 raise self._timeout_error() from None
             except aiohttp.ClientError as exc:
-                raise Transient(502, f"could not reach upstream {self.name!r} ({type(exc).__name__})") from None
+                raise self._unreachable(exc) from None
             if status >= 400:
                 raise status_error(status, content, headers, body, self.name)
-            try:
-                return loads(content)
-            except ValueError:
-                raise UpstreamError(502, f"upstream {self.name!r} returned invalid JSON") from None
+            return json_object(content, self.name)
 
         return await self._with_retries(attempt)
 
@@ -185,7 +203,7 @@ class AiohttpOpenAIUpstream(OpenAIHTTPUpstream):
             except asyncio.TimeoutError:
                 raise self._timeout_error() from None
             except aiohttp.ClientError as exc:
-                raise Transient(502, f"could not reach upstream {self.name!r} ({type(exc).__name__})") from None
+                raise self._unreachable(exc) from None
             if resp.status >= 400:
                 try:
                     content = await resp.read()
@@ -204,7 +222,7 @@ class AiohttpOpenAIUpstream(OpenAIHTTPUpstream):
         except asyncio.TimeoutError:
             raise self._timeout_error(" mid-stream") from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError(502, f"upstream {self.name!r} stream broke ({type(exc).__name__})") from None
+            raise self._broken(exc) from None
         finally:
             resp.release()
 

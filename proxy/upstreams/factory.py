@@ -40,7 +40,8 @@ def _has_aiohttp() -> bool:
 
 
 def build_upstream(entry: dict, http: httpx.AsyncClient | None, timeout: float, retries: int,
-                   backoff: float = 0.25, local_loader: ModelLoader | None = None) -> Upstream:
+                   backoff: float = 0.25, local_loader: ModelLoader | None = None,
+                   max_retry_wait: float = 8.0) -> Upstream:
     """Build the upstream for one LiteLLM-style ``model_list`` item.
 
     ``entry = {"model_name": "gpt-x", "litellm_params": {"model": "openai/gpt-4o", "api_base": ...,
@@ -53,6 +54,7 @@ def build_upstream(entry: dict, http: httpx.AsyncClient | None, timeout: float, 
     httpx`` uses the shared ``http`` client instead of an aiohttp session (``aiohttp``, the default).
     ``local_loader(model_dir)`` loads the local model's ``(model, tokenizer)`` on first use (the app
     passes :func:`aggregation.sources.local.load_model`; forwarding itself imports no DP code).
+    ``max_retry_wait`` caps the total wait between retries of one request (see :class:`proxy.upstreams.base.RetryingUpstream`).
     Raises ``ValueError`` for an invalid entry or a missing environment variable.
     """
     name = entry.get("model_name")
@@ -78,5 +80,7 @@ def build_upstream(entry: dict, http: httpx.AsyncClient | None, timeout: float, 
         return cls(
             name, model.split("/", 1)[1], params["api_base"], api_key=params.get("api_key"),
             http=http if cls is OpenAIHTTPUpstream else None, timeout=timeout, retries=retries, backoff=backoff,
-            extra_headers=params.get("extra_headers"), organization=params.get("organization"))
-    return LiteLLMUpstream(name, params, timeout=timeout, retries=retries, backoff=backoff)
+            extra_headers=params.get("extra_headers"), organization=params.get("organization"),
+            max_retry_wait=max_retry_wait)
+    return LiteLLMUpstream(name, params, timeout=timeout, retries=retries, backoff=backoff,
+                           max_retry_wait=max_retry_wait)

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import httpx
 
-from proxy.upstreams.base import DONE, RetryingUpstream, Transient, UpstreamError, dumps, status_error
+from proxy.upstreams.base import DONE, RetryingUpstream, StreamError, Transient, UpstreamError, cause_names, \
+    connection_failure, dumps, status_error
 
 #: ``litellm_params`` that configure our own retry/timeout handling and are not passed to litellm.
 _OWN_PARAMS = frozenset({"timeout", "stream_timeout", "max_retries", "num_retries"})
@@ -52,6 +54,43 @@ def _clean_chunk(chunk: Any) -> dict:
     return data
 
 
+#: litellm's prefixes on provider messages ("litellm.RateLimitError: RateLimitError: OpenAIException - ").
+_LIB_PREFIX = re.compile(r"^\s*(?:litellm\.)?[A-Za-z]*(?:Error|Exception)\s*(?::|-)\s*")
+
+
+def plain_message(message: str) -> str:
+    """A provider's error message without the library's class-name prefixes."""
+    for _ in range(5):
+        stripped = _LIB_PREFIX.sub("", message, count=1)
+        if stripped == message:
+            break
+        message = stripped
+    return message.strip()
+
+
+def _has_content(data: dict) -> bool:
+    """Whether a cleaned stream chunk carries anything from the model (text, a role, tool calls, usage)."""
+    if data.get("usage"):
+        return True
+    for choice in data.get("choices") or []:
+        if choice.get("text"):
+            return True
+        delta = choice.get("delta") or {}
+        if any(delta.get(k) for k in ("content", "role", "tool_calls", "function_call", "reasoning_content")):
+            return True
+    return False
+
+
+def _response_headers(exc: BaseException) -> dict | None:
+    headers = getattr(exc, "litellm_response_headers", None)
+    if headers is None:
+        headers = getattr(getattr(exc, "response", None), "headers", None)
+    try:
+        return {str(k).lower(): str(v) for k, v in dict(headers).items()} if headers is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 class LiteLLMUpstream(RetryingUpstream):
     """Any litellm-supported provider through ``litellm.acompletion`` / ``atext_completion``.
 
@@ -60,8 +99,9 @@ class LiteLLMUpstream(RetryingUpstream):
     litellm's own retries are disabled; ours apply.
     """
 
-    def __init__(self, name: str, params: dict, timeout: float = 60.0, retries: int = 2, backoff: float = 0.25):
-        super().__init__(name, timeout, retries, backoff)
+    def __init__(self, name: str, params: dict, timeout: float = 60.0, retries: int = 2, backoff: float = 0.25,
+                 max_retry_wait: float = 8.0):
+        super().__init__(name, timeout, retries, backoff, max_retry_wait)
         self.model = params["model"]
         self._params = {k: v for k, v in params.items() if k not in _OWN_PARAMS and k != "model"}
         if self._params.get("api_base") and not self._params.get("api_key") and "/" in self.model:
@@ -82,12 +122,20 @@ class LiteLLMUpstream(RetryingUpstream):
             return exc
         if isinstance(exc, (asyncio.TimeoutError, lib.exceptions.Timeout, httpx.TimeoutException)):
             return self._timeout_error()
+        # A dropped or refused connection reaches us as litellm's "InternalServerError" (status 500):
+        # the cause chain says what really happened.
+        dropped = connection_failure(self.name, exc)
+        if dropped is not None:
+            return dropped
         status = getattr(exc, "status_code", None)
         if isinstance(exc, lib.exceptions.APIConnectionError) or not isinstance(status, int):
-            # Unknown failures: report the type only (litellm messages may embed request details).
-            return Transient(502, f"upstream {self.name!r} call failed ({type(exc).__name__})")
-        message = str(getattr(exc, "message", "") or "")
-        return status_error(status, dumps({"error": {"message": message}}), None, body, self.name)
+            # Unknown failures: no details (litellm messages may embed request details).
+            return Transient(502, f"the call to upstream {self.name!r} failed")
+        if status >= 500 and "HTTPStatusError" not in cause_names(exc):
+            # litellm reports an unreadable 200 answer (not JSON, not an object) as its own HTTP 500.
+            return UpstreamError(502, f"upstream {self.name!r} returned an answer that could not be read")
+        message = plain_message(str(getattr(exc, "message", "") or ""))
+        return status_error(status, dumps({"error": {"message": message}}), _response_headers(exc), body, self.name)
 
     async def _call(self, fn: Callable[..., Awaitable[Any]], kwargs: dict, body: dict) -> Any:
         async def attempt() -> Any:
@@ -101,15 +149,32 @@ class LiteLLMUpstream(RetryingUpstream):
 
     async def _relay(self, stream: Any, body: dict) -> AsyncIterator[bytes]:
         iterator = stream.__aiter__()
+        # Chunks with nothing from the model are held back until one has content: litellm turns an
+        # unreadable upstream stream into a lone empty "stop" chunk, which must be an error, not an
+        # empty completion.
+        held: list[bytes] | None = []
         while True:
             try:
                 chunk = await asyncio.wait_for(iterator.__anext__(), self.timeout)
             except StopAsyncIteration:
                 break
+            except asyncio.TimeoutError:
+                raise self._timeout_error(" mid-stream") from None
             except Exception as exc:  # noqa: BLE001
-                err = self._map(exc, body)
-                raise UpstreamError(err.status, err.message, err.type, err.code) from None
-            yield b"data: " + dumps(_clean_chunk(chunk)) + b"\n\n"
+                # After the upstream's 200 only a dropped connection or an unreadable event remains.
+                dropped = connection_failure(self.name, exc, mid_stream=True)
+                message = dropped.message if dropped else f"upstream {self.name!r} sent an invalid event stream"
+                raise StreamError(502, message) from None
+            data = _clean_chunk(chunk)
+            line = b"data: " + dumps(data) + b"\n\n"
+            if held is not None:
+                held.append(line)
+                if not _has_content(data):
+                    continue
+                line, held = b"".join(held), None
+            yield line
+        if held is not None:
+            raise StreamError(502, f"upstream {self.name!r} sent an empty or unreadable stream")
         yield DONE
 
     async def chat(self, body: dict) -> dict:
