@@ -109,6 +109,8 @@ async def warm_demos(request: Request, name: str) -> Response:
         "task": name, "key": result["key"], "cached": result["cached"], "charged": result["charged"],
         "epsilon": payload.get("epsilon"), "delta": payload.get("delta"), "dataset_id": payload.get("dataset_id"),
         "demonstrations": payload.get("demos", []),
+        # Which rule applied to each label (private / public fallback / skip), from the DP count.
+        "decisions": payload.get("decisions"),
     }
     for k in ("epsilon_cost", "spent_epsilon", "remaining_epsilon"):
         if k in result:
