@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 #: Name under which the built-in local model is exposed (and how tasks refer to it).
 LOCAL_MODEL_NAME = "local/smollm2"
@@ -123,8 +123,9 @@ class TaskConfig(_Strict):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     #: Target epsilon of one demonstration set (``.inf`` = no noise, public datasets only).
     epsilon: float = 1.0
-    #: Part of the cache key (change it to force a new set); the noise itself is always CSPRNG.
-    seed: int = 0
+    #: Part of the cache key: change it to force a new (charged) set. It is not a noise seed (the
+    #: noise is always CSPRNG), hence the name; ``seed`` is accepted as a deprecated alias.
+    revision: int = Field(0, validation_alias=AliasChoices("revision", "seed"))
     on_missing: Literal["generate", "error"] = "error"
 
     @field_validator("name")

@@ -283,3 +283,38 @@ def test_processes_never_overshoot(store_url):
     svc = BudgetService(store)
     assert svc.spent(m.id) == pytest.approx(fits, rel=1e-9) and svc.spent(m.id) <= budget
     store.close()
+
+
+def test_admin_budget_change_survives_a_count_release_in_flight(store, svc, monkeypatch):
+    """The review's reproduction: the admin lowers the budget while the one-time count release is
+    between its charge and its write-back. The write-back only stores the counts; the budget stays."""
+    m = store.create_dataset("race", ROWS, 4.0, DELTA, labels=["loc", "hum", "num"])
+    real_load = store.load_rows
+
+    def load_then_admin_acts(*a, **k):
+        rows = real_load(*a, **k)
+        svc.set_name_budget("race", 0.5)  # the admin, while the release reads the rows
+        return rows
+
+    monkeypatch.setattr(store, "load_rows", load_then_admin_acts)
+    counts = svc.noisy_counts(m.id, "warm")
+    assert set(counts) == {"loc", "hum", "num"}
+    assert store.get_dataset(m.id).budget_epsilon == 0.5 and store.get_dataset(m.id).noisy_counts == counts
+    with pytest.raises(BudgetExceeded):
+        svc.reserve(m.id, [("loc", g(1.0))], "warm", "demos")
+
+
+def test_versions_and_reuploads_share_the_spend(store, svc):
+    v1 = store.create_dataset("pop", ROWS, 3.0, DELTA)
+    svc.reserve(v1.id, [("loc", g(2.0))], "a", "r")
+    one = svc.spent(v1.id)
+    store.delete_dataset(v1.id)
+    v2 = store.create_dataset("pop", ROWS, 99.0, DELTA)
+    assert svc.spent(v2.id) == pytest.approx(one)
+    svc.reserve(v2.id, [("hum", g(2.0))], "a", "r")
+    # A unit labelled loc in v1 and hum in v2 saw both events.
+    assert svc.spent(v2.id) == pytest.approx(epsilon_of([g(2.0), g(2.0)], DELTA), rel=1e-3)
+    with pytest.raises(ValueError, match="reason"):
+        svc.reset("pop", "admin", "  ")
+    view = svc.reset("pop", "admin", "new consent period")
+    assert view["epsilon_spent"] == 0 and svc.spent(v2.id) == 0

@@ -38,7 +38,11 @@ CLIENT_RETRY_FAILED_AFTER = 60.0
 
 
 def cache_key(task: TaskConfig, meta: DatasetMeta, generator_id: str) -> str:
-    """sha256 of (dataset id, dataset version, template hash, generation parameters, seed)."""
+    """sha256 of (dataset id, dataset version, template hash, generation parameters, revision).
+
+    Every input is public: ids and versions, task configuration and the declared label domain
+    (:func:`task_labels`), never anything read from the rows. The revision is stored under its
+    old name "seed" so existing cache keys stay valid."""
     material = {
         "dataset_id": meta.id,
         "dataset_version": meta.version,
@@ -48,7 +52,7 @@ def cache_key(task: TaskConfig, meta: DatasetMeta, generator_id: str) -> str:
         "shots": task.shots,
         "labels": task_labels(task, meta),
         "generator": generator_id,
-        "seed": task.seed,
+        "seed": task.revision,
         "v": PAYLOAD_VERSION,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
