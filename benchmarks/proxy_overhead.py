@@ -236,7 +236,8 @@ def warm_task(base: str) -> str:
     data = "".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in ROWS).encode()
     r = httpx.post(f"{base}/admin/datasets", headers=auth, timeout=60,
                    files={"file": ("bench.jsonl", data, "application/jsonl")},
-                   data={"name": "bench-data", "epsilon": "20"})
+                   data={"name": "bench-data", "epsilon": "20",
+                         "labels": json.dumps(sorted({label for _, label in ROWS}))})
     if r.status_code not in (200, 201):
         raise RuntimeError(f"dataset upload failed: HTTP {r.status_code} {r.text[:300]}")
     r = httpx.post(f"{base}/admin/tasks/{TASK}/demos", headers=auth, json={}, timeout=600)

@@ -8,6 +8,7 @@ globals. The routers are in :mod:`proxy.api`, the request middleware in
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -17,9 +18,13 @@ import httpx
 from fastapi import FastAPI
 
 from proxy.api.admin import router as admin_router
+from proxy.api.budget import router as budget_router
+from proxy.api.datasets import router as datasets_router
 from proxy.api.errors import install_error_handlers
 from proxy.api.health import router as health_router
 from proxy.api.jobs import router as jobs_router
+from proxy.api.keys import router as keys_router
+from proxy.api.ui import router as ui_router
 from proxy.api.middleware import RequestMiddleware
 from proxy.api.openai import routes as openai_routes
 from proxy.api.openapi import router as openapi_router
@@ -73,6 +78,18 @@ def _build_upstreams(config: Config, http: httpx.AsyncClient) -> dict[str, Any]:
     return ups
 
 
+async def _refresh_client_keys(app: FastAPI, interval: float) -> None:
+    """Keep this replica's copy of the admin-created client keys fresh (see proxy.auth)."""
+    while True:
+        await anyio.sleep(interval)
+        try:
+            records = await anyio.to_thread.run_sync(app.state.store.list_client_keys)
+        except Exception as exc:  # noqa: BLE001 - a store hiccup: keep the last copy, try again
+            log_event("keys.refresh_failed", error=type(exc).__name__)
+            continue
+        app.state.auth.load_stored(records)
+
+
 def create_app(config: Config | None = None, freeze_gc: bool = False) -> FastAPI:
     """The proxy application for ``config`` (default: :func:`proxy.config.load_config`).
 
@@ -99,6 +116,7 @@ def create_app(config: Config | None = None, freeze_gc: bool = False) -> FastAPI
         app.state.budget = BudgetService(store)
         app.state.metrics = metrics
         app.state.auth = Authenticator(config)
+        app.state.auth.load_stored(await anyio.to_thread.run_sync(store.list_client_keys))
         app.state.http = http
         app.state.upstreams = _build_upstreams(config, http)
         app.state.tasks = TaskRegistry(config, store, config.server.cache_recheck_seconds)
@@ -109,12 +127,14 @@ def create_app(config: Config | None = None, freeze_gc: bool = False) -> FastAPI
             log_event("server.open_mode", note="/v1 accepts requests without a key")
         if config.admin_key is None:
             log_event("server.admin_disabled", note="set DPICL_ADMIN_KEY to enable the admin API")
+        keys_task = asyncio.create_task(_refresh_client_keys(app, max(0.5, config.server.cache_recheck_seconds)))
         if freeze_gc:
             gc.collect()
             gc.freeze()
         try:
             yield
         finally:
+            keys_task.cancel()
             for up in app.state.upstreams.values():
                 try:
                     await up.aclose()
@@ -133,7 +153,11 @@ def create_app(config: Config | None = None, freeze_gc: bool = False) -> FastAPI
 
     app.router.routes.extend(openai_routes)
     app.include_router(admin_router)
+    app.include_router(datasets_router)
+    app.include_router(budget_router)
     app.include_router(jobs_router)
+    app.include_router(keys_router)
+    app.include_router(ui_router)
     app.include_router(health_router)
     app.include_router(openapi_router)
     return app
@@ -142,4 +166,7 @@ def create_app(config: Config | None = None, freeze_gc: bool = False) -> FastAPI
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory proxy.app:app_from_env`` (config from ``DPICL_CONFIG``), as
     ``dpicl serve --workers N`` runs it in each worker process."""
+    from proxy.logs import server_logging
+
+    server_logging()  # each worker process: JSON lines only
     return create_app(load_config(), freeze_gc=True)

@@ -11,6 +11,7 @@ import atexit
 import json
 import logging
 import logging.handlers
+import os
 import queue
 import sys
 import time
@@ -95,3 +96,37 @@ def log_request(method: str, path: str, status: int, started: float, state: dict
 def log_event(name: str, **fields: Any) -> None:
     """An operational event (warm-up, spend, dataset upload) with non-private fields only."""
     logging.getLogger("dpicl.events").info(name, extra={"fields": {"event": name, **fields}})
+
+
+#: Environment switches that silence the progress bars of tqdm, huggingface_hub and transformers.
+_QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+def server_logging() -> dict[str, Any]:
+    """Make a serving process write JSON lines only; returns uvicorn's ``log_config``.
+
+    Progress bars (model loading) are switched off: progress of long work is reported by the
+    warm-up and job status instead. Python warnings and records of other libraries' loggers
+    (warning level and up) become JSON lines too, so the log stays one JSON object per line.
+    """
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    setup_logging()
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    if not any(getattr(h, "_dpicl", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        handler.setLevel(logging.WARNING)
+        handler._dpicl = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    formatter = {"()": "proxy.logs.JsonFormatter"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": formatter},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "loggers": {name: {"handlers": ["stderr"], "level": "INFO", "propagate": False}
+                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+    }

@@ -584,3 +584,40 @@ def test_task_config_takes_the_public_prior_mechanism_and_block_mode():
                 dict(mechanism="public_prior", temperature=None)):
         with pytest.raises(ValidationError):
             GenerationSettings(**bad)
+
+
+def test_audit_unit_case_puts_every_canary_copy_in_one_privacy_unit(tmp_path):
+    """Unit case: the canary records are one unit, so the audited pool counts one entry for them."""
+    from tests.tiny_model import tiny_source
+
+    labels = ["a", "b"]
+    recs = [Example(f"{lab} text {i}", lab) for i in range(120) for lab in labels]
+    task = icl_eval.Task("toy", recs, TaskPrompt("Classify the text."), labels)
+    settings = icl_eval.EvalSettings(held_out=20, num_subsets=2, shots_per_subset=2, max_tokens=2, top_k=20,
+                                     fidelity_demos=0)
+    seen = []  # the pools the generator is given
+    import aggregation.evaluation.audit as audit_mod
+
+    real_generate = audit_mod.generate_demonstration
+
+    def spy(source, prompt, pool, label, *args, **kwargs):
+        seen.append(pool)
+        return real_generate(source, prompt, pool, label, *args, **kwargs)
+
+    audit_mod.generate_demonstration = spy
+    try:
+        for unit in (False, True):
+            audit = icl_eval.AuditSettings(seeds=(0,), epsilons=(math.inf,), modes=("fixed",), demos_per_run=1,
+                                           copies=50, top_k=20, label="a", unit=unit)
+            recs_out, table = icl_eval.run_audit(task, tiny_source(), settings, audit, tmp_path / str(unit),
+                                                 progress=False, log=lambda s: None)
+            assert recs_out[0].privacy_unit == ("unit" if unit else "row") and recs_out[0].copies == 50
+            assert ("one unit holds every copy" in table) == unit
+    finally:
+        audit_mod.generate_demonstration = real_generate
+    from aggregation.units import UnitPool
+
+    rows_pool, unit_pool = seen
+    assert not isinstance(rows_pool, UnitPool) and isinstance(unit_pool, UnitPool)
+    assert len(unit_pool) == len(rows_pool) - 50 + 1  # 50 canary rows became one unit
+    assert sorted(unit_pool.sizes)[-1] == 50 and unit_pool.rows() == len(rows_pool)

@@ -9,7 +9,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -20,10 +20,14 @@ from aggregation.evaluation.tables import csv_text, write_atomic
 from aggregation.evaluation.tasks import Task, held_out_split
 from aggregation.fewshot import generate_demonstration, pools_by_label
 from aggregation.mechanisms import Noise
+from aggregation.prompts import Example
 from aggregation.sources.base import NextTokenSource
+from aggregation.units import UnitPool, unit_pools
 
 #: Default canary records per real record of the audited label (see :class:`AuditSettings`).
 CANARY_SHARE = 5
+#: Privacy unit id of the canary records in the unit case (real records stay their own units).
+CANARY_UNIT = "canary-holder"
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,10 @@ class AuditSettings:
     top_k: int | None = None
     min_match: int = 8
     canary_seed: int = 20240229
+    #: Unit case (issue 10): every canary record belongs to one privacy unit, and sampling, pool
+    #: sizes and q count units (each real record is its own unit). Epsilon then bounds the whole
+    #: group of copies, so no finite-epsilon leak is allowed.
+    unit: bool = False
 
 
 @dataclass
@@ -67,6 +75,7 @@ class AuditRecord:
     full_hits: int  # demonstrations containing a whole canary
     substring_hits: int  # demonstrations containing >= min_match characters of one
     longest_match: int  # longest piece of any canary found in any demonstration
+    privacy_unit: str = "row"  # "row": each record its own unit; "unit": the canary records are one unit
 
 
 AUDIT_FIELDS = [f.name for f in dataclasses.fields(AuditRecord)]
@@ -89,19 +98,26 @@ def run_audit(
     from tqdm.auto import tqdm
 
     pool, _ = held_out_split(task, settings.held_out, settings.split_seed)
-    pools = pools_by_label(pool)
-    label = audit.label or min(pools, key=lambda lab: len(pools[lab]))
-    if label not in pools:
+    row_pools = pools_by_label(pool)
+    label = audit.label or min(row_pools, key=lambda lab: len(row_pools[lab]))
+    if label not in row_pools:
         raise ValueError(f"label {label!r} is not in the dataset")
     rng = np.random.default_rng(audit.canary_seed)
     canaries = make_canaries(audit.canaries, rng)
-    copies = audit.copies or max(1, math.ceil(CANARY_SHARE * len(pools[label]) / audit.canaries))
-    pools[label] = plant_canaries(pools[label], label, canaries, copies, rng)
+    copies = audit.copies or max(1, math.ceil(CANARY_SHARE * len(row_pools[label]) / audit.canaries))
+    row_pools[label] = plant_canaries(row_pools[label], label, canaries, copies, rng,
+                                      unit=CANARY_UNIT if audit.unit else None)
+    pools: Mapping[str, Sequence[Example] | UnitPool]
+    if audit.unit:
+        # Sizes, the label histogram and q count units; one row of a sampled unit per subset.
+        pools = unit_pools([r for p in row_pools.values() for r in p], list(row_pools))
+    else:
+        pools = row_pools
     delta = 1.0 / sum(len(p) for p in pools.values())
     shots = audit.shots_per_subset or settings.shots_per_subset
     log(f"audit: {audit.canaries} canaries x {copies} copies planted under label {label!r} "
-        f"({audit.canaries * copies} of {len(pools[label])} records); top-k = {audit.top_k or 'full vocabulary'}, "
-        f"N = {shots}")
+        f"({audit.canaries * copies} of {len(row_pools[label])} records"
+        f"{', all in one privacy unit' if audit.unit else ''}); top-k = {audit.top_k or 'full vocabulary'}, N = {shots}")
 
     records: list[AuditRecord] = []
     jobs = [(mode, eps, seed) for mode in audit.modes for eps in audit.epsilons for seed in audit.seeds]
@@ -122,7 +138,7 @@ def run_audit(
                 # The longest piece of any canary, hit or not: ~1-3 characters is chance level.
                 longest = max([longest] + [longest_match(d.text, c) for c in canaries])
         records.append(AuditRecord(task.name, mode, eps, charged.epsilon_total, seed, label, audit.canaries, copies,
-                                   n_demos, full, sub, longest))
+                                   n_demos, full, sub, longest, "unit" if audit.unit else "row"))
     table = audit_markdown(records, audit.min_match)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,15 +153,16 @@ def audit_markdown(records: Sequence[AuditRecord], min_match: int = 8) -> str:
     The copies column matters for reading the counts: epsilon bounds what one record reveals, and
     k copies of a canary are a group that only about k times epsilon bounds.
     """
-    groups: dict[tuple[str, float], list[AuditRecord]] = {}
+    groups: dict[tuple[str, str, float], list[AuditRecord]] = {}
     for r in records:
-        groups.setdefault((r.mode, r.epsilon), []).append(r)
-    lines = [f"| mode | ε (demo set) | ε incl. pool sizes | canary copies | demonstrations | whole canary "
+        groups.setdefault((r.privacy_unit, r.mode, r.epsilon), []).append(r)
+    lines = [f"| privacy unit | mode | ε (demo set) | ε incl. pool sizes | canary copies | demonstrations | whole canary "
              f"| ≥{min_match}-char piece | longest piece |",
-             "|---|---|---|---|---|---|---|---|"]
-    for (mode, eps), rs in sorted(groups.items()):
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (unit, mode, eps), rs in sorted(groups.items()):
         tot = float(np.mean([r.epsilon_total for r in rs]))
-        lines.append(f"| {mode} | {eps_text(eps)} | {eps_text(tot) if math.isinf(tot) else f'{tot:.2f}'} | "
+        who = "one unit holds every copy" if unit == "unit" else "each record"
+        lines.append(f"| {who} | {mode} | {eps_text(eps)} | {eps_text(tot) if math.isinf(tot) else f'{tot:.2f}'} | "
                      f"{max(r.copies for r in rs)} | {sum(r.demos for r in rs)} | {sum(r.full_hits for r in rs)} | "
                      f"{sum(r.substring_hits for r in rs)} | {max(r.longest_match for r in rs)} |")
     return "\n".join(lines) + "\n"

@@ -56,17 +56,19 @@ def plant_canaries(
     copies: int,
     rng: np.random.Generator,
     template: str = DEFAULT_TEMPLATE,
+    unit: str | None = None,
 ) -> list[Example]:
     """A copy of ``pool`` with ``copies`` records of each canary under ``label``, shuffled in.
 
     Repeated copies are what a memorised secret looks like in real data (the same record in many
     documents); they are also what gives the non-private aggregate a chance to copy the canary.
+    With ``unit``, every canary record carries that privacy unit (one person holding them all).
     """
     if copies < 1:
         raise ValueError("copies must be at least 1")
     if "{canary}" not in template:
         raise ValueError("template must contain {canary}")
-    planted = [Example(template.format(canary=c), label) for c in canaries for _ in range(copies)]
+    planted = [Example(template.format(canary=c), label, unit) for c in canaries for _ in range(copies)]
     merged = list(pool) + planted
     order = rng.permutation(len(merged))
     return [merged[i] for i in order]

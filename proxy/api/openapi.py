@@ -20,7 +20,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy.api.common import json_response, require_admin
-from proxy.api.schemas import BudgetUpdate, ChatRequest, CompletionRequest, WarmRequest
+from proxy.api.keys import KeyCreate
+from proxy.api.schemas import BudgetReset, BudgetUpdate, ChatRequest, CompletionRequest, WarmRequest
 from proxy.config import TaskConfig
 from proxy.jobs.requests import JobRequest
 
@@ -32,6 +33,9 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/v1/chat/completions"): ChatRequest,
     ("POST", "/v1/completions"): CompletionRequest,
     ("PUT", "/admin/datasets/{dataset_id}/budget"): BudgetUpdate,
+    ("PUT", "/admin/budget/{name}"): BudgetUpdate,
+    ("POST", "/admin/budget/{name}/reset"): BudgetReset,
+    ("POST", "/admin/keys"): KeyCreate,
     ("POST", "/admin/tasks"): TaskConfig,
     ("POST", "/admin/tasks/{name}/demos"): WarmRequest,
     ("POST", "/admin/jobs"): JobRequest,
@@ -39,7 +43,7 @@ BODIES: dict[tuple[str, str], Any] = {
 #: Routes whose JSON body is optional (an empty body means the model's defaults).
 OPTIONAL_BODIES = frozenset({("POST", "/admin/tasks/{name}/demos")})
 #: Routes that take no body at all.
-NO_BODY = frozenset({("POST", "/admin/jobs/{job_id}/cancel")})
+NO_BODY = frozenset({("POST", "/admin/jobs/{job_id}/cancel"), ("POST", "/admin/warmups/{wid}/cancel")})
 #: Multipart uploads: (method, path) -> form fields (all strings except ``file``).
 FORMS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/admin/datasets"): {

@@ -37,6 +37,7 @@ def eval_command(
     audit_shots: int = typer.Option(4, "--audit-shots", min=1, help="Audit: N, records per subset (the model copies a string it sees twice)."),
     audit_demos: int = typer.Option(3, "--audit-demos", min=1, help="Audit: demonstrations per epsilon, mode and seed."),
     audit_top_k: int = typer.Option(0, "--audit-top-k", min=0, help="Audit: public candidates (0 = full vocabulary, the default: top-k alone hides canaries)."),
+    canary_unit: bool = typer.Option(False, "--canary-unit", help="Audit: all canary records belong to one privacy unit (sampling and pool sizes count units)."),
     resume: bool = typer.Option(False, "--resume", help="Keep the runs already in --out (same settings) and run only the missing ones."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
@@ -106,6 +107,7 @@ def eval_command(
             shots_per_subset=audit_shots,
             demos_per_run=audit_demos,
             top_k=audit_top_k or None,
+            unit=canary_unit,
         )
         _, table = evaluation.run_audit(task, source, settings, audit_settings, out_dir, progress=progress, log=typer.echo)
         typer.echo("")

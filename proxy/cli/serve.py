@@ -1,4 +1,4 @@
-"""``dpicl serve``: run the proxy with uvicorn."""
+"""``dpicl serve``: run the proxy with uvicorn (JSON log lines only)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,17 @@ def serve(
     port: int = typer.Option(8000, help="TCP port."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file (default: $DPICL_CONFIG; none = defaults)."),
     workers: int = typer.Option(1, min=1, help="Worker processes (each with its own in-memory caches)."),
-    log_level: str = typer.Option("info", help="uvicorn log level."),
+    log_level: str = typer.Option("info", help="Log level of the server's JSON log lines."),
 ) -> None:
-    """Serve the OpenAI-compatible proxy and the admin API.
+    """Serve the OpenAI-compatible proxy, the admin API and the admin console (/admin/ui).
 
-    With no config it starts on SQLite (in $DPICL_DATA_DIR) with the built-in local model as
-    ``local/smollm2``.
+    With no config it starts on SQLite (in $DPICL_DATA_DIR) with the built-in local model,
+    exposed as local/smollm2. The admin API needs DPICL_ADMIN_KEY.
     """
     import uvicorn
 
     from proxy.config import ConfigError, load_config
+    from proxy.logs import server_logging
 
     if config is not None:
         os.environ["DPICL_CONFIG"] = str(config.expanduser().resolve())
@@ -32,7 +33,9 @@ def serve(
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2)
-    common = dict(host=host, port=port, log_level=log_level, access_log=False, proxy_headers=False)
+    log_config = server_logging()  # before the app (and transformers) are imported
+    common = dict(host=host, port=port, log_level=log_level, access_log=False, proxy_headers=False,
+                  log_config=log_config)
     if workers == 1:
         from proxy.app import create_app
 
