@@ -23,6 +23,7 @@ from proxy.api.errors import install_error_handlers
 from proxy.api.health import router as health_router
 from proxy.api.jobs import router as jobs_router
 from proxy.api.keys import router as keys_router
+from proxy.api.ui import router as ui_router
 from proxy.api.middleware import RequestMiddleware
 from proxy.api.openai import router as openai_router
 from proxy.api.openapi import router as openapi_router
@@ -144,6 +145,7 @@ def create_app(config: Config | None = None) -> FastAPI:
     app.include_router(budget_router)
     app.include_router(jobs_router)
     app.include_router(keys_router)
+    app.include_router(ui_router)
     app.include_router(health_router)
     app.include_router(openapi_router)
     return app
