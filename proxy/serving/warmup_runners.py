@@ -30,8 +30,8 @@ log = logging.getLogger("dpicl.warmups")
 
 #: What RQ calls in the work horse, by import path.
 RQ_WARMUP_ENTRY = "proxy.serving.warmup_runners.rq_warmup"
-#: Niceness added to the generation thread (and worker generations).
-GENERATION_NICE = 10
+#: Niceness added to the generation thread (and worker generations); ``DPICL_WARMUP_NICE`` overrides.
+GENERATION_NICE = int(os.environ.get("DPICL_WARMUP_NICE", "10"))
 HEARTBEAT_SECONDS = 5.0
 
 
