@@ -125,6 +125,7 @@ def test_key_api_validates_and_hides_secrets(live):
         bad = http.post("/admin/keys", json={"name": "no spaces allowed", "tasks": []})
         assert bad.status_code == 400 and "name" in bad.json()["error"]["message"]
         assert http.post("/admin/keys", json={"name": "x", "extra": 1}).status_code == 400
+        assert http.post("/admin/keys", json={"name": "x", "passthrough": "yes"}).status_code == 400  # strict
         made = http.post("/admin/keys", json={"name": "k1", "tasks": ["a", "a", "b"]}).json()
         assert made["tasks"] == ["a", "b"] and made["key"].startswith(made["key_prefix"])
 
