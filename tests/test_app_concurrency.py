@@ -76,7 +76,7 @@ def test_two_processes_one_redis_never_overspend(tmp_path, redis_url, tiny_model
                 assert t.status_code == 201, t.text
             # One warm-up first: it releases the DP pool sizes, so every later set costs the same
             # events. Then set the budget so that exactly FITS more sets fit.
-            assert http.post(urls[0] + f"/admin/tasks/c{WARMUPS}/demos", json={}).status_code == 201
+            assert http.post(urls[0] + f"/admin/tasks/c{WARMUPS}/demos", json={"wait": True}).status_code == 200
             status = http.get(budget_url).json()
             ledger = PartitionedLedger(status["budget_delta"])
             for e in status["entries"]:
@@ -88,14 +88,14 @@ def test_two_processes_one_redis_never_overspend(tmp_path, redis_url, tiny_model
             assert http.put(budget_url, json={"epsilon": budget}).status_code == 200
 
             def warm(i: int) -> httpx.Response:
-                return httpx.post(urls[i % 2] + f"/admin/tasks/c{i}/demos", json={"dry_run": False}, headers=adm,
+                return httpx.post(urls[i % 2] + f"/admin/tasks/c{i}/demos", json={"wait": True}, headers=adm,
                                   timeout=300)
 
             with ThreadPoolExecutor(max_workers=WARMUPS) as pool:
                 responses = list(pool.map(warm, range(WARMUPS)))
 
-            ok = [r for r in responses if r.status_code == 201]
-            refused = [r for r in responses if r.status_code != 201]
+            ok = [r for r in responses if r.status_code == 200]
+            refused = [r for r in responses if r.status_code != 200]
             for r in refused:
                 assert r.status_code in (402, 409), r.text
                 err = r.json()["error"]

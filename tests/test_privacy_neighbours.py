@@ -52,7 +52,7 @@ def _released(tmp_path, name, rows, fake, model_dir) -> dict:
         listing = http.get("/admin/datasets").json()["data"]
         assert http.post("/admin/tasks", json=task_spec("t", "tickets", generation=FAST)).status_code == 201
         dry = http.post("/admin/tasks/t/demos", json={"dry_run": True})
-        warm = http.post("/admin/tasks/t/demos", json={})
+        warm = http.post("/admin/tasks/t/demos", json={"wait": True})
         cached = http.get("/admin/tasks/t/demos").json()
         budget = http.get("/admin/budget/tickets").json()
         meta = app.state.store.get_dataset(ds["id"])
@@ -78,7 +78,7 @@ def test_neighbouring_datasets_release_the_same_structures(tmp_path, monkeypatch
     d_plus = d + [{"text": f"the one rare record {CANARY}", "label": EMPTY}]
     a = _released(tmp_path, "d", d, fake_upstream, tiny_model_dir)
     b = _released(tmp_path, "d_plus", d_plus, fake_upstream, tiny_model_dir)
-    assert a["warm_status"] == b["warm_status"] == 201 and a["dry_status"] == b["dry_status"] == 200
+    assert a["warm_status"] == b["warm_status"] == 200 and a["dry_status"] == b["dry_status"] == 200
     assert a["labels"] == b["labels"] == DOMAIN and a["listed_labels"] == b["listed_labels"] == [DOMAIN]
     assert a["count_keys"] == b["count_keys"] == sorted(DOMAIN)  # zeros included
     assert (a["counts"][EMPTY], b["counts"][EMPTY]) == (0.0, 1.0)  # the one allowed difference

@@ -27,14 +27,15 @@ def test_epsilon_cost_is_the_increase_of_spent(http):
     upload(client, "d", jsonl_bytes(dataset_rows(30)), epsilon=20)
     client.post("/admin/tasks", json=task_spec("a", "d", generation=FAST))
     client.post("/admin/tasks", json=task_spec("b", "d", generation=FAST, shots=2))
-    first = client.post("/admin/tasks/a/demos", json={}).json()
+    first = client.post("/admin/tasks/a/demos", json={"wait": True}).json()
     spent1 = client.get("/admin/budget/d").json()["epsilon_spent"]
     assert first["epsilon_cost"] == pytest.approx(spent1)  # the histogram is part of the first cost
-    assert first["epsilon_cost"] > first["epsilon"]
-    assert {k for k, v in first["decisions"].items() if v["decision"] == "private"} == set(LABELS)
+    assert first["epsilon_cost"] > first["result"]["epsilon"]
+    assert first["result"]["epsilon_cost"] == pytest.approx(first["epsilon_cost"])
+    assert {k for k, v in first["result"]["decisions"].items() if v["decision"] == "private"} == set(LABELS)
     dry = client.post("/admin/tasks/a/demos", json={"dry_run": True}).json()
     assert dry["cached"] is True and dry["epsilon_cost"] == 0
-    second = client.post("/admin/tasks/b/demos", json={}).json()
+    second = client.post("/admin/tasks/b/demos", json={"wait": True}).json()
     spent2 = client.get("/admin/budget/d").json()["epsilon_spent"]
     assert second["epsilon_cost"] == pytest.approx(spent2 - spent1)
     kinds = [e["kind"] for e in client.get("/admin/budget/d").json()["ledger"]]
@@ -52,7 +53,7 @@ def test_units_make_the_pool_count_customers(http):
     spec = task_spec("s", "t", generation={**FAST, "num_subsets": 10, "shots_per_subset": 2},
                      label_words={"billing": "billing", "outage": "outage"})
     client.post("/admin/tasks", json=spec)
-    out = client.post("/admin/tasks/s/demos", json={}).json()
+    out = client.post("/admin/tasks/s/demos", json={"wait": True}).json()["result"]
     counts = app.state.store.get_dataset(ds["id"]).noisy_counts
     assert set(counts) == {"billing", "outage"}
     # With sigma 20 the noisy count of 2 units is below 20 = M*N about 84% of the time, and of 60

@@ -18,6 +18,8 @@ from proxy.auth import Principal
 from proxy.config import TaskConfig
 from proxy.errors import APIError
 from proxy.logs import log_event
+from proxy.serving.warmups import public_view as warmup_view
+from proxy.store.base import NotFound
 
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -92,30 +94,50 @@ async def delete_task(request: Request, name: str) -> Response:
 
 @router.post("/tasks/{name}/demos")
 async def warm_demos(request: Request, name: str) -> Response:
-    """Generate (charge) the task's demonstration set; ``{"dry_run": true}`` only prices it."""
+    """Queue the task's warm-up: 202 with the warm-up view (its cost stated, charged when it starts).
+
+    ``{"dry_run": true}`` only prices it (200); ``{"wait": true}`` blocks until it finishes (200
+    with the finished view, or the warm-up's error).
+    """
     principal: Principal = require_admin(request)
     state = request.app.state
     task = await _task_or_404(request, name)
     request.state.task = name
     raw = await request.body()
     req = WarmRequest() if not raw.strip() else validate_body(WarmRequest, await read_json(request))
-    if not req.dry_run:
-        await audit(request, "warmup.start", name, dataset=task.dataset)
-    result = await state.demos.warm(task, principal.actor, dry_run=req.dry_run)
     if req.dry_run:
-        return json_response({"task": name, **result})
-    payload = result["payload"]
-    out = {
-        "task": name, "key": result["key"], "cached": result["cached"], "charged": result["charged"],
-        "epsilon": payload.get("epsilon"), "delta": payload.get("delta"), "dataset_id": payload.get("dataset_id"),
-        "demonstrations": payload.get("demos", []),
-        # Which rule applied to each label (private / public fallback / skip), from the DP count.
-        "decisions": payload.get("decisions"),
-    }
-    for k in ("epsilon_cost", "spent_epsilon", "remaining_epsilon"):
-        if k in result:
-            out[k] = result[k]
-    return json_response(out, 201 if result["charged"] else 200)
+        return json_response({"task": name, **await state.demos.price(task, principal.actor)})
+    await audit(request, "warmup.start", name, dataset=task.dataset)
+    rec = await state.demos.start_warmup(task, principal.actor, admin=True, wait=req.wait)
+    finished = rec["state"] in ("done", "failed", "cancelled")
+    return json_response(warmup_view(rec), 200 if finished else 202)
+
+
+# -- warm-ups ---------------------------------------------------------------------------------
+
+
+@router.get("/warmups")
+async def list_warmups(request: Request) -> Response:
+    recs = await anyio.to_thread.run_sync(request.app.state.demos.warmups.list)
+    return json_response({"object": "list", "data": [warmup_view(r) for r in recs]})
+
+
+async def _warmup_call(request: Request, fn: Any, wid: str) -> dict[str, Any]:
+    try:
+        return await anyio.to_thread.run_sync(fn, wid)
+    except NotFound:
+        raise APIError(404, f"warm-up {wid!r} not found", "warmup_not_found") from None
+
+
+@router.get("/warmups/{wid}")
+async def get_warmup(request: Request, wid: str) -> Response:
+    return json_response(warmup_view(await _warmup_call(request, request.app.state.demos.warmups.get, wid)))
+
+
+@router.post("/warmups/{wid}/cancel")
+async def cancel_warmup(request: Request, wid: str) -> Response:
+    rec = await _warmup_call(request, request.app.state.demos.warmups.cancel, wid)
+    return json_response(warmup_view(rec))
 
 
 @router.get("/tasks/{name}/demos")

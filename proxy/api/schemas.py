@@ -60,11 +60,14 @@ class BudgetUpdate(BaseModel):
 
 
 class WarmRequest(BaseModel):
-    """``POST /admin/tasks/{task}/demos``."""
+    """``POST /admin/tasks/{task}/demos`` (strict: ``"yes"`` or ``1`` is not a switch)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    #: Only price the warm-up (nothing queued, charged or read).
     dry_run: bool = False
+    #: Block until the warm-up finishes (scripts); otherwise answer 202 at once.
+    wait: bool = False
 
 
 class BudgetReset(BaseModel):

@@ -160,14 +160,16 @@ def worker(
     pe_backend: Optional[str] = typer.Option(None, "--pe-backend", help="module:factory for PE's text generation (default: local model / litellm)."),
     name: Optional[str] = typer.Option(None, "--name", help="Worker name (default: generated)."),
 ) -> None:
-    """Process jobs from the Redis queue (run one per machine or core budget; they share the queue)."""
+    """Process jobs and warm-ups from the Redis queue (run one per machine or core budget; they share it)."""
     from proxy.config import ConfigError, load_config
     from proxy.jobs.worker import run_worker
+    from proxy.serving.warmup_runners import install_worker
 
     try:
         cfg = load_config(config)
     except ConfigError as exc:
         fail(str(exc))
+    install_worker(cfg, store)  # the queue also carries demonstration warm-ups
     run_worker(redis, store_url=store, config=cfg, queue=queue, burst=burst, pe_backend=pe_backend,
                heartbeat_interval=heartbeat, name=name)
 

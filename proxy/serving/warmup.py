@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import dp_accounting as dpa
 
@@ -36,6 +36,11 @@ from proxy.upstreams.base import UpstreamError
 
 #: Cached payload format version (bump when the payload layout changes).
 PAYLOAD_VERSION = 1
+
+#: ``progress(tokens_done, tokens_total)``; called from the generating thread.
+Progress = Callable[[int, int], None]
+#: ``reserved(epsilon_cost)``: the cost (count release included) is in the ledger; no row read yet.
+Reserved = Callable[[float], None]
 
 
 @dataclass
@@ -105,8 +110,17 @@ class Warmup:
     def _refuse(self, exc: BudgetExceeded) -> APIError:
         return APIError(402, f"privacy budget exceeded: {exc}", "budget_exceeded")
 
-    def generate(self, task: TaskConfig, prep: Prepared, actor: str, admin: bool = True) -> dict[str, Any]:
-        """Reserve the set's cost, then read the rows, generate the set and store it (blocking)."""
+    def generate(self, task: TaskConfig, prep: Prepared, actor: str, admin: bool = True,
+                 progress: Progress | None = None, reserved: Reserved | None = None) -> dict[str, Any]:
+        """Reserve the set's cost, then read the rows, generate the set and store it (blocking).
+
+        ``reserved`` is told the cost once it is in the ledger; ``progress`` after every token.
+        Progress counts the charged maximum ``T`` per demonstration (a demonstration that stops
+        early jumps to its full ``T``), so ``tokens_total`` is public; how fast it moves is not
+        (stopping depends on the data), which is why warm-up views are admin-only.
+        A demonstration that came out empty is not stored; its label is listed in
+        ``empty_labels`` (the choice is post-processing of DP output).
+        """
         meta, labels = prep.meta, prep.labels
         reason = f"task {task.name} demos {prep.key[:12]}"
         config = generation_config(task)
@@ -144,6 +158,8 @@ class Warmup:
         self.metrics.record_spend(meta.id, res.spent_after, res.budget_epsilon)
         log_event("demos.reserved", task=task.name, dataset_id=meta.id, epsilon=_num(res.epsilon),
                   spent=_num(res.spent_after), actor=actor)
+        if reserved is not None:
+            reserved(max(res.epsilon, res.spent_after - spent_before))
         source = self.generators.source(task)
         prompt = task_prompt(task)
         noise = Noise(None)  # CSPRNG: the noise must not be reproducible from the seed
@@ -162,15 +178,32 @@ class Warmup:
                 pools_rows = unit_pools([Example(t, lab, unit=u) for t, lab, u in rows], meta.labels)
                 del rows
             demos: list[dict[str, Any]] = []
+            empty: list[str] = []
             tokens = 0
+            total = len(labels) * task.shots * config.max_tokens
+            done = 0
+
+            def on_token(step: int) -> None:
+                if progress is not None:
+                    progress(done + step + 1, total)
+
             for label in labels:
                 if plan.labels[label].decision == "skip":
+                    done += task.shots * config.max_tokens
                     continue  # decided from the noisy count and public settings (see "decisions")
                 for _ in range(task.shots):
                     d = generate_demonstration(source, prompt, pools_rows.get(label, []), label, config,
-                                               plan.labels[label], noise)
-                    demos.append({"text": d.text, "label": label})
+                                               plan.labels[label], noise, on_token=on_token)
+                    done += config.max_tokens
+                    if progress is not None:
+                        progress(done, total)
                     tokens += d.tokens
+                    if not d.text.strip():
+                        # An empty demonstration teaches nothing and would inject a bare header.
+                        if label not in empty:
+                            empty.append(label)
+                        continue
+                    demos.append({"text": d.text, "label": label})
             del pools_rows
         payload = {
             "version": PAYLOAD_VERSION,
@@ -179,6 +212,7 @@ class Warmup:
             "dataset_version": meta.version,
             "labels": labels,
             "demos": demos,
+            "empty_labels": empty,
             # Which rule applied to each label: from the DP count and public settings only.
             "decisions": _decisions(plan),
             "epsilon": _num(plan.epsilon()),

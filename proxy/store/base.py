@@ -169,6 +169,10 @@ def count_units(rows: Sequence[tuple[str, str, str | None]]) -> int:
     return sum(1 for _, _, u in rows if u is None) + len({u for _, _, u in rows if u is not None})
 
 
+#: Warm-up states in which a warm-up still holds its deduplication key.
+ACTIVE_WARMUP_STATES = ("queued", "running")
+
+
 class Store(ABC):
     """Persistence for datasets, ledger, demonstration cache, tasks and jobs."""
 
@@ -309,6 +313,25 @@ class Store(ABC):
     @abstractmethod
     def update_job(self, job_id: str, **fields: Any) -> dict[str, Any]:
         """Merge ``fields`` into the job record atomically; returns the new record."""
+
+    # -- warm-ups (demonstration-set generations as resources) ------------------------
+    @abstractmethod
+    def create_warmup(self, record: dict[str, Any], dedupe: str | None = None) -> tuple[dict[str, Any], bool]:
+        """Store a new warm-up record (``record["id"]``, ``record["state"]``) unless one with the same
+        ``dedupe`` key is still active (queued or running); atomically. Returns ``(record, created)``:
+        the stored new record, or the active one that made this one unnecessary."""
+
+    @abstractmethod
+    def get_warmup(self, warmup_id: str) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    def list_warmups(self, limit: int = 200) -> list[dict[str, Any]]:
+        """The newest ``limit`` warm-up records, newest first."""
+
+    @abstractmethod
+    def update_warmup(self, warmup_id: str, expect: Sequence[str] | None = None, **fields: Any) -> dict[str, Any] | None:
+        """Merge ``fields`` into the record atomically if its state is in ``expect`` (any state when
+        None); returns the new record, or None when the state did not match. Raises NotFound."""
 
     @abstractmethod
     def put_blob(self, key: str, data: bytes) -> None:

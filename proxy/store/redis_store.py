@@ -16,6 +16,8 @@ Every key starts with a prefix (``dpicl:`` by default) so one Redis can hold sev
 ``{p}tasks``                  hash: task name -> spec JSON
 ``{p}client_keys``            hash: client key name -> record JSON (the key's SHA-256, not the key)
 ``{p}job:{id}``, ``{p}jobs``  job record JSON; sorted set of job ids by creation time
+``{p}warmup:{id}``            warm-up record JSON; ``{p}warmups``: sorted set of ids by creation
+``{p}warmup-active:{dedupe}`` id of the active (queued/running) warm-up with that dedupe key
 ``{p}blob:{key}``             raw bytes of a job result
 ============================  ===============================================================
 
@@ -56,6 +58,7 @@ from proxy.store.base import (
     normalise_rows,
 )
 from proxy.store.client_keys import RedisClientKeys
+from proxy.store.warmups import RedisWarmups
 from proxy.store.redis_url import split_prefix
 
 T = TypeVar("T")
@@ -67,7 +70,7 @@ _ROW_CHUNK = 5000
 _MAX_ATTEMPTS = 10_000
 
 
-class RedisStore(RedisClientKeys, Store):
+class RedisStore(RedisClientKeys, RedisWarmups, Store):
     """:class:`~proxy.store.base.Store` on Redis (``redis://host:port/db``; ``?prefix=`` optional)."""
 
     def __init__(self, url: str, prefix: str | None = None, socket_timeout: float = 30.0):

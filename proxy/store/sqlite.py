@@ -41,6 +41,8 @@ from proxy.store.base import (
     normalise_rows,
 )
 from proxy.store.client_keys import SQLITE_SCHEMA, SqliteClientKeys
+from proxy.store.warmups import SQLITE_SCHEMA as WARMUPS_SCHEMA
+from proxy.store.warmups import SqliteWarmups
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_info (
@@ -119,10 +121,10 @@ CREATE TABLE IF NOT EXISTS blobs (
     data BLOB NOT NULL
 );
 INSERT OR IGNORE INTO schema_info (key, value) VALUES ('version', '2');
-""" + SQLITE_SCHEMA
+""" + SQLITE_SCHEMA + WARMUPS_SCHEMA
 
 
-class SqliteStore(SqliteClientKeys, Store):
+class SqliteStore(SqliteClientKeys, SqliteWarmups, Store):
     """:class:`~proxy.store.base.Store` on one SQLite file (created with its parent directory)."""
 
     def __init__(self, path: str | os.PathLike[str], timeout: float = 60.0):
