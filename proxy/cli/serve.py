@@ -46,7 +46,7 @@ def serve(
     if workers == 1:
         from proxy.app import create_app
 
-        uvicorn.run(create_app(cfg), **common)
+        uvicorn.run(create_app(cfg, freeze_gc=True), **common)
     else:
         # Each worker process builds its own app from the environment (DPICL_CONFIG).
         uvicorn.run("proxy.app:app_from_env", factory=True, workers=workers, **common)
