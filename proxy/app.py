@@ -116,7 +116,10 @@ def create_app(config: Config | None = None, freeze_gc: bool = False) -> FastAPI
         app.state.budget = BudgetService(store)
         app.state.metrics = metrics
         app.state.auth = Authenticator(config)
-        app.state.auth.load_stored(await anyio.to_thread.run_sync(store.list_client_keys))
+        try:
+            app.state.auth.load_stored(await anyio.to_thread.run_sync(store.list_client_keys))
+        except Exception as exc:  # noqa: BLE001 - a store that is down now: start (readiness says 503), retry later
+            log_event("keys.load_failed", error=type(exc).__name__)
         app.state.http = http
         app.state.upstreams = _build_upstreams(config, http)
         app.state.tasks = TaskRegistry(config, store, config.server.cache_recheck_seconds)

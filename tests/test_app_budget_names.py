@@ -133,3 +133,12 @@ def test_audit_log(http):
     assert CANARY not in text and "question" not in text
     assert_openai_error(client.get("/admin/audit", params={"limit": 0}), 400)
     assert_openai_error(httpx.get(str(client.base_url) + "/admin/audit"), 401)
+
+
+def test_upload_budget_has_the_same_limits_as_put(http):
+    _, client = http
+    data = jsonl_bytes(dataset_rows(2))
+    for eps in ("1e308", "101", "nan", "0"):
+        assert_openai_error(upload(client, "x", data, epsilon=eps), 400)
+    assert_openai_error(upload(client, "x", data, delta="1"), 400)
+    assert upload(client, "x", data, epsilon="100").status_code == 201

@@ -125,6 +125,7 @@ def test_key_api_validates_and_hides_secrets(live):
         bad = http.post("/admin/keys", json={"name": "no spaces allowed", "tasks": []})
         assert bad.status_code == 400 and "name" in bad.json()["error"]["message"]
         assert http.post("/admin/keys", json={"name": "x", "extra": 1}).status_code == 400
+        assert http.post("/admin/keys", json={"name": "x", "passthrough": "yes"}).status_code == 400  # strict
         made = http.post("/admin/keys", json={"name": "k1", "tasks": ["a", "a", "b"]}).json()
         assert made["tasks"] == ["a", "b"] and made["key"].startswith(made["key_prefix"])
 
@@ -166,3 +167,11 @@ def test_data_command_writes_a_sample(tmp_path: Path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 40 and all(set(r) == {"text", "label"} and r["text"] for r in rows)
     assert not (tmp_path / "trec.jsonl.part").exists()
+
+
+def test_server_starts_with_its_store_down(fake_upstream):
+    """Loading the stored client keys at start-up must not stop a server whose Redis is down:
+    it starts, readiness says 503, and the keys are loaded by the periodic refresh later."""
+    cfg = make_config(f"redis://127.0.0.1:{free_port()}/0", fake_upstream.base_url, None)
+    with LiveServer(create_app(cfg)) as srv:
+        assert httpx.get(srv.url + "/health/readiness", timeout=30).status_code == 503

@@ -187,3 +187,51 @@ def test_dry_run_queues_nothing(live):
     assert http.get("/admin/warmups").json()["data"] == [] and _ledger(http, ds["id"]) == []
     for bad in ({"wait": "yes"}, {"dry_run": True, "x": 1}):
         assert_openai_error(http.post("/admin/tasks/d1/demos", json=bad), 400)
+
+
+def test_warmups_run_on_dpicl_worker_with_redis(tmp_path, redis_url, fake_upstream, tiny_model_dir):
+    """With a queue configured, the server only queues: the warm-up runs in a ``dpicl worker``."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    store_url = f"sqlite:///{tmp_path}/s.db"
+    cfg = make_config(store_url, fake_upstream.base_url, tiny_model_dir, client_tasks=["*"])
+    cfg.jobs = cfg.jobs.model_copy(update={"queue_url": redis_url})
+    worker_cfg = tmp_path / "worker.yaml"
+    worker_cfg.write_text(yaml.safe_dump({"server": {"local_model": tiny_model_dir}}))
+    repo = Path(__file__).resolve().parent.parent
+    app = create_app(cfg)
+    with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=120, headers=admin_headers()) as http:
+        ds = upload(http, "r", jsonl_bytes(dataset_rows(100)), epsilon=50).json()
+        http.post("/admin/tasks", json=task_spec("r1", "r", generation=FAST))
+        queued = http.post("/admin/tasks/r1/demos", json={})
+        assert queued.status_code == 202 and queued.json()["runner"] == "rq"
+        time.sleep(0.5)
+        assert http.get(f"/admin/warmups/{queued.json()['id']}").json()["state"] == "queued"  # no worker yet
+        assert _ledger(http, ds["id"]) == []
+        env = dict(os.environ, PYTHONPATH=str(repo), LITELLM_LOCAL_MODEL_COST_MAP="True")
+        env.pop("DPICL_CONFIG", None)
+        log = tmp_path / "worker.log"
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "worker", "--redis", redis_url, "--store", store_url,
+             "--config", str(worker_cfg), "--burst"],
+            cwd=str(repo), env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"), start_new_session=True)
+        try:
+            done = _wait_state(http, queued.json()["id"], ("done", "failed"), timeout=120)
+            assert done["state"] == "done", done["error"]
+            assert done["charged"] and done["result"]["demonstrations"]
+            assert worker.wait(timeout=180) == 0, log.read_text()[-3000:]  # --burst: exits when the queue is empty
+        finally:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+        stderr = log.read_text()
+        assert '"event":"warmup.progress"' in stderr  # JSON progress lines in the worker's log
+        # The server serves the set the worker stored.
+        cached = http.get("/admin/tasks/r1/demos").json()
+        assert cached["cached"] is True and cached["demonstrations"]["demos"] == done["result"]["demonstrations"]

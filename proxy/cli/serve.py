@@ -36,6 +36,13 @@ def serve(
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2)
+    try:  # a store that cannot be opened (bad URL scheme, unwritable path, old schema): one line too
+        from proxy.store import open_store
+
+        open_store(cfg.store.url).close()
+    except Exception as exc:  # noqa: BLE001 - store messages never echo a URL's password
+        typer.echo(f"error: store.url (or DPICL_STORE_URL): {exc}", err=True)
+        raise typer.Exit(code=2)
     log_config = server_logging()  # before the app (and transformers) are imported
     common = dict(host=host, port=port, log_level=log_level, access_log=False, proxy_headers=False,
                   log_config=log_config)

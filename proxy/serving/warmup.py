@@ -29,6 +29,7 @@ from proxy.config import TaskConfig
 from proxy.errors import APIError
 from proxy.logs import log_event
 from proxy.metrics import Metrics
+from proxy.serving.calibrations import StoreCalibrationCache
 from proxy.serving.generators import Generators
 from proxy.serving.tasks import generation_config, task_prompt
 from proxy.store.base import BudgetExceeded, DatasetMeta, NotFound, Store
@@ -60,6 +61,8 @@ class Warmup:
         self.budget = budget
         self.metrics = metrics
         self.generators = generators
+        #: Calibrations shared through the store: a repeated plan (dry run, 202, start) answers at once.
+        self.calibrations = StoreCalibrationCache(store)
         #: Generation is CPU-heavy: one at a time per process.
         self._gen_lock = threading.Lock()
 
@@ -71,7 +74,7 @@ class Warmup:
                                 f"datasets marked public", "not_private")
         try:
             return plan_demonstrations(config, {lab: task.shots for lab in labels}, pool_sizes,
-                                       meta.budget_delta)
+                                       meta.budget_delta, cache=self.calibrations)
         except ValueError as exc:
             # Messages name labels and DP-estimated sizes only (admin-facing).
             raise APIError(400, f"task {task.name!r}: {exc}", "invalid_generation") from None

@@ -17,19 +17,21 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from typing import Any, Callable
 
 from proxy.config import Config
+from proxy.logs import JsonFormatter, server_logging
 from proxy.serving.warmups import FAILED, QUEUED, RUNNING, WarmupExecutor
 
 log = logging.getLogger("dpicl.warmups")
 
 #: What RQ calls in the work horse, by import path.
 RQ_WARMUP_ENTRY = "proxy.serving.warmup_runners.rq_warmup"
-#: Niceness added to the generation thread (and worker generations).
-GENERATION_NICE = 10
+#: Niceness added to the generation thread (and worker generations); ``DPICL_WARMUP_NICE`` overrides.
+GENERATION_NICE = int(os.environ.get("DPICL_WARMUP_NICE", "10"))
 HEARTBEAT_SECONDS = 5.0
 
 
@@ -156,9 +158,27 @@ _WORKER: dict[str, Any] = {}
 
 
 def install_worker(config: Config | None, store_url: str | None = None) -> None:
-    """Let this process run queued warm-ups (called by ``dpicl worker``)."""
+    """Let this process run queued warm-ups (called by ``dpicl worker``); JSON log lines, no tqdm."""
+    server_logging()
     _WORKER.clear()
     _WORKER.update(config=config or Config(), store_url=store_url)
+
+
+def _process_logging() -> None:
+    """JSON lines written directly by this process: RQ forks a work horse per job, and the parent's
+    log queue thread does not exist in the child (its records would never be written)."""
+    logger = logging.getLogger("dpicl")
+    if any(getattr(h, "_dpicl_pid", None) == os.getpid() for h in logger.handlers):
+        return
+    for h in [h for h in logger.handlers if getattr(h, "_dpicl", False)]:
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    handler._dpicl = True  # type: ignore[attr-defined]
+    handler._dpicl_pid = os.getpid()  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _worker_executor() -> WarmupExecutor:
@@ -184,6 +204,7 @@ def _worker_executor() -> WarmupExecutor:
 
 def rq_warmup(wid: str) -> str:
     """RQ entry point: run one queued warm-up at lower priority (in ``dpicl worker``'s work horse)."""
+    _process_logging()
     ex = _worker_executor()
     lower_thread_priority()
     beat = _Heartbeat(ex.store)

@@ -147,6 +147,12 @@ class WarmupExecutor:
             except NotFound:
                 raise APIError(409, f"dataset {rec['dataset_id']} was deleted before the warm-up started",
                                "dataset_missing") from None
+            generator = self.warmup.generators.generator_id(task)
+            if rec.get("generator") and rec["generator"] != generator:
+                # The set is cached under the server's generator: a worker configured with another
+                # model must not fill that key with its own output.
+                raise APIError(409, f"this worker's generator ({generator}) is not the one the warm-up was "
+                                    f"queued for ({rec['generator']}); nothing was charged", "generator_mismatch")
             prep = Prepared(meta, task_labels(task, meta), rec["key"])
             cached = self.store.get_demos(prep.key)
             if cached is not None:  # another warm-up of the same set finished first: nothing to charge
@@ -208,6 +214,7 @@ class WarmupService:
         record = {
             "id": new_warmup_id(), "task": task.name, "task_spec": task.model_dump(mode="json"),
             "dataset_id": prep.meta.id, "key": prep.key, "state": QUEUED, "actor": actor, "admin": admin,
+            "generator": self.warmup.generators.generator_id(task),
             "tokens_done": 0, "tokens_total": len(prep.labels) * task.shots * task.generation.max_tokens,
             "epsilon_cost": epsilon_cost, "charged": False, "runner": self.runner.kind,
             "created_at": now, "heartbeat_at": now, "started_at": None, "finished_at": None,
