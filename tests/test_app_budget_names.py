@@ -103,6 +103,8 @@ def test_spend_survives_delete_and_reupload_then_reset_needs_a_reason(http):
     spent = client.get("/admin/budget/crm").json()["epsilon_spent"]
     assert spent > 0
     client.delete(f"/admin/datasets/{v1['id']}")
+    gone = client.get(f"/admin/datasets/{v1['id']}/budget").json()  # the old route, read-only
+    assert (gone["deleted"], gone["name"], gone["spent_epsilon"]) == (True, "crm", pytest.approx(spent))
     v2 = upload(client, "crm", data).json()
     assert client.get(f"/admin/datasets/{v2['id']}/budget").json()["spent_epsilon"] == pytest.approx(spent)
     for bad in ({}, {"reason": ""}, {"reason": "   "}, {"reason": 5}):
