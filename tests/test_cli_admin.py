@@ -4,6 +4,7 @@ an unreachable server, a wrong key or a 4xx is one line on stderr and a non-zero
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -80,6 +81,7 @@ def test_datasets_budget_tasks_round_trip(live):
     assert ok_json(srv.url, "tasks", "demos", "cli-task")["cached"] is False
     warmed = run(srv.url, "tasks", "warm", "cli-task", "--interval", "0.2")
     assert warmed.exit_code == 0, warmed.stderr
+    assert re.search(r"warm-up \S+ done: epsilon cost \d", warmed.stdout), warmed.stdout  # followed to the end
     demos = ok_json(srv.url, "tasks", "demos", "cli-task")
     assert demos["cached"] is True
     assert sorted(d["label"] for d in demos["demonstrations"]["demos"]) == ["LOC", "NUM"]
@@ -175,3 +177,17 @@ def test_server_starts_with_its_store_down(fake_upstream):
     cfg = make_config(f"redis://127.0.0.1:{free_port()}/0", fake_upstream.base_url, None)
     with LiveServer(create_app(cfg)) as srv:
         assert httpx.get(srv.url + "/health/readiness", timeout=30).status_code == 503
+
+
+def test_warm_over_budget_is_one_line_and_reads_nothing(live):
+    srv, tmp = live
+    data = tmp / "rows.jsonl"
+    data.write_bytes(jsonl_bytes(dataset_rows(10)))
+    assert run(srv.url, "datasets", "upload", str(data), "--name", "small", "--epsilon", "0.05",
+               "--labels", ",".join(LABELS)).exit_code == 0
+    gen = [f"-g{k}={v}" for k, v in TINY_GENERATION.items()]
+    assert run(srv.url, "tasks", "add", "big", "--dataset", "small", "--instruction", "Classify.",
+               "--upstream", "fake-model", "--epsilon", "2", *gen).exit_code == 0
+    line = one_error_line(run(srv.url, "tasks", "warm", "big"))
+    assert "402" in line and "budget" in line and CANARY not in line
+    assert ok_json(srv.url, "tasks", "demos", "big")["cached"] is False
