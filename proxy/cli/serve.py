@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +15,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 for every interface)."),
     port: int = typer.Option(8000, help="TCP port."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file (default: $DPICL_CONFIG; none = defaults)."),
-    workers: int = typer.Option(1, min=1, help="Worker processes (each with its own in-memory caches)."),
+    workers: int = typer.Option(1, min=1, help="Worker processes sharing the port (state is in the store; "
+                                               "each keeps its own in-memory caches)."),
     log_level: str = typer.Option("info", help="Log level of the server's JSON log lines."),
 ) -> None:
     """Serve the OpenAI-compatible proxy, the admin API and the admin console (/admin/ui).
@@ -48,8 +51,19 @@ def serve(
 
         uvicorn.run(create_app(cfg, freeze_gc=True), **common)
     else:
-        # Each worker process builds its own app from the environment (DPICL_CONFIG).
-        uvicorn.run("proxy.app:app_from_env", factory=True, workers=workers, **common)
+        # Each worker process builds its own app from the environment (DPICL_CONFIG), and writes
+        # its metrics to a directory that /metrics (in any worker) adds up.
+        from proxy.metrics import MULTIPROC_ENV
+
+        own_dir = None
+        if not os.environ.get(MULTIPROC_ENV):
+            own_dir = tempfile.mkdtemp(prefix="dpicl-metrics-")
+            os.environ[MULTIPROC_ENV] = own_dir
+        try:
+            uvicorn.run("proxy.app:app_from_env", factory=True, workers=workers, **common)
+        finally:
+            if own_dir is not None:
+                shutil.rmtree(own_dir, ignore_errors=True)
 
 
 def register(app: typer.Typer) -> None:
