@@ -63,3 +63,14 @@ def test_units_make_the_pool_count_customers(http):
     for label, noisy in counts.items():
         expected = "private" if noisy >= 20 else "public"
         assert out["decisions"][label]["decision"] == expected
+
+
+def test_warmups_are_in_the_audit_log(http):
+    app, client = http
+    upload(client, "d", jsonl_bytes(dataset_rows(30)), epsilon=20)
+    client.post("/admin/tasks", json=task_spec("a", "d", generation=FAST))
+    view = client.post("/admin/tasks/a/demos", json={"wait": True}).json()
+    client.post("/admin/tasks/a/demos", json={"dry_run": True})  # pricing is not an action
+    actions = [(a["action"], a["target"]) for a in client.get("/admin/audit").json()["data"]]
+    assert actions == [("warmup.start", "a"), ("task.create", "a"), ("dataset.upload", "d")]
+    assert client.get("/admin/audit").json()["data"][0]["details"]["warmup_id"] == view["id"]

@@ -212,8 +212,12 @@ class DemoService:
                 # The last warm-up this process started for the set: if it failed recently, say
                 # so instead of starting the same doomed warm-up on every request.
                 wid = self._client_warmups.get(prep.key)
-                rec, _ = await self.warmups.start(task, prep, principal.actor, admin=admin,
-                                                  unless_failed=(wid, CLIENT_RETRY_FAILED_AFTER))
+                rec, created = await self.warmups.start(task, prep, principal.actor, admin=admin,
+                                                        unless_failed=(wid, CLIENT_RETRY_FAILED_AFTER))
+                if created:  # the admin audit log records warm-ups a client request started too
+                    await anyio.to_thread.run_sync(lambda: self.store.append_audit(
+                        principal.name, "warmup.start", task.name,
+                        {"dataset": task.dataset, "warmup_id": rec["id"], "trigger": "client"}))
                 self._client_warmups[prep.key] = rec["id"]
                 if rec["state"] == DONE:
                     payload = await anyio.to_thread.run_sync(self.store.get_demos, prep.key)
