@@ -69,9 +69,11 @@ def load_trec() -> list[Example]:
 def parse_rows(data: bytes | str, filename: str = "data.jsonl") -> list[Example]:
     """Parse JSONL (``{"text": ..., "label": ...}`` per line) or CSV (``text,label`` header).
 
+    An optional ``privacy_unit`` (string or integer; a CSV column) names the row's privacy unit,
+    e.g. a customer id (:mod:`aggregation.units`). A leading UTF-8 byte-order mark is ignored.
     Raises :class:`DataError` naming the first bad row by number (never quoting it).
     """
-    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    text = data.decode("utf-8-sig") if isinstance(data, bytes) else data.removeprefix("\ufeff")
     rows: list[Example] = []
     if filename.lower().endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text))
@@ -102,10 +104,12 @@ def deduplicate(rows: Sequence[Example]) -> tuple[list[Example], int]:
     k times epsilon bounds (docs/privacy.md), so repeats are removed before the data is stored.
     Returns the kept rows and how many were dropped.
     """
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, str | None]] = set()
     kept: list[Example] = []
     for r in rows:
-        key = (r.text, r.label)  # parse_rows already folded whitespace
+        # parse_rows already folded whitespace. Repeats inside one declared privacy unit are
+        # covered by the unit-level guarantee; across units (or without units) they are dropped.
+        key = (r.text, r.label, r.unit) if r.unit is not None else (r.text, r.label, None)
         if key not in seen:
             seen.add(key)
             kept.append(r)
@@ -120,7 +124,14 @@ def _row(obj: dict, i: int) -> Example:
         label = str(label)
     if not isinstance(label, str) or not label.strip():
         raise DataError(f"row {i} has no non-empty 'label'")
-    return Example(" ".join(text.split()), label.strip())
+    unit = obj.get("privacy_unit")
+    if isinstance(unit, int) and not isinstance(unit, bool):
+        unit = str(unit)
+    if isinstance(unit, str) and not unit.strip():
+        unit = None  # an empty CSV cell: the row is its own unit
+    if unit is not None and not isinstance(unit, str):
+        raise DataError(f"row {i} has a 'privacy_unit' that is not a string or an integer")
+    return Example(" ".join(text.split()), label.strip(), unit.strip() if unit else None)
 
 
 def read_jsonl(path: str | Path) -> list[Example]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 from aggregation.prompts import Example
 
@@ -96,3 +96,23 @@ def unit_counts(pools: Mapping[str, UnitPool], labels: Sequence[str] | None = No
     """
     names = list(labels) if labels is not None else list(pools)
     return {lab: len(pools[lab]) if lab in pools else 0 for lab in names}
+
+
+def one_row_per_unit(rows: Sequence[Example], labels: Sequence[str], rng: Any = None) -> list[Example]:
+    """Every unit reduced to one row: drawn uniformly from its rows of its assigned label.
+
+    For mechanisms that sample rows (DP-SGD's Poisson batches, PE's votes): after this, adding or
+    removing a unit adds or removes exactly one row, so their row-level accounting becomes
+    unit-level. The draw for a unit looks at that unit's rows only. ``rng`` (default: a CSPRNG-seeded
+    generator) supplies the uniform draws.
+    """
+    import numpy as np
+
+    gen = rng if rng is not None else np.random.default_rng()
+    out: list[Example] = []
+    for pool in unit_pools(rows, labels).values():
+        if not len(pool):
+            continue
+        picks = np.floor(gen.random(len(pool)) * np.asarray(pool.sizes)).astype(int)
+        out.extend(entry[min(int(i), len(entry) - 1)] for entry, i in zip(pool.units, picks))
+    return out

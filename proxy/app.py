@@ -8,6 +8,7 @@ globals. The routers are in :mod:`proxy.api`, the request middleware in
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -16,14 +17,19 @@ import httpx
 from fastapi import FastAPI
 
 from proxy.api.admin import router as admin_router
+from proxy.api.budget import router as budget_router
+from proxy.api.datasets import router as datasets_router
 from proxy.api.errors import install_error_handlers
 from proxy.api.health import router as health_router
 from proxy.api.jobs import router as jobs_router
+from proxy.api.keys import router as keys_router
+from proxy.api.ui import router as ui_router
 from proxy.api.middleware import RequestMiddleware
-from proxy.api.openai import router as openai_router
+from proxy.api.openai import routes as openai_routes
 from proxy.api.openapi import router as openapi_router
 from proxy.auth import Authenticator
 from proxy.budget import BudgetService
+from proxy.gctune import GcGuard
 from proxy.config import LOCAL_MODEL_NAME, Config, load_config
 from proxy.jobs.manager import JobManager
 from proxy.logs import log_event, setup_logging
@@ -72,8 +78,37 @@ def _build_upstreams(config: Config, http: httpx.AsyncClient) -> dict[str, Any]:
     return ups
 
 
-def create_app(config: Config | None = None) -> FastAPI:
-    """The proxy application for ``config`` (default: :func:`proxy.config.load_config`)."""
+async def _refresh_client_keys(app: FastAPI, interval: float) -> None:
+    """Keep this replica's copy of the admin-created client keys fresh (see proxy.auth)."""
+    while True:
+        await anyio.sleep(interval)
+        try:
+            records = await anyio.to_thread.run_sync(app.state.store.list_client_keys)
+        except Exception as exc:  # noqa: BLE001 - a store hiccup: keep the last copy, try again
+            log_event("keys.refresh_failed", error=type(exc).__name__)
+            continue
+        app.state.auth.load_stored(records)
+
+
+async def _watch_gc(guard: GcGuard, interval: float = 1.0) -> None:
+    """Let the GC guard re-freeze after slow full collections (from the loop, not inside the collector)."""
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            if guard.tick():
+                log_event("server.gc_refrozen", refreezes=guard.refreezes)
+    finally:
+        guard.stop()
+
+
+def create_app(config: Config | None = None, freeze_gc: bool = False) -> FastAPI:
+    """The proxy application for ``config`` (default: :func:`proxy.config.load_config`).
+
+    ``freeze_gc`` (set by ``dpicl serve``): freeze the startup heap out of the garbage collector's
+    way, and re-freeze after slow full collections (lazily imported torch, a loaded model); see
+    :mod:`proxy.gctune`: full collections were most of the latency tail. Left off for tests, which
+    build many apps in one process.
+    """
     config = config if config is not None else load_config()
     metrics = Metrics()
 
@@ -90,6 +125,10 @@ def create_app(config: Config | None = None) -> FastAPI:
         app.state.budget = BudgetService(store)
         app.state.metrics = metrics
         app.state.auth = Authenticator(config)
+        try:
+            app.state.auth.load_stored(await anyio.to_thread.run_sync(store.list_client_keys))
+        except Exception as exc:  # noqa: BLE001 - a store that is down now: start (readiness says 503), retry later
+            log_event("keys.load_failed", error=type(exc).__name__)
         app.state.http = http
         app.state.upstreams = _build_upstreams(config, http)
         app.state.tasks = TaskRegistry(config, store, config.server.cache_recheck_seconds)
@@ -100,9 +139,18 @@ def create_app(config: Config | None = None) -> FastAPI:
             log_event("server.open_mode", note="/v1 accepts requests without a key")
         if config.admin_key is None:
             log_event("server.admin_disabled", note="set DPICL_ADMIN_KEY to enable the admin API")
+        keys_task = asyncio.create_task(_refresh_client_keys(app, max(0.5, config.server.cache_recheck_seconds)))
+        guard_task = None
+        if freeze_gc:
+            guard = GcGuard()
+            guard.start()
+            guard_task = asyncio.create_task(_watch_gc(guard))
         try:
             yield
         finally:
+            keys_task.cancel()
+            if guard_task is not None:
+                guard_task.cancel()
             for up in app.state.upstreams.values():
                 try:
                     await up.aclose()
@@ -119,14 +167,22 @@ def create_app(config: Config | None = None) -> FastAPI:
     app.add_middleware(RequestMiddleware, limit=config.server.max_body_bytes, metrics=metrics,
                        access_log=config.server.access_log, body_timeout=config.server.body_timeout)
 
-    app.include_router(openai_router)
+    app.router.routes.extend(openai_routes)
     app.include_router(admin_router)
+    app.include_router(datasets_router)
+    app.include_router(budget_router)
     app.include_router(jobs_router)
+    app.include_router(keys_router)
+    app.include_router(ui_router)
     app.include_router(health_router)
     app.include_router(openapi_router)
     return app
 
 
 def app_from_env() -> FastAPI:
-    """Factory for ``uvicorn --factory proxy.app:app_from_env`` (config from ``DPICL_CONFIG``)."""
-    return create_app(load_config())
+    """Factory for ``uvicorn --factory proxy.app:app_from_env`` (config from ``DPICL_CONFIG``), as
+    ``dpicl serve --workers N`` runs it in each worker process."""
+    from proxy.logs import server_logging
+
+    server_logging()  # each worker process: JSON lines only
+    return create_app(load_config(), freeze_gc=True)

@@ -8,6 +8,10 @@ Rules (see docs/serving.md):
   the config says ``server.open: true``. Otherwise it needs a client key or the admin key.
 - A client key may use the tasks it lists (``"*"`` = all) and, unless ``passthrough: false``,
   the pass-through models. Clients never see budgets or datasets.
+- Client keys come from the config file (read-only) or from the admin API (``/admin/keys``), which
+  stores only their SHA-256. Each replica keeps the stored keys in memory and re-reads them every
+  ``server.cache_recheck_seconds`` (and at once after a change it made itself), so an unknown key
+  never costs a store read and a key deleted on another replica stops working within that time.
 - The admin key is read from ``Authorization: Bearer <key>`` only (the scheme name is
   case-insensitive, RFC 7235). ``/v1`` also accepts ``x-api-key`` / ``api-key`` headers, which some
   OpenAI-compatible clients send; the admin API does not (one documented form for the most
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from starlette.requests import Request
 
@@ -53,7 +58,22 @@ class Authenticator:
     def __init__(self, config: Config):
         self._admin_key = config.admin_key
         self._clients: dict[str, ClientKey] = dict(config.client_key_hashes)
+        self._stored: dict[str, ClientKey] = {}  # SHA-256 -> key created through the admin API
         self.open = bool(config.server.open or (config.admin_key is None and not self._clients))
+
+    def config_keys(self) -> list[ClientKey]:
+        """The client keys of the config file (read-only through the API)."""
+        return sorted(self._clients.values(), key=lambda k: k.name)
+
+    def load_stored(self, records: Mapping[str, Mapping[str, Any]]) -> None:
+        """Replace the in-memory copy of the admin-created keys (``Store.list_client_keys()``)."""
+        stored: dict[str, ClientKey] = {}
+        for name, rec in records.items():
+            digest = rec.get("key_hash")
+            if isinstance(digest, str) and digest not in self._clients:  # a config key always wins
+                stored[digest] = ClientKey(name=name, key_hash=digest, tasks=list(rec.get("tasks") or []),
+                                           passthrough=bool(rec.get("passthrough", True)))
+        self._stored = stored
 
     @staticmethod
     def _bearer(request: Request, alternatives: bool = True) -> str | None:
@@ -75,7 +95,8 @@ class Authenticator:
     def _lookup(self, key: str) -> Principal | None:
         if self._admin_key is not None and hmac.compare_digest(key.encode(), self._admin_key.encode()):
             return ADMIN
-        client = self._clients.get(sha256_hex(key))
+        digest = sha256_hex(key)
+        client = self._clients.get(digest) or self._stored.get(digest)
         if client is not None:
             return Principal("client", client.name, frozenset(client.tasks), client.passthrough)
         return None

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 #: Name under which the built-in local model is exposed (and how tasks refer to it).
 LOCAL_MODEL_NAME = "local/smollm2"
@@ -123,8 +123,9 @@ class TaskConfig(_Strict):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     #: Target epsilon of one demonstration set (``.inf`` = no noise, public datasets only).
     epsilon: float = 1.0
-    #: Part of the cache key (change it to force a new set); the noise itself is always CSPRNG.
-    seed: int = 0
+    #: Part of the cache key: change it to force a new (charged) set. It is not a noise seed (the
+    #: noise is always CSPRNG), hence the name; ``seed`` is accepted as a deprecated alias.
+    revision: int = Field(0, validation_alias=AliasChoices("revision", "seed"))
     on_missing: Literal["generate", "error"] = "error"
 
     @field_validator("name")
@@ -336,7 +337,8 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = No
         if ck.key_env is not None:
             secret = env.get(ck.key_env)
             if not secret:
-                raise ConfigError(f"{source}: client key {ck.name!r}: environment variable {ck.key_env} is not set")
+                raise ConfigError(f"{source}: client key {ck.name!r}: environment variable {ck.key_env} is not set "
+                                  f"(export {ck.key_env}=<the key>)")
             digest = sha256_hex(secret)
         else:
             digest = ck.key_hash  # type: ignore[assignment]
@@ -344,7 +346,20 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = No
             raise ConfigError(f"{source}: client keys {hashes[digest].name!r} and {ck.name!r} are the same key")
         hashes[digest] = ck
     cfg.client_key_hashes = hashes
+    _check_model_env(cfg, env, source)
     return cfg
+
+
+def _check_model_env(cfg: Config, env: Mapping[str, str], source: str) -> None:
+    """Every ``os.environ/NAME`` of ``model_list`` must be set now, not at the first request."""
+    for entry in cfg.model_list:
+        for key, value in entry.litellm_params.items():
+            if isinstance(value, str) and value.startswith("os.environ/"):
+                var = value[len("os.environ/"):]
+                if not env.get(var):
+                    raise ConfigError(
+                        f"{source}: model_list {entry.model_name!r} litellm_params.{key}: environment variable "
+                        f"{var} is not set (export {var}=..., or remove that model from model_list)")
 
 
 def format_validation_errors(errors: list[dict[str, Any]]) -> str:

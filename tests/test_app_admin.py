@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 
 import httpx
@@ -45,9 +46,9 @@ def _count_row_reads(app) -> list[int]:
     calls = [0]
     original = store.load_rows
 
-    def counting(dataset_id):
+    def counting(dataset_id, **kwargs):
         calls[0] += 1
-        return original(dataset_id)
+        return original(dataset_id, **kwargs)
 
     store.load_rows = counting
     return calls
@@ -113,14 +114,14 @@ def test_budget_endpoints(server):
     assert one["budget_epsilon"] == 6 and one["spent_epsilon"] == 0 and one["remaining_epsilon"] == 6
     assert one["entries"] == []
     allb = http.get("/admin/budget").json()["data"]
-    assert [b["dataset_id"] for b in allb] == [ds["id"]]
+    assert [(b["name"], b["versions"]) for b in allb] == [("b", [ds["id"]])]
     up = http.put(f"/admin/datasets/{ds['id']}/budget", json={"epsilon": 8, "delta": 1e-6})
     assert up.status_code == 200, up.text
     assert up.json()["budget_epsilon"] == 8 and up.json()["budget_delta"] == 1e-6
     # Spend something, then lowering below the spend is refused.
     http.post("/admin/tasks", json=task_spec("t", "b", generation={**FAST, "sigma": 1.5}))
-    w = http.post("/admin/tasks/t/demos", json={"dry_run": False})
-    assert w.status_code == 201, w.text
+    w = http.post("/admin/tasks/t/demos", json={"dry_run": False, "wait": True})
+    assert w.status_code == 200 and w.json()["state"] == "done", w.text
     spent = http.get(f"/admin/datasets/{ds['id']}/budget").json()
     assert spent["spent_epsilon"] > 0.5
     assert {e["partition"] for e in spent["entries"]} == {"*", *LABELS}
@@ -168,9 +169,14 @@ def test_warm_dry_run_then_real_then_cache(sqlite_server):
     assert reads[0] == 0
     assert http.get("/admin/tasks/w1/demos").json()["cached"] is False
 
-    w = http.post("/admin/tasks/w1/demos", json={"dry_run": False})
-    assert w.status_code == 201, w.text
-    out = w.json()
+    w = http.post("/admin/tasks/w1/demos", json={"dry_run": False, "wait": True})
+    assert w.status_code == 200, w.text
+    view = w.json()
+    assert view["object"] == "warmup" and view["state"] == "done" and view["charged"] is True
+    assert view["tokens_done"] == view["tokens_total"] == 2 * len(LABELS) * FAST["max_tokens"]
+    out = view["result"]
+    # The first warm-up also paid the one-time pool-size release: its cost is the whole spend.
+    assert view["epsilon_cost"] == pytest.approx(out["spent_epsilon"])
     assert out["charged"] is True and len(out["demonstrations"]) == 2 * len(LABELS)
     assert {x["label"] for x in out["demonstrations"]} == set(LABELS)
     assert 0 < out["epsilon"] <= out["spent_epsilon"] + 1e-9
@@ -181,16 +187,23 @@ def test_warm_dry_run_then_real_then_cache(sqlite_server):
 
     # Warming again serves the cache: no charge, same set.
     again = http.post("/admin/tasks/w1/demos", json={})
-    assert again.status_code == 200 and again.json()["charged"] is False
-    assert again.json()["demonstrations"] == out["demonstrations"]
+    assert again.status_code == 200 and again.json()["state"] == "done" and again.json()["charged"] is False
+    assert again.json()["epsilon_cost"] == 0
+    assert again.json()["result"]["demonstrations"] == out["demonstrations"]
     assert len(http.get(f"/admin/datasets/{ds['id']}/budget").json()["entries"]) == entries
     cached = http.get("/admin/tasks/w1/demos").json()
     assert cached["cached"] is True and cached["demonstrations"]["demos"] == out["demonstrations"]
     # Drop it: the next warm-up pays again.
     assert http.delete("/admin/tasks/w1/demos").json()["deleted"] == 1
     assert http.get("/admin/tasks/w1/demos").json()["cached"] is False
-    w2 = http.post("/admin/tasks/w1/demos", json={})
-    assert w2.status_code == 201 and w2.json()["charged"] is True
+    queued = http.post("/admin/tasks/w1/demos", json={})
+    assert queued.status_code == 202 and queued.json()["state"] in ("queued", "running")
+    stated = queued.json()["epsilon_cost"]
+    w2 = http.post("/admin/tasks/w1/demos", json={"wait": True})  # joins the queued one
+    assert w2.status_code == 200 and w2.json()["charged"] is True and w2.json()["id"] == queued.json()["id"]
+    # Pool sizes are known now: the cost stated at queue time is what was charged at the start.
+    assert w2.json()["epsilon_cost"] == pytest.approx(stated, rel=1e-6)
+    assert http.get(f"/admin/warmups/{w2.json()['id']}").json()["state"] == "done"
     assert len(http.get(f"/admin/datasets/{ds['id']}/budget").json()["entries"]) > entries
 
 
@@ -201,16 +214,19 @@ def test_concurrent_same_key_generates_once(sqlite_server):
     results: list[httpx.Response] = []
 
     def hit():
-        results.append(httpx.post(str(http.base_url) + "/admin/tasks/c1/demos", json={}, headers=admin_headers(),
-                                  timeout=120))
+        results.append(httpx.post(str(http.base_url) + "/admin/tasks/c1/demos", json={"wait": True},
+                                  headers=admin_headers(), timeout=120))
 
     threads = [threading.Thread(target=hit) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(r.status_code for r in results) == [200] * 5 + [201]
-    assert len({str(r.json()["demonstrations"]) for r in results}) == 1
+    assert [r.status_code for r in results] == [200] * 6
+    assert len({str(r.json()["result"]["demonstrations"]) for r in results}) == 1
+    # Concurrent requests joined one warm-up (or found its set cached): one charged run.
+    charged = {r.json()["id"] for r in results if r.json()["charged"]}
+    assert len(charged) == 1
     entries = http.get(f"/admin/datasets/{ds['id']}/budget").json()["entries"]
     assert len([e for e in entries if e["partition"] != "*"]) == len(LABELS)  # one set charged
 
@@ -230,7 +246,7 @@ def test_over_budget_refusal_reads_nothing(server):
 
     # Now fix the DP pool sizes with a cheap task, then refuse again: still nothing read or charged.
     http.post("/admin/tasks", json=task_spec("mid", "o", generation={**FAST, "sigma": 6.0}))
-    assert http.post("/admin/tasks/mid/demos", json={}).status_code == 201
+    assert http.post("/admin/tasks/mid/demos", json={"wait": True}).status_code == 200
     before = http.get(f"/admin/datasets/{ds['id']}/budget").json()
     reads[0] = 0
     err = assert_openai_error(http.post("/admin/tasks/greedy/demos", json={}), 402)
@@ -241,7 +257,8 @@ def test_over_budget_refusal_reads_nothing(server):
 
 
 def test_client_generation_on_first_use(sqlite_server):
-    """on_missing=generate: a client request generates (charged to the client), then serves the cache."""
+    """on_missing=generate: a client request starts a background warm-up (charged to the client)
+    and gets 503 + Retry-After at once; once the set is cached it is served."""
     app, http = sqlite_server
     ds = upload(http, "g", jsonl_bytes(dataset_rows(100)), epsilon=10).json()
     http.post("/admin/tasks", json=task_spec("gen", "g", generation={**FAST, "sigma": 1.5}, on_missing="generate"))
@@ -252,11 +269,34 @@ def test_client_generation_on_first_use(sqlite_server):
     client = {"Authorization": f"Bearer {CLIENT_KEY}"}
     body = {"model": "gen", "messages": [{"role": "user", "content": "Question: where?"}]}
     r = http.post("/v1/chat/completions", json=body, headers=client)
+    assert r.status_code == 503, r.text
+    assert int(r.headers["retry-after"]) > 0 and r.json()["error"]["code"] == "demos_warming"
+    assert "wu_" not in r.text  # clients learn nothing about warm-ups
+    for _ in range(600):
+        r = http.post("/v1/chat/completions", json=body, headers=client)
+        if r.status_code != 503:
+            break
+        time.sleep(0.1)
     assert r.status_code == 200, r.text
     entries = http.get(f"/admin/datasets/{ds['id']}/budget").json()["entries"]
     assert {e["actor"] for e in entries} == {"client:app1"}
+    runs = [w for w in http.get("/admin/warmups").json()["data"] if w["task"] == "gen"]
+    assert len(runs) == 1 and runs[0]["state"] == "done"  # the 503s joined one warm-up
+    audited = [x for x in http.get("/admin/audit").json()["data"] if x["action"] == "warmup.start"]
+    assert [(x["actor"], x["target"], x["details"]["trigger"]) for x in audited] == [("app1", "gen", "client")]
     assert http.post("/v1/chat/completions", json=body, headers=client).status_code == 200
     assert len(http.get(f"/admin/datasets/{ds['id']}/budget").json()["entries"]) == len(entries)
-    # Over budget: the client gets a clean error that reveals no budget numbers.
-    err = assert_openai_error(http.post("/v1/chat/completions", json={**body, "model": "nobudget"}, headers=client), 402)
+    # Over budget: 503 while the warm-up is tried, then a clean error that reveals no budget numbers.
+    nb = {**body, "model": "nobudget"}
+    for _ in range(600):
+        r = http.post("/v1/chat/completions", json=nb, headers=client)
+        if r.status_code != 503:
+            break
+        time.sleep(0.1)
+    err = assert_openai_error(r, 402)
     assert "POST /admin/tasks/nobudget/demos" in err["message"] and "remains" not in err["message"]
+    runs = [w for w in http.get("/admin/warmups").json()["data"] if w["task"] == "nobudget"]
+    failed = [w for w in runs if w["state"] == "failed"]
+    # One failed run; a request that raced its failure withdrew its own (queued, uncharged) warm-up.
+    assert len(failed) == 1 and failed[0]["error"]["code"] == "budget_exceeded"
+    assert all(w["state"] == "cancelled" and not w["charged"] for w in runs if w not in failed)

@@ -35,9 +35,9 @@ def served(tmp_path_factory, module_fake, tiny_model_dir):
                       client_tasks=["trec"])
     with LiveServer(create_app(cfg)) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         assert upload(http, "questions", jsonl_bytes(dataset_rows()), epsilon=20).status_code == 201
-        warm = http.post("/admin/tasks/trec/demos", headers=admin_headers(), json={})
-        assert warm.status_code == 201, warm.text
-        yield srv, http, fake_upstream, warm.json()
+        warm = http.post("/admin/tasks/trec/demos", headers=admin_headers(), json={"wait": True})
+        assert warm.status_code == 200, warm.text
+        yield srv, http, fake_upstream, warm.json()["result"]
 
 
 def _client(srv: LiveServer, key: str = CLIENT_KEY) -> openai.OpenAI:

@@ -3,6 +3,7 @@ budget allows only a few: the ledger never exceeds the budget and every refusal 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import yaml
 
 from aggregation.accounting import PartitionedLedger, event_from_dict
 from tests.test_app_support import (  # noqa: F401 - fixtures
-    ADMIN_KEY, admin_headers, dataset_rows, free_port, jsonl_bytes, task_spec, tiny_model_dir,
+    ADMIN_KEY, LABELS, admin_headers, dataset_rows, free_port, jsonl_bytes, task_spec, tiny_model_dir,
 )
 
 WARMUPS = 50
@@ -63,7 +64,7 @@ def test_two_processes_one_redis_never_overspend(tmp_path, redis_url, tiny_model
         urls = [url for _, url, _ in procs]
         adm = admin_headers()
         with httpx.Client(timeout=300, headers=adm) as http:
-            r = http.post(urls[0] + "/admin/datasets", data={"name": "shared", "epsilon": "100"},
+            r = http.post(urls[0] + "/admin/datasets", data={"name": "shared", "epsilon": "100", "labels": json.dumps(LABELS)},
                           files={"file": ("rows.jsonl", jsonl_bytes(dataset_rows(100)), "application/octet-stream")})
             assert r.status_code == 201, r.text
             ds = r.json()
@@ -75,7 +76,7 @@ def test_two_processes_one_redis_never_overspend(tmp_path, redis_url, tiny_model
                 assert t.status_code == 201, t.text
             # One warm-up first: it releases the DP pool sizes, so every later set costs the same
             # events. Then set the budget so that exactly FITS more sets fit.
-            assert http.post(urls[0] + f"/admin/tasks/c{WARMUPS}/demos", json={}).status_code == 201
+            assert http.post(urls[0] + f"/admin/tasks/c{WARMUPS}/demos", json={"wait": True}).status_code == 200
             status = http.get(budget_url).json()
             ledger = PartitionedLedger(status["budget_delta"])
             for e in status["entries"]:
@@ -87,14 +88,14 @@ def test_two_processes_one_redis_never_overspend(tmp_path, redis_url, tiny_model
             assert http.put(budget_url, json={"epsilon": budget}).status_code == 200
 
             def warm(i: int) -> httpx.Response:
-                return httpx.post(urls[i % 2] + f"/admin/tasks/c{i}/demos", json={"dry_run": False}, headers=adm,
+                return httpx.post(urls[i % 2] + f"/admin/tasks/c{i}/demos", json={"wait": True}, headers=adm,
                                   timeout=300)
 
             with ThreadPoolExecutor(max_workers=WARMUPS) as pool:
                 responses = list(pool.map(warm, range(WARMUPS)))
 
-            ok = [r for r in responses if r.status_code == 201]
-            refused = [r for r in responses if r.status_code != 201]
+            ok = [r for r in responses if r.status_code == 200]
+            refused = [r for r in responses if r.status_code != 200]
             for r in refused:
                 assert r.status_code in (402, 409), r.text
                 err = r.json()["error"]

@@ -171,9 +171,11 @@ def test_canary_never_leaves_the_proxy(server):
         rec(http.post("/admin/tasks/trec/demos", headers=adm, json={"dry_run": True}))
         rec(http.post("/v1/chat/completions", headers=CLIENT,
                       json={"model": "trec", "messages": [{"role": "user", "content": "q"}]}))  # 409
-        warm = rec(http.post("/admin/tasks/trec/demos", headers=adm, json={}))
-        assert warm.status_code == 201
+        warm = rec(http.post("/admin/tasks/trec/demos", headers=adm, json={"wait": True}))
+        assert warm.status_code == 200
         rec(http.get("/admin/tasks/trec/demos", headers=adm))
+        rec(http.get("/admin/warmups", headers=adm))
+        rec(http.get(f"/admin/warmups/{warm.json()['id']}", headers=adm))
         rec(http.get("/admin/tasks", headers=adm))
         rec(http.get("/admin/budget", headers=adm))
         rec(http.get(f"/admin/datasets/{ds['id']}/budget", headers=adm))
@@ -190,7 +192,7 @@ def test_canary_never_leaves_the_proxy(server):
         rec(http.delete("/admin/tasks/trec/demos", headers=adm))
         rec(http.delete(f"/admin/datasets/{ds['id']}", headers=adm))
         rec(http.get("/health/readiness"))
-    assert warm.json()["demonstrations"]
+    assert warm.json()["result"]["demonstrations"]
     for text in seen:
         assert CANARY not in text
     assert logs.lines, "the request log should have captured lines"
@@ -206,22 +208,26 @@ def test_generator_failure_is_a_clean_error(tmp_path, fake_upstream):
                       tasks=[spec])
     with LiveServer(create_app(cfg)) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         assert upload(http, "qs", jsonl_bytes(dataset_rows(100))).status_code == 201
-        err = assert_openai_error(http.post("/admin/tasks/trec/demos", headers=admin_headers(), json={}), 502)
+        err = assert_openai_error(http.post("/admin/tasks/trec/demos", headers=admin_headers(),
+                                            json={"wait": True}), 502)
         assert "generator" in err["message"] and "stays spent" in err["message"]
+        # The failed warm-up is a resource with the same clean error.
+        failed = http.get("/admin/warmups", headers=admin_headers()).json()["data"][0]
+        assert failed["state"] == "failed" and failed["error"]["message"] == err["message"]
 
 
 def test_deleting_a_dataset_stops_serving_its_demos(server):
     _, http = server
     adm = admin_headers()
     ds = upload(http, "qs", jsonl_bytes(dataset_rows(100)), epsilon=10).json()
-    assert http.post("/admin/tasks/trec/demos", headers=adm, json={}).status_code == 201
+    assert http.post("/admin/tasks/trec/demos", headers=adm, json={"wait": True}).status_code == 200
     chat = {"model": "trec", "messages": [{"role": "user", "content": "q"}]}
     assert http.post("/v1/chat/completions", headers=CLIENT, json=chat).status_code == 200
     assert http.delete(f"/admin/datasets/{ds['id']}", headers=adm).status_code == 200
     err = assert_openai_error(http.post("/v1/chat/completions", headers=CLIENT, json=chat), 409)
     assert "an admin must warm them up" in err["message"]
     assert ds["id"] not in err["message"]  # clients never see dataset ids
-    # The ledger outlives the dataset (audit trail), read-only.
-    assert http.get("/admin/budget", headers=adm).json()["data"] == []
-    kept = http.get(f"/admin/datasets/{ds['id']}/budget", headers=adm).json()
-    assert kept["deleted"] is True and len(kept["entries"]) == 4 and kept["spent_epsilon"] > 0
+    # The ledger and budget outlive the dataset: they belong to its name (a re-upload continues them).
+    (kept,) = http.get("/admin/budget", headers=adm).json()["data"]
+    assert (kept["name"], kept["versions"], kept["events"]) == ("qs", [], 4) and kept["epsilon_spent"] > 0
+    assert len(http.get("/admin/budget/qs", headers=adm).json()["ledger"]) == 4

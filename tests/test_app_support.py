@@ -182,7 +182,25 @@ def admin_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
+def declared_labels(data: bytes, filename: str = "rows.jsonl") -> list[str] | None:
+    """The labels of ``data`` (what a test that knows its rows declares), None if unparsable."""
+    from aggregation.datasets import DataError, parse_rows
+
+    try:
+        return sorted({e.label for e in parse_rows(data, filename)})
+    except (DataError, UnicodeDecodeError):
+        return None
+
+
 def upload(client: Any, name: str, data: bytes, filename: str = "rows.jsonl", **fields: Any) -> Any:
+    """Upload through the admin API. Non-public uploads declare the label domain: ``labels`` (a
+    list) if given, else the rows' own labels (the test knows its data); ``labels=None`` sends none."""
+    if "labels" not in fields and str(fields.get("public", "false")).lower() not in ("1", "true", "yes", "on"):
+        fields["labels"] = declared_labels(data, filename)
+    if isinstance(fields.get("labels"), (list, tuple)):
+        fields["labels"] = json.dumps(list(fields["labels"]))
+    if fields.get("labels") is None:
+        fields.pop("labels", None)
     form = {"name": name, **{k: str(v) for k, v in fields.items()}}
     return client.post("/admin/datasets", headers=admin_headers(), data=form,
                        files={"file": (filename, data, "application/octet-stream")})

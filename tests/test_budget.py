@@ -72,7 +72,7 @@ def test_refusal_leaves_ledger_unchanged(store, svc):
     m = store.create_dataset("d", ROWS, 2.0, DELTA)
     svc.reserve(m.id, [("*", g(3.0))], "a", "first")
     spent = svc.spent(m.id)
-    before = store.ledger(m.id)
+    before = store.ledger(m.name)
     with pytest.raises(BudgetExceeded) as err:
         svc.reserve(m.id, [("loc", g(2.0)), ("hum", g(5.0))], "a", "too much")
     msg = str(err.value)
@@ -80,31 +80,31 @@ def test_refusal_leaves_ledger_unchanged(store, svc):
     needed = epsilon_of([g(3.0), g(2.0)], DELTA) - spent
     assert f"needs epsilon {needed:.2f}" in msg
     assert err.value.remaining == pytest.approx(2.0 - spent)
-    assert store.ledger(m.id) == before
+    assert store.ledger(m.name) == before
     assert svc.spent(m.id) == spent
 
 
 def test_dry_run_writes_nothing(store, svc):
     m = store.create_dataset("d", ROWS, 3.0, DELTA)
     svc.reserve(m.id, [("hum", g(2.0))], "a", "r")
-    before = store.ledger(m.id)
+    before = store.ledger(m.name)
     dry = svc.reserve(m.id, [("hum", g(2.5)), ("loc", g(3.0))], "a", "r", dry_run=True)
     assert dry.dry_run and dry.fits and dry.seqs == []
-    assert store.ledger(m.id) == before
+    assert store.ledger(m.name) == before
     real = svc.reserve(m.id, [("hum", g(2.5)), ("loc", g(3.0))], "a", "r")
     assert dry.epsilon == pytest.approx(real.epsilon, rel=1e-12)
     assert dry.remaining == pytest.approx(real.remaining, rel=1e-12)
     # A dry run that would not fit reports it instead of raising, and still writes nothing.
     big = svc.reserve(m.id, [("hum", g(0.3))], "a", "r", dry_run=True)
     assert not big.fits and big.remaining < 0
-    assert len(store.ledger(m.id)) == 3
+    assert len(store.ledger(m.name)) == 3
 
 
 def test_non_private_only_on_public_datasets(store, svc):
     private = store.create_dataset("p", ROWS, 100.0, DELTA)
     with pytest.raises(BudgetExceeded, match="not differentially private"):
         svc.reserve(private.id, [("loc", dpa.NonPrivateDpEvent())], "a", "r")
-    assert store.ledger(private.id) == []
+    assert store.ledger(private.name) == []
     public = store.create_dataset("pub", ROWS, 1.0, DELTA, public=True)
     r = svc.reserve(public.id, [("loc", dpa.NonPrivateDpEvent())], "a", "r")
     assert r.fits and math.isinf(r.spent_after)
@@ -171,12 +171,12 @@ def test_noisy_counts_charged_before_reading(store, svc):
     assert set(counts) == {"loc", "hum", "num"}
     assert all(abs(v - 40) < 200 for v in counts.values())  # sigma 20: 10 sigma
     assert len({round(v, 9) for v in counts.values()}) == 3  # noise was added, not exact counts
-    (entry,) = store.ledger(m.id)
+    (entry,) = store.ledger(m.name)
     assert entry.partition == "*" and entry.event["type"] == "GaussianDpEvent"
     assert store.get_dataset(m.id).noisy_counts == counts
     calls.clear()
     assert svc.noisy_counts(m.id, "admin") == counts  # later calls are free
-    assert calls == [] and len(store.ledger(m.id)) == 1
+    assert calls == [] and len(store.ledger(m.name)) == 1
 
 
 def test_noisy_counts_refused_reads_nothing(store, svc):
@@ -184,7 +184,7 @@ def test_noisy_counts_refused_reads_nothing(store, svc):
     store.load_rows = lambda *a, **k: pytest.fail("rows read although the budget refused")
     with pytest.raises(BudgetExceeded):
         svc.noisy_counts(m.id, "admin")
-    assert store.ledger(m.id) == [] and store.get_dataset(m.id).noisy_counts is None
+    assert store.ledger(m.name) == [] and store.get_dataset(m.id).noisy_counts is None
 
 
 def test_deleted_dataset(store, svc):
@@ -196,7 +196,7 @@ def test_deleted_dataset(store, svc):
         svc.reserve(m.id, [("*", g(3.0))], "a", "r")
     with pytest.raises(NotFound):
         svc.status(m.id)
-    assert len(store.ledger(m.id)) == 1
+    assert len(store.ledger(m.name)) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,9 +277,71 @@ def test_processes_never_overshoot(store_url):
     assert [err for _, _, err in outcomes] == [None] * procs_n
     assert sum(ok for ok, _, _ in outcomes) == ALLOWED
     assert sum(ok + refused for ok, refused, _ in outcomes) == procs_n * attempts
-    ledger = store.ledger(m.id)
+    ledger = store.ledger(m.name)
     assert [e.seq for e in ledger] == list(range(1, ALLOWED + 1))
     assert max(e.epsilon_after for e in ledger) <= budget
     svc = BudgetService(store)
     assert svc.spent(m.id) == pytest.approx(fits, rel=1e-9) and svc.spent(m.id) <= budget
     store.close()
+
+
+def test_admin_budget_change_survives_a_count_release_in_flight(store, svc, monkeypatch):
+    """The review's reproduction: the admin lowers the budget while the one-time count release is
+    between its charge and its write-back. The write-back only stores the counts; the budget stays."""
+    m = store.create_dataset("race", ROWS, 4.0, DELTA, labels=["loc", "hum", "num"])
+    real_load = store.load_rows
+
+    def load_then_admin_acts(*a, **k):
+        rows = real_load(*a, **k)
+        svc.set_name_budget("race", 0.5)  # the admin, while the release reads the rows
+        return rows
+
+    monkeypatch.setattr(store, "load_rows", load_then_admin_acts)
+    counts = svc.noisy_counts(m.id, "warm")
+    assert set(counts) == {"loc", "hum", "num"}
+    assert store.get_dataset(m.id).budget_epsilon == 0.5 and store.get_dataset(m.id).noisy_counts == counts
+    with pytest.raises(BudgetExceeded):
+        svc.reserve(m.id, [("loc", g(1.0))], "warm", "demos")
+
+
+def test_versions_and_reuploads_share_the_spend(store, svc):
+    v1 = store.create_dataset("pop", ROWS, 3.0, DELTA)
+    svc.reserve(v1.id, [("loc", g(2.0))], "a", "r")
+    one = svc.spent(v1.id)
+    store.delete_dataset(v1.id)
+    v2 = store.create_dataset("pop", ROWS, 99.0, DELTA)
+    assert svc.spent(v2.id) == pytest.approx(one)
+    svc.reserve(v2.id, [("hum", g(2.0))], "a", "r")
+    # A unit labelled loc in v1 and hum in v2 saw both events.
+    assert svc.spent(v2.id) == pytest.approx(epsilon_of([g(2.0), g(2.0)], DELTA), rel=1e-3)
+    with pytest.raises(ValueError, match="reason"):
+        svc.reset("pop", "admin", "  ")
+    view = svc.reset("pop", "admin", "new consent period")
+    assert view["epsilon_spent"] == 0 and svc.spent(v2.id) == 0
+
+
+def test_racing_count_releases_are_both_charged_and_the_first_wins(store_url):
+    """Two replicas release the label counts of one version at the same moment: both releases are
+    charged (over-counting is safe), and the first stored release is the one everyone uses."""
+    s1, s2 = open_store(store_url), open_store(store_url)
+    try:
+        m = s1.create_dataset("race2", ROWS, 10.0, DELTA, labels=["loc", "hum", "num"])
+        svc1, svc2 = BudgetService(s1), BudgetService(s2)
+        stale = s2.get_dataset(m.id)
+        real_get = s2.get_dataset
+        calls = [0]
+
+        def stale_once(dataset_id):
+            calls[0] += 1
+            return stale if calls[0] == 1 else real_get(dataset_id)
+
+        first = svc1.noisy_counts(m.id, "replica-1")
+        s2.get_dataset = stale_once  # replica 2 read the metadata before replica 1 stored its counts
+        second = svc2.noisy_counts(m.id, "replica-2")
+        assert second == first and s1.get_dataset(m.id).noisy_counts == first
+        kinds = [(e.kind, e.actor) for e in s1.ledger("race2")]
+        assert kinds == [("histogram", "replica-1"), ("histogram", "replica-2")]
+        assert svc1.spent(m.id) == pytest.approx(epsilon_of([g(20.0), g(20.0)], DELTA))
+    finally:
+        s1.close()
+        s2.close()

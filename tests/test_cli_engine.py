@@ -54,9 +54,8 @@ def data_file(tmp_path):
 
 
 @pytest.mark.parametrize("extra,msg", [
-    (["--label", "NOPE"], "not in the data"),
-    (["--label", "NUM"], "fewer than M*N"),
     (["--label", "LOC", "--epsilon", "0"], "positive"),
+    (["--label", "LOC", "--delta", "0"], "--delta"),
 ])
 def test_generate_errors(data_file, extra, msg):
     args = ["generate", "--data", str(data_file), "--epsilon", "1"] + extra
@@ -93,3 +92,23 @@ def test_generate_end_to_end_with_a_tiny_model(data_file, tmp_path):
     # demonstrations' own cost is at most the target; the DP label histogram adds to the total
     assert out["epsilon_demonstrations"] <= 6.0
     assert out["epsilon"] > out["epsilon_demonstrations"]
+    assert out["delta"] == 1e-5  # the service's default, not 1/len(rows)
+
+
+def test_generate_decides_from_the_dp_estimate_not_the_exact_pool(data_file, tmp_path):
+    """A small or absent label is not an error that reveals its exact size: the DP estimate and
+    the public threshold M*N decide (private, or a public epsilon-0 fallback), and the output says so."""
+    from tests.tiny_model import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer()
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    for label in ("NUM", "NOPE"):
+        res = _run("generate", "--data", str(data_file), "--label", label, "--shots", "1", "--epsilon", "6",
+                   "-M", "4", "-N", "2", "-T", "3", "--top-k", "10", "--model", str(model_dir))
+        assert res.exit_code == 0, res.output
+        out = json.loads(res.output[res.output.index("{"):])
+        expected = "private" if out["noisy_pool_size"] >= 8 else "public"
+        assert out["decision"] == expected and "noisy pool size" in out["rule"]
+        assert len(out["demonstrations"]) == 1

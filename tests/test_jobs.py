@@ -95,10 +95,10 @@ def wait_for(client: Any, job_id: str, states: set[str], timeout: float = 90.0) 
 
 
 def job_entries(app: Any, dataset_id: str, job_id: str) -> list:
-    return [e for e in app.state.store.ledger(dataset_id) if job_id in e.reason and "label counts" not in e.reason]
+    return [e for e in app.state.store.ledger("words") if job_id in e.reason and "label counts" not in e.reason]
 
 
-PE_BODY = {"kind": "pe", "epsilon": 4.0, "iterations": 3, "population": 12, "num_samples": 30, "seed": 1}
+PE_BODY = {"kind": "pe", "epsilon": 4.0, "iterations": 3, "population": 12, "num_samples": 30}
 
 
 # -- in-process runner --------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_api_errors_are_openai_style(tmp_path):
         assert over.status_code == 402, over.text
         err = over.json()["error"]
         assert err["code"] == "budget_exceeded" and "remains" in err["message"]
-        assert all("(pe)" not in e.reason for e in app.state.store.ledger(ds))
+        assert all("(pe)" not in e.reason for e in app.state.store.ledger("words"))
         assert c.get("/admin/jobs", headers=AUTH).json()["data"] == []
         # A job that fits the remaining budget still runs.
         ok = c.post("/admin/jobs", json={**PE_BODY, "dataset": ds, "epsilon": 0.6}, headers=AUTH)
@@ -170,7 +170,7 @@ def test_dpsgd_refuses_a_provider_model_before_charging(tmp_path):
         ds = make_dataset(app)
         r = c.post("/admin/jobs", json={"kind": "dpsgd", "dataset": ds, "model": "remote"}, headers=AUTH)
         assert r.status_code == 400 and "local model" in r.json()["error"]["message"]
-        assert all("job-" not in e.reason or "label counts" in e.reason for e in app.state.store.ledger(ds))
+        assert all("job-" not in e.reason or "label counts" in e.reason for e in app.state.store.ledger("words"))
         # PE only calls the model, so a provider model is accepted there.
         ok = c.post("/admin/jobs", json={**PE_BODY, "dataset": ds, "model": "remote"}, headers=AUTH)
         assert ok.status_code == 201, ok.text
@@ -217,7 +217,7 @@ def test_dpsgd_job_end_to_end_in_process(tmp_path):
     with running_app(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=0.2) as (c, app):
         ds = make_dataset(app)
         body = {"kind": "dpsgd", "dataset": ds, "epsilon": 6.0, "model": str(model_dir), "steps": 3,
-                "batch_size": 8, "num_samples": 4, "max_new_tokens": 5, "max_length": 16, "seed": 0,
+                "batch_size": 8, "num_samples": 4, "max_new_tokens": 5, "max_length": 16,
                 "prompt": {"instruction": "Write words.", "input_prefix": "Words:", "label_prefix": "Topic:"}}
         r = c.post("/admin/jobs", json=body, headers=AUTH)
         assert r.status_code == 201, r.text
@@ -316,3 +316,25 @@ def test_worker_killed_mid_job_ends_failed_with_cost_spent(tmp_path, redis_url, 
     finally:
         if worker.poll() is None:
             stop_worker(worker)
+
+
+def test_seed_only_on_public_data_and_never_shown(tmp_path):
+    """Issue 10: a seed would make the noise on private data reproducible; jobs refuse it there,
+    and no job view ever shows a seed."""
+    with running_app(f"sqlite:///{tmp_path / 's.db'}", pe_backend=tiny_pe_backend) as (c, app):
+        ds = make_dataset(app)
+        r = c.post("/admin/jobs", json={**PE_BODY, "dataset": ds, "seed": 7}, headers=AUTH)
+        assert r.status_code == 400 and "seed" in r.json()["error"]["message"]
+        assert c.get("/admin/jobs", headers=AUTH).json()["data"] == []
+        pub = app.state.store.create_dataset("open", private_rows(), 10.0, 1e-5, public=True).id
+        ok = c.post("/admin/jobs", json={**PE_BODY, "dataset": pub, "seed": 7}, headers=AUTH)
+        assert ok.status_code == 201, ok.text
+        plain = c.post("/admin/jobs", json={**PE_BODY, "dataset": ds}, headers=AUTH).json()
+        for view in (ok.json(), c.get(f"/admin/jobs/{ok.json()['id']}", headers=AUTH).json(),
+                     *c.get("/admin/jobs", headers=AUTH).json()["data"]):
+            assert "seed" not in view and "seed" not in view["params"]
+        # Each label's fate is stated, from the noisy counts.
+        assert set(plain["label_decisions"]) == {"car", "fruit"}
+        assert all(v["decision"] in ("private", "skip") for v in plain["label_decisions"].values())
+        wait_for(c, ok.json()["id"], {"succeeded", "failed"})
+        wait_for(c, plain["id"], {"succeeded", "failed"})

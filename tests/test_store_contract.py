@@ -39,10 +39,12 @@ def test_dataset_lifecycle(store):
     assert store.load_rows(meta.id) == ROWS
     assert [m.id for m in store.list_datasets()] == [meta.id]
 
-    got.budget_epsilon, got.noisy_counts, got.public = 6.5, {"human": 1.5}, True
-    store.update_dataset(got)
+    assert meta.units == 3 and store.get_population("trec").versions == [meta.id]
+    assert store.set_noisy_counts(meta.id, {"human": 1.5}) == {"human": 1.5}
+    assert store.set_noisy_counts(meta.id, {"human": 9.0}) == {"human": 1.5}  # the first release wins
+    store.set_budget("trec", 6.5, 1e-6, lambda pop, entries: None)
     again = store.get_dataset(meta.id)
-    assert (again.budget_epsilon, again.noisy_counts, again.public) == (6.5, {"human": 1.5}, True)
+    assert (again.budget_epsilon, again.budget_delta, again.noisy_counts) == (6.5, 1e-6, {"human": 1.5})
 
     store.append_ledger(meta.id, [charge()], "admin", "warm", count_check(10))
     store.put_demos("k1", meta.id, "t", {"demos": [1]})
@@ -55,7 +57,8 @@ def test_dataset_lifecycle(store):
         store.delete_dataset(meta.id)
     assert store.list_datasets() == []
     assert store.get_demos("k1") is None
-    assert len(store.ledger(meta.id)) == 1  # the ledger outlives the data
+    assert len(store.ledger("trec")) == 1  # the ledger outlives the data
+    assert store.get_population("trec").versions == []
     with pytest.raises(NotFound):  # but nothing more can be charged on a deleted dataset
         store.append_ledger(meta.id, [charge()], "admin", "warm", count_check(10))
 
@@ -64,8 +67,14 @@ def test_missing_things(store):
     with pytest.raises(NotFound):
         store.get_dataset("ds_0000")
     with pytest.raises(NotFound):
-        store.update_dataset(DatasetMeta("ds_0000", "x", 1, 0, [], 1.0, 1e-5, 0.0))
-    assert store.ledger("ds_0000") == []
+        store.set_noisy_counts("ds_0000", {})
+    with pytest.raises(NotFound):
+        store.get_population("x")
+    with pytest.raises(NotFound):
+        store.set_budget("x", 1.0, 1e-5, lambda pop, entries: None)
+    with pytest.raises(NotFound):
+        store.reset_ledger("x", "admin", "why")
+    assert store.ledger("x") == [] and store.audit() == []
     assert store.get_demos("nope") is None and store.get_task("nope") is None
     assert store.get_job("nope") is None and store.get_blob("nope") is None
     with pytest.raises(NotFound):
@@ -106,17 +115,17 @@ def test_ledger_order_and_seq(store):
     second = store.append_ledger(m.id, [charge("number")], "bob", "job-1", check)
     assert [e.seq for e in first] == [1, 2] and [e.seq for e in second] == [3]
     assert seen == [(m.id, []), (m.id, [1, 2])]
-    ledger = store.ledger(m.id)
+    ledger = store.ledger(m.name)
     assert [(e.seq, e.partition, e.actor, e.reason) for e in ledger] == [
         (1, "human", "alice", "task-a"), (2, "*", "alice", "task-a"), (3, "number", "bob", "job-1")]
     assert all(isinstance(e, LedgerEntry) and e.dataset_id == m.id for e in ledger)
     assert [e.epsilon_after for e in ledger] == [0.25, 0.25, 0.75]
     assert ledger[1].event == {"type": "GaussianDpEvent", "noise_multiplier": 30.0}
     assert ledger[0].created_at <= ledger[2].created_at
-    assert [e.seq for e in store.ledger(m.id, after_seq=2)] == [3]
-    assert store.ledger(m.id, after_seq=3) == []
+    assert [e.seq for e in store.ledger("d", after_seq=2)] == [3]
+    assert store.ledger("d", after_seq=3) == []
     other = store.create_dataset("other", ROWS, 4.0, 1e-5)
-    assert store.ledger(other.id) == []  # ledgers are per dataset
+    assert store.ledger("other") == []  # ledgers are per dataset name
 
 
 def test_append_ledger_all_or_nothing(store):
@@ -124,19 +133,19 @@ def test_append_ledger_all_or_nothing(store):
     store.append_ledger(m.id, [charge()], "a", "r", count_check(2))
     with pytest.raises(BudgetExceeded):  # the check refuses: neither charge is written
         store.append_ledger(m.id, [charge(), charge()], "a", "r", count_check(1))
-    assert [e.seq for e in store.ledger(m.id)] == [1]
+    assert [e.seq for e in store.ledger(m.name)] == [1]
     # A failure after the check passed (second charge cannot be serialised): nothing is written.
     with pytest.raises(TypeError):
         store.append_ledger(m.id, [charge(), Charge("*", {"type": "x", "bad": object()})], "a", "r",
                             count_check(5))
-    assert [e.seq for e in store.ledger(m.id)] == [1]
+    assert [e.seq for e in store.ledger(m.name)] == [1]
 
     def boom(meta, entries):
         raise RuntimeError("check failed")
 
     with pytest.raises(RuntimeError):
         store.append_ledger(m.id, [charge(), charge()], "a", "r", boom)
-    assert len(store.ledger(m.id)) == 1
+    assert len(store.ledger(m.name)) == 1
     # The store is still usable after a failed transaction.
     assert [e.seq for e in store.append_ledger(m.id, [charge()], "a", "r", count_check(5))] == [2]
 
@@ -163,7 +172,7 @@ def test_append_ledger_threads_never_overshoot(store_url):
     for t in threads:
         t.join()
     assert len(wins) == 7
-    assert [e.seq for e in stores[0].ledger(m.id)] == list(range(1, 8))
+    assert [e.seq for e in stores[0].ledger(m.name)] == list(range(1, 8))
     for s in stores:
         s.close()
 
@@ -205,6 +214,19 @@ def test_tasks(store):
     assert store.delete_task("trec") is True
     assert store.delete_task("trec") is False
     assert store.list_tasks() == {"other": {"model": "o"}}
+
+
+def test_client_keys(store):
+    rec = {"key_hash": "a" * 64, "tasks": ["t1"], "passthrough": False, "created_at": 1.0}
+    assert store.list_client_keys() == {}
+    assert store.add_client_key("app2", rec) is True
+    assert store.add_client_key("app2", {**rec, "key_hash": "b" * 64}) is False  # never overwritten
+    store.add_client_key("app1", {**rec, "key_hash": "c" * 64})
+    keys = store.list_client_keys()
+    assert list(keys) == ["app1", "app2"] and keys["app2"] == rec
+    assert store.delete_client_key("app2") is True
+    assert store.delete_client_key("app2") is False
+    assert list(store.list_client_keys()) == ["app1"]
 
 
 def test_jobs(store):
@@ -256,7 +278,7 @@ def test_reopen_keeps_everything(store_url):
     s2 = open_store(store_url)
     assert s2.get_dataset(m.id) == m
     assert s2.load_rows(m.id) == ROWS
-    assert len(s2.ledger(m.id)) == 1 and s2.get_task("t") == {"x": 1}
+    assert len(s2.ledger(m.name)) == 1 and s2.get_task("t") == {"x": 1}
     s2.close()
 
 
@@ -285,7 +307,7 @@ def test_open_store_urls(tmp_path, monkeypatch, redis_url):
     assert isinstance(r1, RedisStore) and (r1.prefix, r2.prefix) == ("one:", "dpicl:")
     r1.put_task("t", {"a": 1})
     assert r2.get_task("t") is None  # prefixes isolate deployments sharing one Redis
-    assert all(k.startswith(b"one:") for k in r1.r.keys("*"))
+    assert all(k.startswith(b"one:") for k in r1.r.keys("*") if k != b"dpicl:schema")  # r2 marks its layout
     monkeypatch.setenv("DPICL_REDIS_PREFIX", "env:")
     assert open_store(redis_url).prefix == "env:"
     for s in (r1, r2):

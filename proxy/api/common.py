@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 from fastapi import Request
 from pydantic import TypeAdapter, ValidationError
 from starlette.responses import Response
@@ -62,3 +63,11 @@ def require_admin(request: Request) -> Principal:
     request.state.client = principal.name
     request.state.model = "-"
     return principal
+
+
+async def audit(request: Request, action: str, target: str, **details: Any) -> None:
+    """Append an admin audit record (docs/admin-api.md): the acting key's name, the action, its
+    target and details. Callers pass names, ids and numbers only, never row text."""
+    actor = str(getattr(request.state, "client", None) or "admin")
+    store = request.app.state.store
+    await anyio.to_thread.run_sync(lambda: store.append_audit(actor, action, target, details))

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import TypeAdapter
 from starlette.responses import Response
 
-from proxy.api.common import json_response, read_json, require_admin, validate_body
+from proxy.api.common import audit, json_response, read_json, require_admin, validate_body
 from proxy.errors import APIError
 from proxy.jobs.manager import JobManager
 from proxy.jobs.requests import JobConflict, JobRequest, JobRequestError, public_view
@@ -53,6 +53,8 @@ async def submit_job(request: Request, principal: Any = Depends(require_admin)) 
     req = validate_body(_REQUEST, body)
     jobs = manager(request)
     record = await _call(jobs.submit, req, getattr(principal, "actor", "admin"))
+    await audit(request, "job.submit", record["id"], kind=req.kind, dataset_id=record.get("dataset_id"),
+                epsilon_charged=record.get("epsilon_charged"))
     return json_response(public_view(record), 201)
 
 

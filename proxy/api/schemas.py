@@ -60,8 +60,26 @@ class BudgetUpdate(BaseModel):
 
 
 class WarmRequest(BaseModel):
-    """``POST /admin/tasks/{task}/demos``."""
+    """``POST /admin/tasks/{task}/demos`` (strict: ``"yes"`` or ``1`` is not a switch)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    #: Only price the warm-up (nothing queued, charged or read).
     dry_run: bool = False
+    #: Block until the warm-up finishes (scripts); otherwise answer 202 at once.
+    wait: bool = False
+
+
+class BudgetReset(BaseModel):
+    """``POST /admin/budget/{name}/reset``: an explicit, audited restart of a name's accounting."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    reason: str = Field(min_length=1, max_length=1000)
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("reason must not be blank")
+        return v.strip()

@@ -1,7 +1,6 @@
-"""The ``dpicl`` command line: the typer app and ``main`` here, one module per command group (serve,
-engine: account/generate, evaluate: eval, jobs: jobs/worker; common: shared options). May import any
-proxy or aggregation module, lazily inside commands so that ``--help`` stays fast.
-"""
+"""The ``dpicl`` command line: the typer app and ``main``; one module per command group (serve, engine,
+evaluate, data, datasets, budget, tasks, keys, jobs), ``http`` (the admin API client) and ``output``.
+May import any proxy or aggregation module, lazily inside commands so that ``--help`` stays fast."""
 
 from __future__ import annotations
 
@@ -18,9 +17,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from proxy.cli import engine, evaluate, jobs, serve  # noqa: E402  (after the env default above)
+from proxy.cli import budget, data, datasets, engine, evaluate, jobs, keys, serve, tasks  # noqa: E402
 
-for _module in (engine, serve, evaluate, jobs):
+for _module in (engine, serve, data, datasets, budget, tasks, keys, jobs, evaluate):
     _module.register(app)
 
 

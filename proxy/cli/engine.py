@@ -67,7 +67,7 @@ def generate(
     label: str = typer.Option(..., help="Label to generate demonstrations for."),
     shots: int = typer.Option(1, help="Number of demonstrations."),
     epsilon: float = typer.Option(..., help="Target epsilon of the whole output ('inf' = no noise)."),
-    delta: Optional[float] = typer.Option(None, help="Target delta (default 1/rows)."),
+    delta: float = typer.Option(1e-5, help="Target delta (default 1e-5, like the service; it must not be read from the data)."),
     mode: ModeOpt = typer.Option(ModeOpt.resample, help="Sampling mode."),
     mechanism: MechanismOpt = typer.Option(MechanismOpt.gaussian, help="Noisy-max mechanism."),
     num_subsets: int = typer.Option(10, "--num-subsets", "-M", help="Disjoint subsets (parallel prompts), M."),
@@ -88,7 +88,8 @@ def generate(
 
     from aggregation import accounting
     from aggregation.datasets import DataError, read_jsonl
-    from aggregation.fewshot import GenerationConfig, generate_demonstration, noisy_pool_sizes, plan_demonstrations, pools_by_label
+    from aggregation.fewshot import GenerationConfig, generate_demonstration, noisy_pool_sizes, plan_demonstrations
+    from aggregation.units import unit_counts, unit_pools
     from aggregation.mechanisms import Noise
     from aggregation.prompts import TaskPrompt
 
@@ -102,15 +103,12 @@ def generate(
         records = read_jsonl(data)
     except DataError as exc:
         _fail(f"{data}: {exc}")
-    pools = pools_by_label(records)
-    if label not in pools:
-        _fail(f"label {label!r} is not in the data (labels: {', '.join(sorted(pools))})")
-    delta = delta if delta is not None else 1.0 / len(records)
     if not 0 < delta < 1:
         _fail("--delta must be in (0, 1)")
-    m_n = num_subsets * shots_per_subset
-    if len(pools[label]) < m_n:
-        _fail(f"the pool of label {label!r} has {len(pools[label])} records, fewer than M*N = {m_n}")
+    # The label on the command line is declared, not looked up: an absent label has an empty pool,
+    # and whether it is generated from private data follows from its DP pool estimate only.
+    domain = sorted({r.label for r in records} | {label})
+    pools = unit_pools(records, domain)  # pools over privacy units (rows carry privacy_unit)
     config = GenerationConfig(mode=mode.value, mechanism=mechanism.value, num_subsets=num_subsets,
                               shots_per_subset=shots_per_subset, max_tokens=max_tokens,
                               top_k=top_k or None, epsilon=epsilon)
@@ -120,7 +118,7 @@ def generate(
         _fail(str(exc))
     noise = Noise(seed)
     ledger = accounting.PartitionedLedger(delta)
-    counts = {lab: len(p) for lab, p in pools.items()}
+    counts = unit_counts(pools, domain)
     if config.private:
         sizes, count_event = noisy_pool_sizes(counts, noise)
         ledger.add(accounting.WHOLE_DATASET, count_event)
@@ -152,6 +150,8 @@ def generate(
         bar = progress.add_task(f"generating {shots} x {label}", total=shots * max_tokens)
         for i in range(shots):
             done = i * max_tokens
+            if plan.labels[label].decision == "skip":
+                break
             demo = generate_demonstration(source, prompt, pools[label], label, config, plan.labels[label], noise,
                                           on_token=lambda step: progress.update(bar, completed=done + step + 1))
             progress.update(bar, completed=(i + 1) * max_tokens)
@@ -167,6 +167,9 @@ def generate(
         "sigma": lp.sigma,
         "epsilon_per_token": lp.epsilon_per_token,
         "q": lp.q,
+        "noisy_pool_size": sizes.get(label),  # the DP estimate the decision used (units)
+        "decision": lp.decision,
+        "rule": lp.rule,
         "accountant": "pld" if all(accounting.pld_supports(e) for _, e in plan.charges()) else "rdp",
         "stats": {"tokens": sum(d.tokens for d in demos), "model_calls": sum(d.model_calls for d in demos),
                   "seconds": round(sum(d.seconds for d in demos), 3)},

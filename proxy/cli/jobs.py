@@ -10,7 +10,6 @@ computes non-private statistics of a stored dataset. See docs/jobs.md.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,34 +18,13 @@ from typing import Any, List, Optional
 import typer
 
 from proxy.cli.common import fail
+from proxy.cli.http import KEY_OPTION, URL_OPTION, AdminClient
 from proxy.config import DEFAULT_JOB_QUEUE
 
 jobs_app = typer.Typer(help="Offline DP synthetic-data jobs (Private Evolution, DP-SGD).", no_args_is_help=True)
 
-_URL = typer.Option(None, "--url", help="Server URL (default: $DPICL_URL or http://127.0.0.1:8000).")
-_KEY = typer.Option(None, "--admin-key", help="Admin key (default: $DPICL_ADMIN_KEY).")
-
-
-def _client(url: str | None, key: str | None) -> Any:
-    import httpx
-
-    key = key or os.environ.get("DPICL_ADMIN_KEY")
-    if not key:
-        fail("the admin key is needed (--admin-key or DPICL_ADMIN_KEY)")
-    base = (url or os.environ.get("DPICL_URL") or "http://127.0.0.1:8000").rstrip("/")
-    return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120.0)
-
-
-def _check(resp: Any) -> Any:
-    if resp.status_code >= 400:
-        try:
-            err = resp.json()["error"]
-            msg = f"{err.get('message')} ({err.get('code')})"
-        except Exception:  # noqa: BLE001 - not an OpenAI-style body
-            msg = resp.text[:300]
-        typer.echo(f"error {resp.status_code}: {msg}", err=True)
-        raise typer.Exit(1)
-    return resp
+_URL = URL_OPTION
+_KEY = KEY_OPTION
 
 
 def _coerce(value: str) -> Any:
@@ -78,9 +56,12 @@ def submit(
             fail(f"--param wants key=value, got {key!r}")
         body[key.strip()] = _coerce(value)
     if prompt is not None:
-        body["prompt"] = json.loads(prompt.read_text())
-    with _client(url, admin_key) as http:
-        rec = _check(http.post("/admin/jobs", json=body)).json()
+        try:
+            body["prompt"] = json.loads(prompt.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            fail(f"--prompt {prompt}: not a readable JSON file")
+    with AdminClient(url, admin_key) as http:
+        rec = http.post("/admin/jobs", json=body)
         typer.echo(f"{rec['id']}  {rec['kind']}  {rec['state']}  epsilon charged {_fmt_eps(rec['epsilon_charged'])} "
                    f"(job {_fmt_eps(rec['epsilon_job'])})")
         if wait:
@@ -90,10 +71,10 @@ def submit(
                 raise typer.Exit(1)
 
 
-def _wait(http: Any, job_id: str, interval: float = 2.0) -> dict:
+def _wait(http: AdminClient, job_id: str, interval: float = 2.0) -> dict:
     last = None
     while True:
-        rec = _check(http.get(f"/admin/jobs/{job_id}")).json()
+        rec = http.get(f"/admin/jobs/{job_id}")
         line = f"{rec['state']} {rec['progress']:.0f}% {rec.get('step') or ''}"
         if line != last:
             typer.echo(line, err=True)
@@ -106,8 +87,8 @@ def _wait(http: Any, job_id: str, interval: float = 2.0) -> dict:
 @jobs_app.command("list")
 def list_jobs(url: Optional[str] = _URL, admin_key: Optional[str] = _KEY) -> None:
     """One line per job."""
-    with _client(url, admin_key) as http:
-        data = _check(http.get("/admin/jobs")).json()["data"]
+    with AdminClient(url, admin_key) as http:
+        data = http.get("/admin/jobs")["data"]
     for r in data:
         typer.echo(f"{r['id']}  {r['kind']:5}  {r['state']:9}  {r['progress']:5.1f}%  eps {_fmt_eps(r['epsilon_charged'])}"
                    f"  {r['dataset_id']}  {r.get('step') or ''}")
@@ -116,15 +97,15 @@ def list_jobs(url: Optional[str] = _URL, admin_key: Optional[str] = _KEY) -> Non
 @jobs_app.command("show")
 def show(job_id: str, url: Optional[str] = _URL, admin_key: Optional[str] = _KEY) -> None:
     """The job record as JSON."""
-    with _client(url, admin_key) as http:
-        typer.echo(json.dumps(_check(http.get(f"/admin/jobs/{job_id}")).json(), indent=2))
+    with AdminClient(url, admin_key) as http:
+        typer.echo(json.dumps(http.get(f"/admin/jobs/{job_id}"), indent=2))
 
 
 @jobs_app.command("cancel")
 def cancel(job_id: str, url: Optional[str] = _URL, admin_key: Optional[str] = _KEY) -> None:
     """Cancel a job (its reserved privacy cost stays spent)."""
-    with _client(url, admin_key) as http:
-        rec = _check(http.post(f"/admin/jobs/{job_id}/cancel")).json()
+    with AdminClient(url, admin_key) as http:
+        rec = http.post(f"/admin/jobs/{job_id}/cancel")
     typer.echo(f"{rec['id']}  {rec['state']}  cancel requested")
 
 
@@ -136,8 +117,8 @@ def result(
     url: Optional[str] = _URL, admin_key: Optional[str] = _KEY,
 ) -> None:
     """Download a finished job's synthetic dataset or LoRA adapter."""
-    with _client(url, admin_key) as http:
-        data = _check(http.get(f"/admin/jobs/{job_id}/result", params={"part": part})).content
+    with AdminClient(url, admin_key) as http:
+        data = http.send("GET", f"/admin/jobs/{job_id}/result", params={"part": part}).content
     if output is None:
         if part != "synthetic":
             fail("give -o FILE for binary parts")
@@ -161,8 +142,8 @@ def evaluate(
     from aggregation.datasets import parse_rows, read_jsonl
     from aggregation.evaluation.quality import evaluate as run_eval
 
-    with _client(url, admin_key) as http:
-        data = _check(http.get(f"/admin/jobs/{job_id}/result", params={"part": "synthetic"})).content
+    with AdminClient(url, admin_key) as http:
+        data = http.send("GET", f"/admin/jobs/{job_id}/result", params={"part": "synthetic"}).content
     synthetic = parse_rows(data, "synthetic.jsonl")
     report = run_eval(synthetic, read_jsonl(real), read_jsonl(test) if test else None,
                       test_fraction=test_fraction, seed=seed)
@@ -179,14 +160,16 @@ def worker(
     pe_backend: Optional[str] = typer.Option(None, "--pe-backend", help="module:factory for PE's text generation (default: local model / litellm)."),
     name: Optional[str] = typer.Option(None, "--name", help="Worker name (default: generated)."),
 ) -> None:
-    """Process jobs from the Redis queue (run one per machine or core budget; they share the queue)."""
+    """Process jobs and warm-ups from the Redis queue (run one per machine or core budget; they share it)."""
     from proxy.config import ConfigError, load_config
     from proxy.jobs.worker import run_worker
+    from proxy.serving.warmup_runners import install_worker
 
     try:
         cfg = load_config(config)
     except ConfigError as exc:
         fail(str(exc))
+    install_worker(cfg, store)  # the queue also carries demonstration warm-ups
     run_worker(redis, store_url=store, config=cfg, queue=queue, burst=burst, pe_backend=pe_backend,
                heartbeat_interval=heartbeat, name=name)
 

@@ -21,9 +21,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
+
 from aggregation.mechanisms import Noise
 from aggregation.pe import Cancelled, PEPlan, run_pe
 from aggregation.prompts import Example
+from aggregation.units import one_row_per_unit
 from proxy.config import LOCAL_ALIASES, Config
 from proxy.jobs.backends import LocalTextGenerator, PEBackendFactory, default_pe_backend
 from proxy.jobs.requests import CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, DPSGDJobRequest, \
@@ -150,7 +153,12 @@ def execute_job(ctx: WorkerContext, job_id: str, heartbeat: Heartbeat | None = N
         meta = store.get_dataset(record["dataset_id"])
         if meta.version != record.get("dataset_version", meta.version):
             raise JobError("the dataset changed since the job was submitted")
-        rows = [Example(text, label) for text, label in store.load_rows(record["dataset_id"])]
+        # One row per privacy unit (drawn uniformly from its rows of its label): PE and DP-SGD
+        # account per row, so a unit must hold exactly one (aggregation.units.one_row_per_unit).
+        seed = record.get("seed")
+        rng = np.random.default_rng(seed) if seed is not None else None  # seeds only on public data
+        rows = one_row_per_unit([Example(t, lab, unit=u) for t, lab, u in store.load_rows(record["dataset_id"], units=True)],
+                                meta.labels, rng)
         if record["kind"] == "pe":
             out = _run_pe(ctx, record, rows, progress, should_cancel)
         else:

@@ -34,7 +34,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from aggregation.pe import plan_pe
+from aggregation.pe import allocate, plan_pe
 from proxy.budget import finite_or_none
 from proxy.config import LOCAL_ALIASES, Config, JobSettings
 from proxy.jobs.backends import PEBackendFactory, default_pe_backend
@@ -109,6 +109,10 @@ class JobManager:
         from aggregation.dpsgd import plan_dpsgd
 
         meta = self.store.resolve_dataset(req.dataset)
+        if req.seed is not None and not meta.public:
+            # Reproducible noise on private data would let anyone holding the seed remove it.
+            raise JobRequestError("'seed' is only allowed on datasets marked public: the noise on private data "
+                                  "must come from the system's CSPRNG")
         labels = list(req.labels) if req.labels else list(meta.labels)
         unknown = [lab for lab in labels if lab not in meta.labels]
         if unknown or not labels:
@@ -145,7 +149,8 @@ class JobManager:
                 plan = plan_dpsgd(cfg, counts, delta, include_counts=False)
         except ValueError as exc:
             raise JobRequestError(str(exc)) from None
-        reservation = self.budget.reserve(meta.id, plan.charges(), actor, f"job {job_id} ({req.kind})")
+        reservation = self.budget.reserve(meta.id, plan.charges(), actor, f"job {job_id} ({req.kind})",
+                                          kind="job", ref=job_id)
         if self.metrics is not None:
             self.metrics.record_spend(meta.id, reservation.spent_after, reservation.budget_epsilon)
         now = time.time()
@@ -155,6 +160,7 @@ class JobManager:
             "epsilon_target": req.epsilon, "epsilon_job": finite_or_none(plan.epsilon()),
             "epsilon_charged": finite_or_none(reservation.epsilon), "delta": delta,
             "plan": plan.summary(), "label_counts": counts, "prompt": prompt, "seed": req.seed,
+            "label_decisions": label_decisions(req, counts),
             "params": req.model_dump(exclude={"prompt"}), "actor": actor, "runner": self.runner.kind,
             "cancel_requested": False, "created_at": now, "heartbeat_at": now,
             "started_at": None, "finished_at": None, "worker": None,
@@ -215,3 +221,15 @@ class JobManager:
         if data is None:
             raise NotFound(f"the {part} result of job {job_id} is missing")
         return data, media, name
+
+
+def label_decisions(req: JobRequest, counts: dict[str, float]) -> dict[str, dict[str, str]]:
+    """What the job does with each label and which rule decided it: from the DP label counts and
+    public settings only (no label's fate depends on exact private counts)."""
+    if isinstance(req, PEJobRequest):
+        alloc = allocate(counts, req.num_samples)
+        return {lab: {"decision": "private" if alloc[lab] > 0 else "skip",
+                      "rule": f"{alloc[lab]} of {req.num_samples} samples, proportional to the noisy counts"}
+                for lab in sorted(counts)}
+    return {lab: {"decision": "private", "rule": "trained on every unit; q = batch_size / sum of noisy counts"}
+            for lab in sorted(counts)}

@@ -5,7 +5,7 @@ hold no private text (labels, numbers, states and exception type names only).
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,7 +42,8 @@ class _JobBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dataset: str = Field(min_length=1, max_length=200, description="dataset id (or name: latest version)")
     epsilon: float | None = Field(4.0, gt=0, description="target epsilon of the whole job")
-    seed: int | None = Field(None, description="reproducible noise and sampling (tests, benchmarks)")
+    seed: int | None = Field(None, description="reproducible noise and sampling: public datasets only (tests, "
+                                               "benchmarks); refused on private data and never shown in job views")
     labels: list[str] | None = Field(None, description="labels to synthesise (default: all of the dataset)")
     task: str | None = Field(None, description="take prompt fields from this configured task")
     prompt: PromptSpec | None = None
@@ -80,7 +81,9 @@ class DPSGDJobRequest(_JobBase):
     max_new_tokens: int = Field(40, ge=1, le=512)
 
 
-JobRequest = Union[PEJobRequest, DPSGDJobRequest]
+#: Discriminated by ``kind``: a request is validated against its own kind only, so an error names
+#: only that kind's fields (a PE error never lists DP-SGD's).
+JobRequest = Annotated[Union[PEJobRequest, DPSGDJobRequest], Field(discriminator="kind")]
 
 
 def pe_config(req: PEJobRequest) -> PEConfig:
@@ -106,9 +109,15 @@ def job_prompt(record: dict) -> TaskPrompt:
 
 
 def public_view(rec: dict) -> dict:
-    """The record as the API shows it (everything in it is already free of private text)."""
+    """The record as the API shows it (everything in it is already free of private text).
+
+    The seed is never shown: a seed is allowed on public datasets only, and even there echoing
+    it would invite reusing it (docs/jobs.md)."""
     keys = ("id", "kind", "dataset_id", "dataset_version", "state", "progress", "step", "error",
-            "epsilon_target", "epsilon_job", "epsilon_charged", "delta", "plan", "label_counts", "seed",
-            "params", "runner", "worker", "cancel_requested", "created_at", "started_at", "finished_at",
-            "heartbeat_at", "rows", "per_label", "seconds_per_iteration", "steps_per_second")
-    return {k: rec.get(k) for k in keys}
+            "epsilon_target", "epsilon_job", "epsilon_charged", "delta", "plan", "label_counts",
+            "label_decisions", "params", "runner", "worker", "cancel_requested", "created_at", "started_at",
+            "finished_at", "heartbeat_at", "rows", "per_label", "seconds_per_iteration", "steps_per_second")
+    view = {k: rec.get(k) for k in keys}
+    if isinstance(view["params"], dict):
+        view["params"] = {k: v for k, v in view["params"].items() if k != "seed"}
+    return view

@@ -26,12 +26,24 @@ from proxy.errors import APIError
 from proxy.metrics import Metrics
 from proxy.serving.generators import Generators
 from proxy.serving.tasks import TaskRegistry, task_labels, task_prompt
-from proxy.serving.warmup import PAYLOAD_VERSION, Prepared, Warmup, generation_error
+from proxy.serving.warmup import PAYLOAD_VERSION, Prepared, Warmup
+from proxy.serving.warmup_runners import RQWarmupRunner, ThreadRunner
+from proxy.serving.warmups import DONE, WarmupExecutor, WarmupService, raise_failure
 from proxy.store.base import DatasetMeta, NotFound, Store
+
+#: Retry-After (seconds) told to a client whose task's set is being generated. A constant: the
+#: real remaining time depends on when generation stops, which depends on the data.
+CLIENT_RETRY_AFTER = 30
+#: After a failed warm-up, client requests do not start another one for this long (seconds).
+CLIENT_RETRY_FAILED_AFTER = 60.0
 
 
 def cache_key(task: TaskConfig, meta: DatasetMeta, generator_id: str) -> str:
-    """sha256 of (dataset id, dataset version, template hash, generation parameters, seed)."""
+    """sha256 of (dataset id, dataset version, template hash, generation parameters, revision).
+
+    Every input is public: ids and versions, task configuration and the declared label domain
+    (:func:`task_labels`), never anything read from the rows. The revision is stored under its
+    old name "seed" so existing cache keys stay valid."""
     material = {
         "dataset_id": meta.id,
         "dataset_version": meta.version,
@@ -41,7 +53,7 @@ def cache_key(task: TaskConfig, meta: DatasetMeta, generator_id: str) -> str:
         "shots": task.shots,
         "labels": task_labels(task, meta),
         "generator": generator_id,
-        "seed": task.seed,
+        "seed": task.revision,
         "v": PAYLOAD_VERSION,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
@@ -92,10 +104,20 @@ class DemoService:
         self.recheck = config.server.cache_recheck_seconds
         self.generators = Generators(config, local_source)
         self.warmup = Warmup(store, budget, metrics, self.generators)
-        self._key_locks: dict[str, asyncio.Lock] = {}
+        jobs = config.jobs
+        runner: ThreadRunner | RQWarmupRunner
+        if jobs.queue_url:
+            runner = RQWarmupRunner(jobs.queue_url, jobs.queue_name)
+        else:
+            runner = ThreadRunner(store, WarmupExecutor(store, self.warmup, metrics).run)
+        self.warmups = WarmupService(store, self.warmup, runner)
         self._mem: dict[str, _MemEntry] = {}
+        #: One store lookup in flight per task, shared by every request that needs it.
+        self._lookups: dict[str, asyncio.Future] = {}
+        self._client_warmups: dict[str, str] = {}  # cache key -> last warm-up a client request started
 
     def close(self) -> None:
+        self.warmups.close()
         self.generators.close()
 
     # -- resolution ---------------------------------------------------------------------------
@@ -126,6 +148,30 @@ class DemoService:
         prep = self._prepare(task)
         return prep.key, prep.meta.id, self.store.get_demos(prep.key)
 
+    def _lookup_once(self, task: TaskConfig) -> asyncio.Future:
+        """The task's store lookup, started once and shared: without this, every request in flight
+        when the cache entry went stale ran its own lookup (32 thread hops at 32 connections,
+        every ``recheck`` seconds, which showed up in the latency tail)."""
+        running = self._lookups.get(task.name)
+        if running is None or running.done():
+            running = asyncio.ensure_future(anyio.to_thread.run_sync(self._lookup_sync, task))
+            self._lookups[task.name] = running
+
+            def done(fut: asyncio.Future, name: str = task.name) -> None:
+                if self._lookups.get(name) is fut:
+                    del self._lookups[name]
+                if not fut.cancelled() and fut.exception() is None:
+                    self._remember(task, *fut.result())
+                else:
+                    # A failed re-check (dataset gone, store down) must not leave a stale set
+                    # being served: the next request looks up again and reports the error.
+                    entry = self._mem.get(name)
+                    if entry is not None and entry.task is task:
+                        self._mem.pop(name, None)
+
+            running.add_done_callback(done)
+        return running
+
     def forget(self, task: str | None = None, dataset_id: str | None = None) -> None:
         """Drop in-memory entries (by task name or dataset id)."""
         for name, entry in list(self._mem.items()):
@@ -136,13 +182,18 @@ class DemoService:
     async def for_request(self, task: TaskConfig, principal: Principal) -> ServedDemos:
         """The task's cached set for a client request (generates it when the task allows)."""
         entry = self._mem.get(task.name)
-        if entry is None or entry.task is not task or time.monotonic() - entry.checked_at >= self.recheck:
+        known = entry is not None and entry.task is task
+        if known and entry.demos is not None and time.monotonic() - entry.checked_at >= self.recheck:
+            # Serve the set in memory and re-check the store in the background (once for all
+            # requests): a set deleted elsewhere is still noticed within one lookup.
+            self._lookup_once(task)
+        elif not known or time.monotonic() - entry.checked_at >= self.recheck:
             try:
-                key, dataset_id, payload = await anyio.to_thread.run_sync(self._lookup_sync, task)
+                found = await asyncio.shield(self._lookup_once(task))
             except APIError as exc:
                 # Clients never see datasets or budgets: a generic message, details for the admin.
                 raise self._client_error(task, exc, principal) from None
-            entry = self._remember(task, key, dataset_id, payload)
+            entry = self._mem.get(task.name) or self._remember(task, *found)
         if entry.demos is not None:
             self.metrics.demo_cache.labels(task.name, "hit").inc()
             return entry.demos
@@ -150,14 +201,35 @@ class DemoService:
         if task.on_missing == "error":
             raise APIError(409, f"demonstrations for task {task.name} are not cached; an admin must warm them "
                                 f"up: POST /admin/tasks/{task.name}/demos", "demos_not_cached")
+        # Never hold the connection for a generation: start one in the background (deduplicated
+        # in the store) and answer 503 + Retry-After at once.
+        admin = principal.kind == "admin"
         try:
-            result = await self.warm(task, principal.actor, dry_run=False, admin=principal.kind == "admin")
+            prep = await anyio.to_thread.run_sync(self._prepare, task)
+            # Re-read the store: another replica (or our own warm-up) may have just stored the set.
+            payload = await anyio.to_thread.run_sync(self.store.get_demos, prep.key)
+            if payload is None:
+                # The last warm-up this process started for the set: if it failed recently, say
+                # so instead of starting the same doomed warm-up on every request.
+                wid = self._client_warmups.get(prep.key)
+                rec, created = await self.warmups.start(task, prep, principal.actor, admin=admin,
+                                                        unless_failed=(wid, CLIENT_RETRY_FAILED_AFTER))
+                if created:  # the admin audit log records warm-ups a client request started too
+                    await anyio.to_thread.run_sync(lambda: self.store.append_audit(
+                        principal.name, "warmup.start", task.name,
+                        {"dataset": task.dataset, "warmup_id": rec["id"], "trigger": "client"}))
+                self._client_warmups[prep.key] = rec["id"]
+                if rec["state"] == DONE:
+                    payload = await anyio.to_thread.run_sync(self.store.get_demos, prep.key)
         except APIError as exc:
             raise self._client_error(task, exc, principal) from None
-        entry = self._mem.get(task.name)
-        if entry is not None and entry.demos is not None and entry.key == result["key"]:
-            return entry.demos
-        return self._served(task, result["key"], result["payload"])
+        if payload is not None:
+            served = self._remember(task, prep.key, prep.meta.id, payload).demos
+            assert served is not None
+            return served
+        extra = f" (warm-up {rec['id']})" if admin else ""
+        raise APIError(503, f"demonstrations for task {task.name} are being generated{extra}; retry later",
+                       "demos_warming", headers={"Retry-After": str(CLIENT_RETRY_AFTER)})
 
     @staticmethod
     def _client_error(task: TaskConfig, exc: APIError, principal: Principal) -> APIError:
@@ -185,32 +257,24 @@ class DemoService:
         return int(n)
 
     # -- warm-up -------------------------------------------------------------------------------
-    async def warm(self, task: TaskConfig, actor: str, dry_run: bool = False, admin: bool = True) -> dict[str, Any]:
-        """Generate (or, with ``dry_run``, price) the task's demonstration set.
+    async def price(self, task: TaskConfig, actor: str) -> dict[str, Any]:
+        """Dry run: what warming the task's set would cost now (nothing charged or read)."""
+        prep = await anyio.to_thread.run_sync(self._prepare, task)
+        return await anyio.to_thread.run_sync(self.warmup.price, task, prep, actor)
 
-        Returns ``{"key", "cached", "payload", ...}``; a set already cached under the current key is
-        returned without charging anything. Raises APIError 402 (budget), 409 (dataset missing) or
-        400 (bad task parameters). ``admin`` says whether the caller may learn the dataset's row
-        count (see :meth:`proxy.serving.warmup.Warmup.generate`).
+    async def start_warmup(self, task: TaskConfig, actor: str, admin: bool = True, wait: bool = False) -> dict[str, Any]:
+        """Queue the task's warm-up (or join the active one); with ``wait``, until it finishes.
+
+        Returns the warm-up record. A set already cached gives a finished record that charged
+        nothing. Raises APIError 402 (does not fit the budget now), 409 (dataset missing), 400 (bad
+        task parameters); with ``wait``, the warm-up's own failure.
         """
         prep = await anyio.to_thread.run_sync(self._prepare, task)
-        if dry_run:
-            return await anyio.to_thread.run_sync(self.warmup.price, task, prep, actor)
-        lock = self._key_locks.setdefault(prep.key, asyncio.Lock())
-        async with lock:  # a concurrent warm-up of the same key waits, then reads the cache
+        rec, _ = await self.warmups.start(task, prep, actor, admin=admin)
+        if wait:
+            rec = await self.warmups.wait(rec["id"])
+            raise_failure(rec)
+        if rec["state"] == DONE:
             payload = await anyio.to_thread.run_sync(self.store.get_demos, prep.key)
-            if payload is not None:
-                self._remember(task, prep.key, prep.meta.id, payload)
-                return {"key": prep.key, "cached": True, "charged": False, "payload": payload}
-            try:
-                result = await anyio.to_thread.run_sync(self.warmup.generate, task, prep, actor, admin)
-            except APIError:
-                self.metrics.demo_generations.labels(task.name, "refused").inc()
-                raise
-            except Exception as exc:  # noqa: BLE001 - mapped to a clean error below
-                self.metrics.demo_generations.labels(task.name, "failed").inc()
-                raise generation_error(exc) from None
-            self.metrics.demo_generations.labels(task.name, "generated").inc()
-            self._remember(task, prep.key, prep.meta.id, result["payload"])
-            return result
-
+            self._remember(task, prep.key, prep.meta.id, payload)
+        return rec

@@ -15,19 +15,21 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import dp_accounting as dpa
 
 from aggregation.accounting import WHOLE_DATASET
-from aggregation.fewshot import COUNT_SIGMA, Plan, generate_demonstration, plan_demonstrations, pools_by_label
+from aggregation.fewshot import COUNT_SIGMA, Plan, generate_demonstration, plan_demonstrations
 from aggregation.mechanisms import Noise
 from aggregation.prompts import Example
+from aggregation.units import unit_pools
 from proxy.budget import BudgetService
 from proxy.config import TaskConfig
 from proxy.errors import APIError
 from proxy.logs import log_event
 from proxy.metrics import Metrics
+from proxy.serving.calibrations import StoreCalibrationCache
 from proxy.serving.generators import Generators
 from proxy.serving.tasks import generation_config, task_prompt
 from proxy.store.base import BudgetExceeded, DatasetMeta, NotFound, Store
@@ -35,6 +37,11 @@ from proxy.upstreams.base import UpstreamError
 
 #: Cached payload format version (bump when the payload layout changes).
 PAYLOAD_VERSION = 1
+
+#: ``progress(tokens_done, tokens_total)``; called from the generating thread.
+Progress = Callable[[int, int], None]
+#: ``reserved(epsilon_cost)``: the cost (count release included) is in the ledger; no row read yet.
+Reserved = Callable[[float], None]
 
 
 @dataclass
@@ -54,6 +61,8 @@ class Warmup:
         self.budget = budget
         self.metrics = metrics
         self.generators = generators
+        #: Calibrations shared through the store: a repeated plan (dry run, 202, start) answers at once.
+        self.calibrations = StoreCalibrationCache(store)
         #: Generation is CPU-heavy: one at a time per process.
         self._gen_lock = threading.Lock()
 
@@ -65,14 +74,16 @@ class Warmup:
                                 f"datasets marked public", "not_private")
         try:
             return plan_demonstrations(config, {lab: task.shots for lab in labels}, pool_sizes,
-                                       meta.budget_delta)
+                                       meta.budget_delta, cache=self.calibrations)
         except ValueError as exc:
             # Messages name labels and DP-estimated sizes only (admin-facing).
             raise APIError(400, f"task {task.name!r}: {exc}", "invalid_generation") from None
 
     def _estimated_pools(self, meta: DatasetMeta, labels: list[str]) -> dict[str, float]:
-        """Pool sizes for pricing before the DP counts exist: rows spread evenly over labels."""
-        share = meta.rows / max(1, len(meta.labels))
+        """Pool sizes for pricing before the DP counts exist: units spread evenly over the
+        declared labels (admin-only: exact sizes never reach a client, see :meth:`generate`)."""
+        units = meta.units if meta.units is not None else meta.rows
+        share = units / max(1, len(meta.labels))
         return {lab: share for lab in labels}
 
     def price(self, task: TaskConfig, prep: Prepared, actor: str) -> dict[str, Any]:
@@ -88,23 +99,37 @@ class Warmup:
         res = self.budget.reserve(meta.id, charges, actor, f"dry run: task {task.name}", dry_run=True)
         return {
             "key": prep.key, "dry_run": True, "cached": cached, "dataset_id": meta.id,
-            "epsilon_cost": _num(res.epsilon), "set_epsilon": _num(plan.epsilon()),
+            # A set already cached under the current key is served as it is: warming costs nothing.
+            "epsilon_cost": 0.0 if cached else _num(res.epsilon), "set_epsilon": _num(plan.epsilon()),
             "spent_epsilon": _num(res.spent_before), "remaining_epsilon": _num(max(0.0, res.budget_epsilon - res.spent_before)),
             "remaining_after": _num(res.remaining), "budget_epsilon": res.budget_epsilon,
             "budget_delta": res.budget_delta, "fits": res.fits,
             # Before the first real warm-up the per-label pool sizes are estimated (the DP counts,
             # charged once, are released then), so the cost is approximate.
-            "estimate": counts_pending,
+            "estimate": counts_pending and not cached,
+            "decisions": _decisions(plan),
         }
 
     def _refuse(self, exc: BudgetExceeded) -> APIError:
         return APIError(402, f"privacy budget exceeded: {exc}", "budget_exceeded")
 
-    def generate(self, task: TaskConfig, prep: Prepared, actor: str, admin: bool = True) -> dict[str, Any]:
-        """Reserve the set's cost, then read the rows, generate the set and store it (blocking)."""
+    def generate(self, task: TaskConfig, prep: Prepared, actor: str, admin: bool = True,
+                 progress: Progress | None = None, reserved: Reserved | None = None) -> dict[str, Any]:
+        """Reserve the set's cost, then read the rows, generate the set and store it (blocking).
+
+        ``reserved`` is told the cost once it is in the ledger; ``progress`` after every token.
+        Progress counts the charged maximum ``T`` per demonstration (a demonstration that stops
+        early jumps to its full ``T``), so ``tokens_total`` is public; how fast it moves is not
+        (stopping depends on the data), which is why warm-up views are admin-only.
+        A demonstration that came out empty is not stored; its label is listed in
+        ``empty_labels`` (the choice is post-processing of DP output).
+        """
         meta, labels = prep.meta, prep.labels
         reason = f"task {task.name} demos {prep.key[:12]}"
         config = generation_config(task)
+        # epsilon_cost is the increase of the name's spent epsilon, the one-time count release
+        # included (a charge by another process at the same moment is counted too: over-reports).
+        spent_before = self.budget.spent(meta.id)
         try:
             if config.public_only:
                 pools: dict[str, float] = {}
@@ -118,7 +143,7 @@ class Warmup:
                     if admin:
                         estimate = self._plan(task, meta, labels, self._estimated_pools(meta, labels))
                         trial += list(estimate.charges())
-                    res = self.budget.reserve(meta.id, trial, actor, reason, dry_run=True)
+                    res = self.budget.reserve(meta.id, trial, actor, reason, dry_run=True, kind="warmup")
                     if not res.fits:
                         raise BudgetExceeded(
                             f"this request needs about epsilon {_fmt(res.epsilon)} but only "
@@ -128,7 +153,7 @@ class Warmup:
                 pools = self.budget.noisy_counts(meta.id, actor, f"noisy pool sizes for task {task.name}")
             plan = self._plan(task, meta, labels, pools)
             # The spend is recorded BEFORE any private row is read.
-            res = self.budget.reserve(meta.id, plan.charges(), actor, reason)
+            res = self.budget.reserve(meta.id, plan.charges(), actor, reason, kind="warmup", ref=task.name)
         except BudgetExceeded as exc:
             raise self._refuse(exc) from None
         except NotFound:
@@ -136,6 +161,8 @@ class Warmup:
         self.metrics.record_spend(meta.id, res.spent_after, res.budget_epsilon)
         log_event("demos.reserved", task=task.name, dataset_id=meta.id, epsilon=_num(res.epsilon),
                   spent=_num(res.spent_after), actor=actor)
+        if reserved is not None:
+            reserved(max(res.epsilon, res.spent_after - spent_before))
         source = self.generators.source(task)
         prompt = task_prompt(task)
         noise = Noise(None)  # CSPRNG: the noise must not be reproducible from the seed
@@ -145,20 +172,41 @@ class Warmup:
                 pools_rows: dict[str, list[Example]] = {}
             else:
                 try:
-                    rows = self.store.load_rows(meta.id)
+                    rows = self.store.load_rows(meta.id, units=True)
                 except NotFound:
                     raise APIError(409, f"dataset {meta.id} was deleted during the warm-up (its charge "
                                         f"stays in the ledger)", "dataset_missing") from None
-                pools_rows = pools_by_label([Example(t, lab) for t, lab in rows])
+                # Pools over privacy units over the declared domain (aggregation.units): a unit sits
+                # in one label's pool, and sampling draws units, then one row of each.
+                pools_rows = unit_pools([Example(t, lab, unit=u) for t, lab, u in rows], meta.labels)
                 del rows
             demos: list[dict[str, Any]] = []
+            empty: list[str] = []
             tokens = 0
+            total = len(labels) * task.shots * config.max_tokens
+            done = 0
+
+            def on_token(step: int) -> None:
+                if progress is not None:
+                    progress(done + step + 1, total)
+
             for label in labels:
+                if plan.labels[label].decision == "skip":
+                    done += task.shots * config.max_tokens
+                    continue  # decided from the noisy count and public settings (see "decisions")
                 for _ in range(task.shots):
                     d = generate_demonstration(source, prompt, pools_rows.get(label, []), label, config,
-                                               plan.labels[label], noise)
-                    demos.append({"text": d.text, "label": label})
+                                               plan.labels[label], noise, on_token=on_token)
+                    done += config.max_tokens
+                    if progress is not None:
+                        progress(done, total)
                     tokens += d.tokens
+                    if not d.text.strip():
+                        # An empty demonstration teaches nothing and would inject a bare header.
+                        if label not in empty:
+                            empty.append(label)
+                        continue
+                    demos.append({"text": d.text, "label": label})
             del pools_rows
         payload = {
             "version": PAYLOAD_VERSION,
@@ -167,6 +215,9 @@ class Warmup:
             "dataset_version": meta.version,
             "labels": labels,
             "demos": demos,
+            "empty_labels": empty,
+            # Which rule applied to each label: from the DP count and public settings only.
+            "decisions": _decisions(plan),
             "epsilon": _num(plan.epsilon()),
             "delta": meta.budget_delta,
             "generator": self.generators.generator_id(task),
@@ -178,8 +229,14 @@ class Warmup:
         log_event("demos.generated", task=task.name, dataset_id=meta.id, demos=len(demos), tokens=tokens,
                   seconds=payload["seconds"])
         return {"key": prep.key, "cached": False, "charged": True, "payload": payload,
-                "epsilon_cost": _num(res.epsilon), "spent_epsilon": _num(res.spent_after),
+                "epsilon_cost": _num(max(res.epsilon, res.spent_after - spent_before)),
+                "spent_epsilon": _num(res.spent_after),
                 "remaining_epsilon": _num(max(0.0, res.remaining))}
+
+
+def _decisions(plan: Plan) -> dict[str, dict[str, str]]:
+    """``{label: {"decision": private|public|skip, "rule": ...}}`` of a plan (public quantities)."""
+    return {lab: {"decision": d, "rule": r} for lab, (d, r) in plan.decisions().items()}
 
 
 def _num(x: float) -> float | None:

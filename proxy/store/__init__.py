@@ -9,19 +9,22 @@ import os
 from pathlib import Path
 
 from proxy.store.base import (
+    AuditEntry,
     BudgetCheck,
     BudgetExceeded,
     Charge,
     DatasetMeta,
     LedgerEntry,
     NotFound,
+    Population,
+    SchemaError,
     Store,
     StoreError,
 )
 
 __all__ = [
-    "BudgetCheck", "BudgetExceeded", "Charge", "DatasetMeta", "LedgerEntry", "NotFound", "Store",
-    "StoreError", "default_store_url", "open_store",
+    "AuditEntry", "BudgetCheck", "BudgetExceeded", "Charge", "DatasetMeta", "LedgerEntry", "NotFound",
+    "Population", "SchemaError", "Store", "StoreError", "default_store_url", "open_store",
 ]
 
 

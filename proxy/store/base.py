@@ -1,16 +1,25 @@
 """The storage contract shared by the SQLite (embedded) and Redis (scale-out) backends.
 
 Everything the service persists goes through :class:`Store`: datasets (private rows, kept apart
-from their metadata), the append-only privacy ledger, cached demonstration sets, admin-created
-tasks and offline jobs. The one operation that needs care is :meth:`Store.append_ledger`: it must
-read the dataset's ledger, let the caller decide (with the accountant) whether the new charges fit
-the budget, and append them, all atomically with respect to every other process using the store.
+from their metadata), populations (a dataset *name*: its versions share one budget and one
+append-only privacy ledger, which outlives deleted versions), cached demonstration sets,
+admin-created tasks, offline jobs and the append-only admin audit log.
+
+Operations that need care are atomic read-check-write sections: :meth:`Store.append_ledger` (read
+the population's ledger, let the caller's check decide whether new charges fit, append them),
+:meth:`Store.set_budget` (compare-and-set against the same ledger) and
+:meth:`Store.set_noisy_counts` (the first stored release wins). Stores hold data, not policy: the
+checks are callables handed in by :mod:`proxy.budget`.
+
+Schema version 2 (this one) keys budgets and ledgers by dataset name; see docs/stores.md for the
+migration of a schema-1 SQLite file (backed up first) and why a schema-1 Redis is refused.
 """
 
 from __future__ import annotations
 
+import secrets
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 
@@ -30,35 +39,81 @@ class BudgetExceeded(StoreError):
         self.remaining = remaining
 
 
+#: Version of the storage layout written by this code (docs/stores.md).
+SCHEMA_VERSION = 2
+
+
 @dataclass
 class DatasetMeta:
-    """Public metadata of a dataset. Never holds private text."""
+    """Metadata of one dataset version. Never holds private text.
+
+    ``budget_epsilon``/``budget_delta`` are the budget of the dataset's *name* (population), read
+    with the metadata; change them with :meth:`Store.set_budget`, never through a dataset.
+    """
 
     id: str
     name: str
     version: int
     rows: int
-    labels: list[str]
+    labels: list[str]  # the label domain declared at upload (public configuration)
     budget_epsilon: float
     budget_delta: float
     created_at: float
     public: bool = False
     #: DP estimates of per-label pool sizes, fixed the first time they are needed (charged).
     noisy_counts: dict[str, float] | None = None
+    #: Number of privacy units (rows without a unit id are their own unit). Admin-only.
+    units: int | None = None
+
+
+@dataclass
+class Population:
+    """A dataset name: one budget and one ledger shared by all its versions (deleted ones too)."""
+
+    name: str
+    budget_epsilon: float
+    budget_delta: float
+    last_version: int
+    created_at: float
+    #: Ids of the versions that still exist (oldest first).
+    versions: list[str] = field(default_factory=list)
 
 
 @dataclass
 class LedgerEntry:
-    """One append-only ledger row: a DpEvent charged on one partition of a dataset."""
+    """One append-only ledger row: a DpEvent charged on one partition of a population.
 
-    seq: int  # 1, 2, 3, ... per dataset, in append order
-    dataset_id: str
+    ``kind`` is ``"reset"`` for an admin's explicit ledger reset (event NoOp): accounting composes
+    only the entries after the last reset, while the ledger keeps every entry for the audit.
+    """
+
+    seq: int  # 1, 2, 3, ... per population (dataset name), in append order
+    dataset_id: str  # the version that was charged
     partition: str  # a label, or "*" for the whole dataset
     event: dict[str, Any]  # aggregation.accounting.event_to_dict(...)
-    epsilon_after: float  # dataset's spent epsilon right after this entry
+    epsilon_after: float  # population's spent epsilon right after this entry
     actor: str  # who asked (admin key id, client id, job id)
     reason: str  # why (task name, job id, ...)
     created_at: float
+    name: str = ""  # the population
+    kind: str = "charge"  # "histogram" | "warmup" | "job" | "reset" | "charge"
+    ref: str = ""  # warm-up / job id, or the task name
+
+
+@dataclass
+class AuditEntry:
+    """One append-only admin audit record (never row text)."""
+
+    seq: int
+    time: float
+    actor: str
+    action: str
+    target: str
+    details: dict[str, Any]
+
+
+class SchemaError(StoreError):
+    """The backend holds a layout this code does not read (the message says what to do)."""
 
 
 @dataclass
@@ -69,9 +124,53 @@ class Charge:
     event: dict[str, Any]
 
 
-#: Called inside the atomic section with the dataset's full current ledger and its metadata;
-#: returns the spent epsilon after the new charges, or raises BudgetExceeded to abort.
+#: Called inside the atomic section with the charged dataset's metadata (budget of its name) and
+#: the name's full current ledger; returns the spent epsilon after the new charges, or raises
+#: BudgetExceeded to abort.
 BudgetCheck = Callable[[DatasetMeta, Sequence[LedgerEntry]], float]
+#: Called inside :meth:`Store.set_budget`'s atomic section with the population (its current
+#: budget) and its full ledger; raises (ValueError) to refuse the change.
+BudgetSetCheck = Callable[[Population, Sequence[LedgerEntry]], None]
+
+
+#: The event stored with a reset marker (no privacy cost; dp-accounting's NoOpDpEvent as a dict).
+RESET_EVENT: dict[str, Any] = {"type": "NoOpDpEvent"}
+
+
+def new_dataset_id() -> str:
+    """A fresh dataset id, ``ds_`` + 16 random hex digits."""
+    return "ds_" + secrets.token_hex(8)
+
+
+def demo_filter(key: str | None, dataset_id: str | None, task: str | None) -> tuple[str, list[str]]:
+    """SQL condition for ``delete_demos`` (filters combine with AND); refuses an empty filter."""
+    clauses, args = [], []
+    for column, value in (("key", key), ("dataset_id", dataset_id), ("task", task)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            args.append(value)
+    if not clauses:
+        # Regenerating demonstrations costs budget: never drop the whole cache by accident.
+        raise ValueError("delete_demos needs a key, a dataset id or a task")
+    return " AND ".join(clauses), args
+
+
+def normalise_rows(rows: Sequence[Sequence[Any]]) -> list[tuple[str, str, str | None]]:
+    """``(text, label[, unit])`` rows as ``(text, label, unit or None)`` strings."""
+    out = []
+    for r in rows:
+        unit = r[2] if len(r) > 2 else None
+        out.append((str(r[0]), str(r[1]), None if unit is None else str(unit)))
+    return out
+
+
+def count_units(rows: Sequence[tuple[str, str, str | None]]) -> int:
+    """Privacy units among normalised rows (a row without a unit id is its own unit)."""
+    return sum(1 for _, _, u in rows if u is None) + len({u for _, _, u in rows if u is not None})
+
+
+#: Warm-up states in which a warm-up still holds its deduplication key.
+ACTIVE_WARMUP_STATES = ("queued", "running")
 
 
 class Store(ABC):
@@ -79,10 +178,15 @@ class Store(ABC):
 
     # -- datasets -------------------------------------------------------------------------
     @abstractmethod
-    def create_dataset(self, name: str, rows: Sequence[tuple[str, str]], budget_epsilon: float,
-                       budget_delta: float, public: bool = False) -> DatasetMeta:
-        """Store ``rows`` as ``(text, label)`` pairs; a new name gets version 1, an existing name
-        a new id with version+1. Returns the metadata."""
+    def create_dataset(self, name: str, rows: Sequence[tuple[str, ...]], budget_epsilon: float,
+                       budget_delta: float, public: bool = False,
+                       labels: Sequence[str] | None = None) -> DatasetMeta:
+        """Store ``rows`` as ``(text, label)`` or ``(text, label, unit)`` tuples.
+
+        A new name gets version 1 and a population with the given budget; an existing name a new
+        id with version+1 and keeps its population's budget and ledger (the budget arguments are
+        then ignored). ``labels`` is the declared label domain (default: the rows' sorted labels).
+        """
 
     @abstractmethod
     def get_dataset(self, dataset_id: str) -> DatasetMeta:
@@ -103,29 +207,59 @@ class Store(ABC):
         return max(versions, key=lambda m: m.version)
 
     @abstractmethod
-    def load_rows(self, dataset_id: str) -> list[tuple[str, str]]:
-        """The private rows. Call only after the spend was recorded."""
+    def load_rows(self, dataset_id: str, units: bool = False) -> list[tuple[Any, ...]]:
+        """The private rows as ``(text, label)`` (``(text, label, unit or None)`` with ``units``).
+        Call only after the spend was recorded."""
 
     @abstractmethod
     def delete_dataset(self, dataset_id: str) -> None:
-        """Remove rows, metadata and cached demonstrations; the ledger stays."""
+        """Remove rows, metadata and cached demonstrations; the name's ledger and budget stay."""
 
     @abstractmethod
-    def update_dataset(self, meta: DatasetMeta) -> None:
-        """Persist changed metadata (budget, noisy counts, public flag)."""
+    def set_noisy_counts(self, dataset_id: str, counts: dict[str, float]) -> dict[str, float]:
+        """Store the DP label counts unless some are stored already (first release wins).
+
+        Returns the stored counts: ``counts`` if this call stored them, else the earlier ones.
+        """
+
+    # -- populations (dataset names) ------------------------------------------------------
+    @abstractmethod
+    def get_population(self, name: str) -> Population:
+        """Budget and versions of a dataset name (raises NotFound)."""
+
+    @abstractmethod
+    def list_populations(self) -> list[Population]:
+        """Every name ever uploaded (including names whose versions are all deleted)."""
+
+    @abstractmethod
+    def set_budget(self, name: str, epsilon: float, delta: float, check: BudgetSetCheck) -> Population:
+        """Atomically (compare-and-set against the ledger): call ``check`` with the current
+        population and ledger, then write the new budget. Returns the updated population."""
 
     # -- ledger -----------------------------------------------------------------------------
     @abstractmethod
-    def ledger(self, dataset_id: str, after_seq: int = 0) -> list[LedgerEntry]:
-        """Ledger entries with ``seq > after_seq`` in order (works for deleted datasets too)."""
+    def ledger(self, name: str, after_seq: int = 0) -> list[LedgerEntry]:
+        """Ledger entries of a dataset name with ``seq > after_seq`` in order (``[]`` if none)."""
 
     @abstractmethod
     def append_ledger(self, dataset_id: str, charges: Sequence[Charge], actor: str, reason: str,
-                      check: BudgetCheck) -> list[LedgerEntry]:
-        """Atomically: read the ledger, call ``check``, append ``charges`` (all or nothing).
-
-        Every charge's entry gets ``epsilon_after`` = the value ``check`` returned.
+                      check: BudgetCheck, kind: str = "charge", ref: str = "") -> list[LedgerEntry]:
+        """Atomically: read the ledger of the dataset's name, call ``check``, append ``charges``
+        (all or nothing). Every new entry gets ``epsilon_after`` = the value ``check`` returned.
         """
+
+    @abstractmethod
+    def reset_ledger(self, name: str, actor: str, reason: str) -> LedgerEntry:
+        """Append a ``kind="reset"`` marker to a name's ledger (accounting restarts after it)."""
+
+    # -- audit log ------------------------------------------------------------------------
+    @abstractmethod
+    def append_audit(self, actor: str, action: str, target: str, details: dict[str, Any]) -> AuditEntry:
+        """Append one admin audit record (never row text)."""
+
+    @abstractmethod
+    def audit(self, limit: int = 100, before: int | None = None) -> list[AuditEntry]:
+        """Newest-first audit records with ``seq < before`` (all when ``before`` is None)."""
 
     # -- demonstration cache ------------------------------------------------------------
     @abstractmethod
@@ -153,6 +287,19 @@ class Store(ABC):
     @abstractmethod
     def delete_task(self, name: str) -> bool: ...
 
+    # -- client keys created through the admin API ---------------------------------------
+    @abstractmethod
+    def add_client_key(self, name: str, record: dict[str, Any]) -> bool:
+        """Store a client key record (its SHA-256, never the key); False if ``name`` exists."""
+
+    @abstractmethod
+    def list_client_keys(self) -> dict[str, dict[str, Any]]:
+        """Every stored client key record by name."""
+
+    @abstractmethod
+    def delete_client_key(self, name: str) -> bool:
+        """Remove a client key; False if there was none."""
+
     # -- jobs ---------------------------------------------------------------------------
     @abstractmethod
     def put_job(self, job_id: str, record: dict[str, Any]) -> None: ...
@@ -166,6 +313,25 @@ class Store(ABC):
     @abstractmethod
     def update_job(self, job_id: str, **fields: Any) -> dict[str, Any]:
         """Merge ``fields`` into the job record atomically; returns the new record."""
+
+    # -- warm-ups (demonstration-set generations as resources) ------------------------
+    @abstractmethod
+    def create_warmup(self, record: dict[str, Any], dedupe: str | None = None) -> tuple[dict[str, Any], bool]:
+        """Store a new warm-up record (``record["id"]``, ``record["state"]``) unless one with the same
+        ``dedupe`` key is still active (queued or running); atomically. Returns ``(record, created)``:
+        the stored new record, or the active one that made this one unnecessary."""
+
+    @abstractmethod
+    def get_warmup(self, warmup_id: str) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    def list_warmups(self, limit: int = 200) -> list[dict[str, Any]]:
+        """The newest ``limit`` warm-up records, newest first."""
+
+    @abstractmethod
+    def update_warmup(self, warmup_id: str, expect: Sequence[str] | None = None, **fields: Any) -> dict[str, Any] | None:
+        """Merge ``fields`` into the record atomically if its state is in ``expect`` (any state when
+        None); returns the new record, or None when the state did not match. Raises NotFound."""
 
     @abstractmethod
     def put_blob(self, key: str, data: bytes) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -25,50 +24,80 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from proxy.store.base import (
+    RESET_EVENT,
+    AuditEntry,
     BudgetCheck,
+    BudgetSetCheck,
     Charge,
     DatasetMeta,
     LedgerEntry,
     NotFound,
+    Population,
     Store,
     StoreError,
+    count_units,
+    demo_filter,
+    new_dataset_id,
+    normalise_rows,
 )
+from proxy.store.client_keys import SQLITE_SCHEMA, SqliteClientKeys
+from proxy.store.warmups import SQLITE_SCHEMA as WARMUPS_SCHEMA
+from proxy.store.warmups import SqliteWarmups
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS dataset_names (
+CREATE TABLE IF NOT EXISTS schema_info (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS populations (
     name TEXT PRIMARY KEY,
-    last_version INTEGER NOT NULL
+    last_version INTEGER NOT NULL,
+    budget_epsilon REAL NOT NULL,
+    budget_delta REAL NOT NULL,
+    created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS datasets (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
     version INTEGER NOT NULL,
     rows INTEGER NOT NULL,
+    units INTEGER NOT NULL,
     labels TEXT NOT NULL,
-    budget_epsilon REAL NOT NULL,
-    budget_delta REAL NOT NULL,
     created_at REAL NOT NULL,
     public INTEGER NOT NULL DEFAULT 0,
     noisy_counts TEXT
 );
+CREATE INDEX IF NOT EXISTS datasets_by_name ON datasets (name);
 CREATE TABLE IF NOT EXISTS dataset_rows (
     dataset_id TEXT NOT NULL,
     idx INTEGER NOT NULL,
     text TEXT NOT NULL,
     label TEXT NOT NULL,
+    unit TEXT,
     PRIMARY KEY (dataset_id, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ledger (
-    dataset_id TEXT NOT NULL,
+    name TEXT NOT NULL,
     seq INTEGER NOT NULL,
+    dataset_id TEXT NOT NULL,
     partition TEXT NOT NULL,
     event TEXT NOT NULL,
     epsilon_after REAL NOT NULL,
     actor TEXT NOT NULL,
     reason TEXT NOT NULL,
     created_at REAL NOT NULL,
-    PRIMARY KEY (dataset_id, seq)
+    kind TEXT NOT NULL DEFAULT 'charge',
+    ref TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (name, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    details TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS demos (
     key TEXT PRIMARY KEY,
     dataset_id TEXT NOT NULL,
@@ -91,15 +120,11 @@ CREATE TABLE IF NOT EXISTS blobs (
     key TEXT PRIMARY KEY,
     data BLOB NOT NULL
 );
-"""
+INSERT OR IGNORE INTO schema_info (key, value) VALUES ('version', '2');
+""" + SQLITE_SCHEMA + WARMUPS_SCHEMA
 
 
-def new_dataset_id() -> str:
-    """A fresh dataset id, ``ds_`` + 16 random hex digits."""
-    return "ds_" + secrets.token_hex(8)
-
-
-class SqliteStore(Store):
+class SqliteStore(SqliteClientKeys, SqliteWarmups, Store):
     """:class:`~proxy.store.base.Store` on one SQLite file (created with its parent directory)."""
 
     def __init__(self, path: str | os.PathLike[str], timeout: float = 60.0):
@@ -113,6 +138,10 @@ class SqliteStore(Store):
         self._all_lock = threading.Lock()
         conn = self._conn()
         self._enable_wal(conn)
+        from proxy.store.sqlite_migrate import migrate_if_needed
+
+        # A schema-1 file is copied to a backup next to it, then converted in one transaction.
+        migrate_if_needed(conn, self.path, _SCHEMA)
         # One transaction, so processes opening a new file at once see the whole schema or none.
         conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
 
@@ -175,52 +204,62 @@ class SqliteStore(Store):
         self._local = threading.local()
 
     # -- datasets -----------------------------------------------------------------------
+    _META_COLS = ("d.id, d.name, d.version, d.rows, d.labels, p.budget_epsilon, p.budget_delta, d.created_at, "
+                  "d.public, d.noisy_counts, d.units")
+    _META_FROM = "datasets d JOIN populations p ON p.name = d.name"
+
     @staticmethod
     def _meta(row: sqlite3.Row | tuple) -> DatasetMeta:
-        (id_, name, version, rows, labels, eps, delta, created, public, noisy) = row
+        (id_, name, version, rows, labels, eps, delta, created, public, noisy, units) = row
         return DatasetMeta(
             id=id_, name=name, version=int(version), rows=int(rows), labels=json.loads(labels),
             budget_epsilon=float(eps), budget_delta=float(delta), created_at=float(created),
             public=bool(public), noisy_counts=json.loads(noisy) if noisy is not None else None,
+            units=int(units),
         )
 
-    _META_COLS = "id, name, version, rows, labels, budget_epsilon, budget_delta, created_at, public, noisy_counts"
-
-    def create_dataset(self, name: str, rows: Sequence[tuple[str, str]], budget_epsilon: float,
-                       budget_delta: float, public: bool = False) -> DatasetMeta:
-        rows = [(str(t), str(lab)) for t, lab in rows]
-        labels = sorted({lab for _, lab in rows})
+    def create_dataset(self, name: str, rows: Sequence[tuple[str, ...]], budget_epsilon: float,
+                       budget_delta: float, public: bool = False,
+                       labels: Sequence[str] | None = None) -> DatasetMeta:
+        norm = normalise_rows(rows)
+        domain = list(labels) if labels is not None else sorted({lab for _, lab, _ in norm})
         with self._tx() as c:
-            found = c.execute("SELECT last_version FROM dataset_names WHERE name = ?", (name,)).fetchone()
+            found = c.execute("SELECT last_version FROM populations WHERE name = ?", (name,)).fetchone()
             version = (found[0] if found else 0) + 1
-            c.execute("INSERT INTO dataset_names (name, last_version) VALUES (?, ?) "
-                      "ON CONFLICT(name) DO UPDATE SET last_version = excluded.last_version", (name, version))
-            meta = DatasetMeta(new_dataset_id(), name, version, len(rows), labels, float(budget_epsilon),
-                               float(budget_delta), time.time(), bool(public), None)
-            c.execute(f"INSERT INTO datasets ({self._META_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                      (meta.id, meta.name, meta.version, meta.rows, json.dumps(meta.labels), meta.budget_epsilon,
-                       meta.budget_delta, meta.created_at, int(meta.public), None))
-            c.executemany("INSERT INTO dataset_rows (dataset_id, idx, text, label) VALUES (?, ?, ?, ?)",
-                          ((meta.id, i, t, lab) for i, (t, lab) in enumerate(rows)))
-        return meta
+            now = time.time()
+            if found:
+                c.execute("UPDATE populations SET last_version = ? WHERE name = ?", (version, name))
+            else:
+                c.execute("INSERT INTO populations (name, last_version, budget_epsilon, budget_delta, created_at) "
+                          "VALUES (?, ?, ?, ?, ?)", (name, version, float(budget_epsilon), float(budget_delta), now))
+            new_id = new_dataset_id()
+            c.execute("INSERT INTO datasets (id, name, version, rows, units, labels, created_at, public, noisy_counts) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                      (new_id, name, version, len(norm), count_units(norm), json.dumps(domain), now, int(public)))
+            c.executemany("INSERT INTO dataset_rows (dataset_id, idx, text, label, unit) VALUES (?, ?, ?, ?, ?)",
+                          ((new_id, i, t, lab, u) for i, (t, lab, u) in enumerate(norm)))
+            row = c.execute(f"SELECT {self._META_COLS} FROM {self._META_FROM} WHERE d.id = ?", (new_id,)).fetchone()
+        return self._meta(row)
 
     def get_dataset(self, dataset_id: str) -> DatasetMeta:
-        row = self._conn().execute(f"SELECT {self._META_COLS} FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
+        row = self._conn().execute(f"SELECT {self._META_COLS} FROM {self._META_FROM} WHERE d.id = ?",
+                                   (dataset_id,)).fetchone()
         if row is None:
             raise NotFound(f"dataset {dataset_id} not found")
         return self._meta(row)
 
     def list_datasets(self) -> list[DatasetMeta]:
-        cur = self._conn().execute(f"SELECT {self._META_COLS} FROM datasets ORDER BY created_at, id")
+        cur = self._conn().execute(f"SELECT {self._META_COLS} FROM {self._META_FROM} ORDER BY d.created_at, d.id")
         return [self._meta(r) for r in cur.fetchall()]
 
-    def load_rows(self, dataset_id: str) -> list[tuple[str, str]]:
+    def load_rows(self, dataset_id: str, units: bool = False) -> list[tuple[Any, ...]]:
         # One read transaction so metadata and rows are from the same snapshot.
         with self._tx(immediate=False) as c:
             if c.execute("SELECT 1 FROM datasets WHERE id = ?", (dataset_id,)).fetchone() is None:
                 raise NotFound(f"dataset {dataset_id} not found")
-            cur = c.execute("SELECT text, label FROM dataset_rows WHERE dataset_id = ? ORDER BY idx", (dataset_id,))
-            return [(t, lab) for t, lab in cur.fetchall()]
+            cur = c.execute("SELECT text, label, unit FROM dataset_rows WHERE dataset_id = ? ORDER BY idx",
+                            (dataset_id,))
+            return [(t, lab, u) if units else (t, lab) for t, lab, u in cur.fetchall()]
 
     def delete_dataset(self, dataset_id: str) -> None:
         with self._tx() as c:
@@ -228,56 +267,110 @@ class SqliteStore(Store):
                 raise NotFound(f"dataset {dataset_id} not found")
             c.execute("DELETE FROM dataset_rows WHERE dataset_id = ?", (dataset_id,))
             c.execute("DELETE FROM demos WHERE dataset_id = ?", (dataset_id,))
-            # The ledger stays: spend on deleted data is still spend (and the audit trail).
+            # The population (budget, last version) and its ledger stay: spend on deleted data is
+            # still spend on the same people, and a re-upload under the name continues it.
 
-    def update_dataset(self, meta: DatasetMeta) -> None:
+    def set_noisy_counts(self, dataset_id: str, counts: dict[str, float]) -> dict[str, float]:
         with self._tx() as c:
-            cur = c.execute(
-                "UPDATE datasets SET name = ?, version = ?, rows = ?, labels = ?, budget_epsilon = ?, "
-                "budget_delta = ?, public = ?, noisy_counts = ? WHERE id = ?",
-                (meta.name, meta.version, meta.rows, json.dumps(list(meta.labels)), float(meta.budget_epsilon),
-                 float(meta.budget_delta), int(meta.public),
-                 json.dumps(meta.noisy_counts) if meta.noisy_counts is not None else None, meta.id),
-            )
-            if cur.rowcount == 0:
-                raise NotFound(f"dataset {meta.id} not found")
-
-    # -- ledger -------------------------------------------------------------------------
-    @staticmethod
-    def _entry(dataset_id: str, row: tuple) -> LedgerEntry:
-        seq, partition, event, eps, actor, reason, created = row
-        return LedgerEntry(int(seq), dataset_id, partition, json.loads(event), float(eps), actor, reason,
-                           float(created))
-
-    def _ledger(self, c: sqlite3.Connection, dataset_id: str, after_seq: int) -> list[LedgerEntry]:
-        cur = c.execute(
-            "SELECT seq, partition, event, epsilon_after, actor, reason, created_at FROM ledger "
-            "WHERE dataset_id = ? AND seq > ? ORDER BY seq", (dataset_id, int(after_seq)))
-        return [self._entry(dataset_id, r) for r in cur.fetchall()]
-
-    def ledger(self, dataset_id: str, after_seq: int = 0) -> list[LedgerEntry]:
-        return self._ledger(self._conn(), dataset_id, after_seq)
-
-    def append_ledger(self, dataset_id: str, charges: Sequence[Charge], actor: str, reason: str,
-                      check: BudgetCheck) -> list[LedgerEntry]:
-        # BEGIN IMMEDIATE takes the write lock before the ledger is read: no other process can
-        # append between our read, the check and our insert.
-        with self._tx(immediate=True) as c:
-            row = c.execute(f"SELECT {self._META_COLS} FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
+            row = c.execute("SELECT noisy_counts FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
             if row is None:
                 raise NotFound(f"dataset {dataset_id} not found")
-            current = self._ledger(c, dataset_id, 0)
-            epsilon_after = float(check(self._meta(row), current))
+            if row[0] is not None:
+                return dict(json.loads(row[0]))  # an earlier release won (both were charged)
+            c.execute("UPDATE datasets SET noisy_counts = ? WHERE id = ?", (json.dumps(counts), dataset_id))
+        return dict(counts)
+
+    # -- populations ----------------------------------------------------------------------
+    def _population(self, c: sqlite3.Connection, name: str) -> Population:
+        row = c.execute("SELECT name, budget_epsilon, budget_delta, last_version, created_at FROM populations "
+                        "WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"dataset name {name} not found")
+        ids = [r[0] for r in c.execute("SELECT id FROM datasets WHERE name = ? ORDER BY version", (name,))]
+        return Population(row[0], float(row[1]), float(row[2]), int(row[3]), float(row[4]), ids)
+
+    def get_population(self, name: str) -> Population:
+        with self._tx(immediate=False) as c:
+            return self._population(c, name)
+
+    def list_populations(self) -> list[Population]:
+        with self._tx(immediate=False) as c:
+            names = [r[0] for r in c.execute("SELECT name FROM populations ORDER BY name")]
+            return [self._population(c, n) for n in names]
+
+    def set_budget(self, name: str, epsilon: float, delta: float, check: BudgetSetCheck) -> Population:
+        # BEGIN IMMEDIATE: no charge can be appended between the check and the write.
+        with self._tx(immediate=True) as c:
+            check(self._population(c, name), self._ledger(c, name, 0))
+            c.execute("UPDATE populations SET budget_epsilon = ?, budget_delta = ? WHERE name = ?",
+                      (float(epsilon), float(delta), name))
+            return self._population(c, name)
+
+    # -- ledger -------------------------------------------------------------------------
+    _LEDGER_COLS = "seq, dataset_id, partition, event, epsilon_after, actor, reason, created_at, name, kind, ref"
+
+    @staticmethod
+    def _entry(row: tuple) -> LedgerEntry:
+        seq, ds, partition, event, eps, actor, reason, created, name, kind, ref = row
+        return LedgerEntry(int(seq), ds, partition, json.loads(event), float(eps), actor, reason, float(created),
+                           name, kind, ref)
+
+    def _ledger(self, c: sqlite3.Connection, name: str, after_seq: int) -> list[LedgerEntry]:
+        cur = c.execute(f"SELECT {self._LEDGER_COLS} FROM ledger WHERE name = ? AND seq > ? ORDER BY seq",
+                        (name, int(after_seq)))
+        return [self._entry(r) for r in cur.fetchall()]
+
+    def ledger(self, name: str, after_seq: int = 0) -> list[LedgerEntry]:
+        return self._ledger(self._conn(), name, after_seq)
+
+    def _insert(self, c: sqlite3.Connection, entries: Sequence[LedgerEntry]) -> None:
+        c.executemany(
+            f"INSERT INTO ledger ({self._LEDGER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(e.seq, e.dataset_id, e.partition, json.dumps(e.event), e.epsilon_after, e.actor, e.reason,
+              e.created_at, e.name, e.kind, e.ref) for e in entries])
+
+    def append_ledger(self, dataset_id: str, charges: Sequence[Charge], actor: str, reason: str,
+                      check: BudgetCheck, kind: str = "charge", ref: str = "") -> list[LedgerEntry]:
+        # BEGIN IMMEDIATE takes the write lock before the ledger is read: no other process can
+        # append (or change the budget) between our read, the check and our insert.
+        with self._tx(immediate=True) as c:
+            row = c.execute(f"SELECT {self._META_COLS} FROM {self._META_FROM} WHERE d.id = ?",
+                            (dataset_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"dataset {dataset_id} not found")
+            meta = self._meta(row)
+            current = self._ledger(c, meta.name, 0)
+            epsilon_after = float(check(meta, current))
             seq0 = current[-1].seq if current else 0
             now = time.time()
             new = [LedgerEntry(seq0 + i + 1, dataset_id, ch.partition, dict(ch.event), epsilon_after, actor, reason,
-                               now) for i, ch in enumerate(charges)]
-            c.executemany(
-                "INSERT INTO ledger (dataset_id, seq, partition, event, epsilon_after, actor, reason, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(e.dataset_id, e.seq, e.partition, json.dumps(e.event), e.epsilon_after, e.actor, e.reason,
-                  e.created_at) for e in new])
+                               now, meta.name, kind, ref) for i, ch in enumerate(charges)]
+            self._insert(c, new)
         return new
+
+    def reset_ledger(self, name: str, actor: str, reason: str) -> LedgerEntry:
+        with self._tx(immediate=True) as c:
+            self._population(c, name)  # NotFound for an unknown name
+            last = c.execute("SELECT MAX(seq) FROM ledger WHERE name = ?", (name,)).fetchone()[0] or 0
+            entry = LedgerEntry(int(last) + 1, "", "*", dict(RESET_EVENT), 0.0, actor, reason, time.time(), name,
+                                "reset", "")
+            self._insert(c, [entry])
+        return entry
+
+    # -- audit log ----------------------------------------------------------------------
+    def append_audit(self, actor: str, action: str, target: str, details: dict[str, Any]) -> AuditEntry:
+        now = time.time()
+        with self._tx() as c:
+            cur = c.execute("INSERT INTO audit (time, actor, action, target, details) VALUES (?, ?, ?, ?, ?)",
+                            (now, actor, action, target, json.dumps(details)))
+            seq = int(cur.lastrowid)
+        return AuditEntry(seq, now, actor, action, target, dict(details))
+
+    def audit(self, limit: int = 100, before: int | None = None) -> list[AuditEntry]:
+        cur = self._conn().execute(
+            "SELECT seq, time, actor, action, target, details FROM audit WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+            (int(before) if before is not None else 2**62, max(0, int(limit))))
+        return [AuditEntry(int(s), float(t), a, act, tg, json.loads(d)) for s, t, a, act, tg, d in cur.fetchall()]
 
     # -- demonstration cache ------------------------------------------------------------
     def get_demos(self, key: str) -> dict[str, Any] | None:
@@ -290,7 +383,7 @@ class SqliteStore(Store):
                       (key, dataset_id, task, json.dumps(payload), time.time()))
 
     def delete_demos(self, key: str | None = None, dataset_id: str | None = None, task: str | None = None) -> int:
-        where, args = _demo_filter(key, dataset_id, task)
+        where, args = demo_filter(key, dataset_id, task)
         with self._tx() as c:
             return c.execute(f"DELETE FROM demos WHERE {where}", args).rowcount
 
@@ -351,16 +444,3 @@ class SqliteStore(Store):
             return self._conn().execute("SELECT 1").fetchone() == (1,)
         except sqlite3.Error:
             return False
-
-
-def _demo_filter(key: str | None, dataset_id: str | None, task: str | None) -> tuple[str, list[str]]:
-    """SQL condition for :meth:`SqliteStore.delete_demos` (filters combine with AND)."""
-    clauses, args = [], []
-    for column, value in (("key", key), ("dataset_id", dataset_id), ("task", task)):
-        if value is not None:
-            clauses.append(f"{column} = ?")
-            args.append(value)
-    if not clauses:
-        # Regenerating demonstrations costs budget: never drop the whole cache by accident.
-        raise ValueError("delete_demos needs a key, a dataset id or a task")
-    return " AND ".join(clauses), args

@@ -34,6 +34,9 @@ from typing import Any, AsyncIterator, Callable
 from proxy.upstreams.base import DONE, Upstream, UpstreamError, dumps
 
 DEFAULT_MAX_TOKENS = 128
+#: Greedy unless the request asks otherwise: a 135M model sampled at temperature 1 (the OpenAI
+#: default) drifts into gibberish within a sentence, while greedy answers stay on topic.
+DEFAULT_TEMPERATURE = 0.0
 MAX_STOP_SEQUENCES = 4
 
 #: ``loader(model_dir) -> (model, tokenizer)``; ``model_dir`` None means the built-in SmolLM2.
@@ -94,7 +97,7 @@ def parse_params(body: dict, cap: int) -> GenParams:
     options = body.get("stream_options") or {}
     return GenParams(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        temperature=_number(body, "temperature", DEFAULT_TEMPERATURE, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
         stop=[s for s in stops if s],
         seed=seed,
@@ -149,6 +152,17 @@ def _held_back(text: str, stops: list[str]) -> int:
     return best
 
 
+def _with_bos(tok: Any, ids: list[int]) -> list[int]:
+    """``ids`` with the BOS token in front when the tokenizer puts one before text by default (as
+    the model was trained) and the text does not already start with it (chat templates may)."""
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is None or ids[:1] == [bos]:
+        return ids
+    with_special = list(tok("a")["input_ids"])[:1]
+    adds_bos = with_special == [bos] and list(tok("a", add_special_tokens=False)["input_ids"])[:1] != [bos]
+    return [int(bos)] + ids if adds_bos else ids
+
+
 class LocalChatUpstream(Upstream):
     """OpenAI chat/completions served by a local causal LM (see module docstring)."""
 
@@ -198,7 +212,7 @@ class LocalChatUpstream(Upstream):
                 text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             else:  # a base model without a template: a plain transcript
                 text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            return list(tok(text, add_special_tokens=False)["input_ids"])
+            return _with_bos(tok, list(tok(text, add_special_tokens=False)["input_ids"]))
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
@@ -206,7 +220,7 @@ class LocalChatUpstream(Upstream):
             return list(prompt)
         if not isinstance(prompt, str):
             raise _bad("prompt must be a string (one prompt per request)", "prompt")
-        ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
+        ids = _with_bos(tok, list(tok(prompt, add_special_tokens=False)["input_ids"]))
         return ids or [tok.bos_token_id if tok.bos_token_id is not None else (tok.eos_token_id or 0)]
 
     def _generate(self, ids: list[int], p: GenParams, streamer: Any = None,

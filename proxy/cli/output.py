@@ -1,0 +1,69 @@
+"""How the admin commands print: rich tables for people, ``--json`` for scripts."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+#: A column: (header, function of the row giving the cell).
+Column = tuple[str, Callable[[dict[str, Any]], Any]]
+
+
+def print_json(data: Any) -> None:
+    """``data`` as indented JSON on stdout."""
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def cell(value: Any) -> str:
+    """A table cell: ``-`` for missing, 3 decimals for floats, comma-joined lists."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}" if 1e-3 <= abs(value) < 1e4 or value == 0 else f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(cell(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={cell(v)}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def when(ts: Any) -> str:
+    """A unix time as local ``YYYY-MM-DD HH:MM:SS``."""
+    if not isinstance(ts, (int, float)):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def table(rows: Iterable[dict[str, Any]], columns: Sequence[Column], title: str | None = None,
+          empty: str = "(none)") -> None:
+    """Print ``rows`` as a table with ``columns``."""
+    rows = list(rows)
+    console = Console()
+    if not rows:
+        console.print(empty)
+        return
+    t = Table(title=title, header_style="bold")
+    for header, _ in columns:
+        t.add_column(header)
+    for row in rows:
+        t.add_row(*(Text(cell(fn(row))) for _, fn in columns))  # Text: no markup from data
+    console.print(t)
+
+
+def fields(record: dict[str, Any], keys: Sequence[str] | None = None, title: str | None = None) -> None:
+    """Print one record as a two-column table (``keys`` in order, default all)."""
+    t = Table(title=title, show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    for key in keys or list(record):
+        if key in record:
+            t.add_row(key, Text(cell(record[key])))
+    Console().print(t)

@@ -1,0 +1,216 @@
+"""Where warm-ups run: a dedicated niced thread in the server, or the RQ queue of ``dpicl worker``.
+
+* :class:`ThreadRunner` (no queue configured): one daemon thread per process takes warm-up ids
+  from an in-memory queue and runs them one at a time. It is not the request thread pool, so a
+  long generation (or 45 queued ones) never takes a thread that readiness, admin reads or cached
+  task requests need. The thread lowers its own scheduling priority (Linux niceness is per
+  thread; threads it creates, such as torch's intra-op pool when it first starts there, inherit it).
+* :class:`RQWarmupRunner` (``jobs.queue_url`` set): warm-ups go to the same RQ queue as jobs and
+  run on ``dpicl worker`` processes (:func:`rq_warmup`), so API replicas only serve.
+
+Both keep ``heartbeat_at`` fresh on the warm-ups they hold, so a reader can fail the ones whose
+process died (:meth:`proxy.serving.warmups.WarmupService.get`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from proxy.config import Config
+from proxy.logs import JsonFormatter, server_logging
+from proxy.serving.warmups import FAILED, QUEUED, RUNNING, WarmupExecutor
+
+log = logging.getLogger("dpicl.warmups")
+
+#: What RQ calls in the work horse, by import path.
+RQ_WARMUP_ENTRY = "proxy.serving.warmup_runners.rq_warmup"
+#: Niceness added to the generation thread (and worker generations); ``DPICL_WARMUP_NICE`` overrides.
+GENERATION_NICE = int(os.environ.get("DPICL_WARMUP_NICE", "10"))
+HEARTBEAT_SECONDS = 5.0
+
+
+def lower_thread_priority(increment: int = GENERATION_NICE) -> None:
+    """Add ``increment`` to the calling thread's niceness (best effort; per thread on Linux)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
+
+
+class _Heartbeat:
+    """Refreshes ``heartbeat_at`` of the held warm-ups every few seconds on a daemon thread."""
+
+    def __init__(self, store: Any, interval: float = HEARTBEAT_SECONDS):
+        self.store = store
+        self.interval = interval
+        self.ids: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dpicl-warmup-heartbeat", daemon=True)
+        self._thread.start()
+
+    def add(self, wid: str) -> None:
+        with self._lock:
+            self.ids.add(wid)
+
+    def discard(self, wid: str) -> None:
+        with self._lock:
+            self.ids.discard(wid)
+
+    def held(self) -> list[str]:
+        with self._lock:
+            return list(self.ids)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for wid in self.held():
+                try:
+                    self.store.update_warmup(wid, expect=(QUEUED, RUNNING), heartbeat_at=time.time())
+                except Exception as exc:  # noqa: BLE001 - keep beating the others; type only
+                    log.warning("heartbeat of warm-up %s failed: %s", wid, type(exc).__name__)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class ThreadRunner:
+    """Runs warm-ups one at a time on a dedicated, lower-priority thread of this process."""
+
+    kind = "inprocess"
+
+    def __init__(self, store: Any, execute: Callable[[str], str], nice: int = GENERATION_NICE):
+        self.store = store
+        self.execute = execute
+        self.nice = nice
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._beat = _Heartbeat(store)
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="dpicl-warmup", daemon=True)
+        self._thread.start()
+
+    def submit(self, wid: str) -> None:
+        if self._closed:
+            raise RuntimeError("the warm-up runner is closed")
+        self._beat.add(wid)
+        self._queue.put(wid)
+
+    def _loop(self) -> None:
+        lower_thread_priority(self.nice)
+        while True:
+            wid = self._queue.get()
+            if wid is None:
+                return
+            try:
+                self.execute(wid)
+            except Exception as exc:  # noqa: BLE001 - execute never raises; belt and braces
+                log.error("warm-up %s crashed: %s", wid, type(exc).__name__)
+            finally:
+                self._beat.discard(wid)
+
+    def close(self) -> None:
+        """Stop taking work; queued warm-ups are failed now (nothing was charged for them)."""
+        self._closed = True
+        self._queue.put(None)
+        for wid in self._beat.held():
+            try:
+                self.store.update_warmup(wid, expect=(QUEUED,), state=FAILED, finished_at=time.time(), error={
+                    "message": "the server shut down before the warm-up started; nothing was charged",
+                    "type": "server_error", "code": "server_shutdown", "status": 503})
+            except Exception:  # noqa: BLE001 - best effort on shutdown
+                pass
+        self._beat.stop()
+        # A running generation cannot be interrupted; the thread is a daemon and dies with the process
+        # (its record is then failed by the stale-heartbeat check).
+        self._thread.join(timeout=0.5)
+
+
+class RQWarmupRunner:
+    """Puts warm-ups on the jobs' Redis queue (RQ); ``dpicl worker`` processes run them."""
+
+    kind = "rq"
+
+    def __init__(self, redis_url: str, queue_name: str):
+        from redis import Redis
+        from rq import Queue
+
+        self.conn = Redis.from_url(redis_url)
+        self.queue = Queue(queue_name, connection=self.conn)
+
+    def submit(self, wid: str) -> None:
+        self.queue.enqueue(RQ_WARMUP_ENTRY, wid, job_id=f"dpicl-{wid}", job_timeout=-1,
+                           result_ttl=86400, failure_ttl=7 * 86400)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# -- the worker side -----------------------------------------------------------------------------
+# Set by ``dpicl worker`` (install_worker) before it serves the queue; the executor is built lazily
+# in the process that runs the warm-up (RQ's work horse).
+_WORKER: dict[str, Any] = {}
+
+
+def install_worker(config: Config | None, store_url: str | None = None) -> None:
+    """Let this process run queued warm-ups (called by ``dpicl worker``); JSON log lines, no tqdm."""
+    server_logging()
+    _WORKER.clear()
+    _WORKER.update(config=config or Config(), store_url=store_url)
+
+
+def _process_logging() -> None:
+    """JSON lines written directly by this process: RQ forks a work horse per job, and the parent's
+    log queue thread does not exist in the child (its records would never be written)."""
+    logger = logging.getLogger("dpicl")
+    if any(getattr(h, "_dpicl_pid", None) == os.getpid() for h in logger.handlers):
+        return
+    for h in [h for h in logger.handlers if getattr(h, "_dpicl", False)]:
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    handler._dpicl = True  # type: ignore[attr-defined]
+    handler._dpicl_pid = os.getpid()  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _worker_executor() -> WarmupExecutor:
+    ex = _WORKER.get("executor")
+    if ex is not None and _WORKER.get("pid") == os.getpid():
+        return ex
+    if "config" not in _WORKER:
+        raise RuntimeError("rq_warmup runs inside 'dpicl worker' only")
+    from proxy.budget import BudgetService
+    from proxy.metrics import Metrics
+    from proxy.serving.generators import Generators
+    from proxy.serving.warmup import Warmup
+    from proxy.store import open_store
+
+    config: Config = _WORKER["config"]
+    store = open_store(_WORKER.get("store_url") or config.store.url)
+    metrics = Metrics()
+    warmup = Warmup(store, BudgetService(store), metrics, Generators(config))
+    ex = WarmupExecutor(store, warmup, metrics, worker=f"rq:{os.uname().nodename}:{os.getpid()}")
+    _WORKER.update(executor=ex, pid=os.getpid())
+    return ex
+
+
+def rq_warmup(wid: str) -> str:
+    """RQ entry point: run one queued warm-up at lower priority (in ``dpicl worker``'s work horse)."""
+    _process_logging()
+    ex = _worker_executor()
+    lower_thread_priority()
+    beat = _Heartbeat(ex.store)
+    beat.add(wid)
+    try:
+        return ex.run(wid)
+    finally:
+        beat.stop()
+

@@ -1,0 +1,193 @@
+"""The admin CLI (``dpicl datasets|budget|tasks|keys|jobs``) against a live server, and its errors:
+an unreachable server, a wrong key or a 4xx is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from proxy.app import create_app
+from proxy.cli import app as cli
+from tests.test_app_support import (  # noqa: F401 - fixtures
+    ADMIN_KEY, CANARY, CLIENT_KEY, LABELS, TINY_GENERATION, LiveServer, dataset_rows, fake_upstream, free_port, jsonl_bytes,
+    make_config, tiny_model_dir,
+)
+
+
+@pytest.fixture
+def live(tmp_path, fake_upstream, tiny_model_dir):
+    cfg = make_config(f"sqlite:///{tmp_path}/s.db", fake_upstream.base_url, tiny_model_dir, client_tasks=["*"])
+    app = create_app(cfg)
+    with LiveServer(app) as srv:
+        yield srv, tmp_path
+
+
+def run(url: str, *args: str, key: str | None = ADMIN_KEY):
+    env = {"DPICL_URL": url, "DPICL_ADMIN_KEY": key or "", "COLUMNS": "200"}
+    result = CliRunner().invoke(cli, list(args), env=env)
+    assert "Traceback" not in result.output + result.stderr
+    return result
+
+
+def ok_json(url: str, *args: str):
+    result = run(url, *args, "--json")
+    assert result.exit_code == 0, result.output + result.stderr
+    return json.loads(result.stdout)
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code != 0
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    return lines[0]
+
+
+def test_datasets_budget_tasks_round_trip(live):
+    srv, tmp = live
+    data = tmp / "rows.jsonl"
+    data.write_bytes(jsonl_bytes(dataset_rows(30)))
+    up = ok_json(srv.url, "datasets", "upload", str(data), "--name", "qs", "--epsilon", "5",
+                 "--labels", ",".join(LABELS))
+    assert up["rows"] == 90 and up["name"] == "qs"
+    listed = ok_json(srv.url, "datasets", "list")
+    assert [d["id"] for d in listed["data"]] == [up["id"]]
+    table = run(srv.url, "datasets", "list")
+    assert table.exit_code == 0 and up["id"] in table.stdout and "qs" in table.stdout
+    assert ok_json(srv.url, "datasets", "show", up["id"])["rows"] == 90
+
+    run(srv.url, "budget", "set", "qs", "--epsilon", "6")
+    budgets = ok_json(srv.url, "budget", "show")["data"]
+    mine = [b for b in budgets if b.get("name") == "qs"]
+    assert mine and mine[0].get("epsilon_budget", mine[0].get("budget_epsilon")) == 6
+    shown = run(srv.url, "budget", "show", "qs")
+    assert shown.exit_code == 0 and "6.000" in shown.stdout
+
+    gen = [f"-g{k}={v}" for k, v in TINY_GENERATION.items()]
+    added = run(srv.url, "tasks", "add", "cli-task", "--dataset", "qs", "--instruction", "Classify the question.",
+                "--upstream", "fake-model", "--label", "LOC", "--label", "NUM", "--label-word", "LOC=location", *gen)
+    assert added.exit_code == 0, added.stderr
+    spec = ok_json(srv.url, "tasks", "show", "cli-task")
+    assert spec["labels"] == ["LOC", "NUM"] and spec["generation"]["max_tokens"] == TINY_GENERATION["max_tokens"]
+    assert spec["label_words"] == {"LOC": "location"}
+    assert "cli-task" in run(srv.url, "tasks", "list").stdout
+
+    dry = ok_json(srv.url, "tasks", "warm", "cli-task", "--dry-run")
+    assert dry["dry_run"] is True and dry["fits"] is True
+    assert ok_json(srv.url, "tasks", "demos", "cli-task")["cached"] is False
+    warmed = run(srv.url, "tasks", "warm", "cli-task", "--interval", "0.2")
+    assert warmed.exit_code == 0, warmed.stderr
+    assert re.search(r"warm-up \S+ done: epsilon cost \d", warmed.stdout), warmed.stdout  # followed to the end
+    demos = ok_json(srv.url, "tasks", "demos", "cli-task")
+    assert demos["cached"] is True
+    assert sorted(d["label"] for d in demos["demonstrations"]["demos"]) == ["LOC", "NUM"]
+    spent = ok_json(srv.url, "budget", "show", "qs")
+    assert (spent.get("epsilon_spent", spent.get("spent_epsilon")) or 0) > 0
+    assert CANARY not in warmed.stdout + run(srv.url, "tasks", "demos", "cli-task").stdout  # text from DP noise only
+
+    deleted = run(srv.url, "datasets", "delete", up["id"], "--yes")
+    assert deleted.exit_code == 0
+    assert ok_json(srv.url, "datasets", "list")["data"] == []
+
+
+def test_client_keys_created_listed_and_revoked(live):
+    srv, tmp = live
+    created = run(srv.url, "keys", "create", "app2", "--task", "*", "--no-passthrough")
+    assert created.exit_code == 0, created.stderr
+    secret = created.stdout.strip()
+    assert secret.startswith("dpk-") and len(secret) > 40
+    with httpx.Client(base_url=srv.url, timeout=30) as http:
+        auth = {"Authorization": f"Bearer {secret}"}
+        assert http.get("/v1/models", headers=auth).status_code == 200
+        assert http.get("/admin/datasets", headers=auth).status_code == 403  # a client key is not an admin key
+
+        listed = ok_json(srv.url, "keys", "list")["data"]
+        by_name = {k["name"]: k for k in listed}
+        assert by_name["app1"]["source"] == "config" and by_name["app2"]["source"] == "admin"
+        assert by_name["app2"]["passthrough"] is False and by_name["app2"]["tasks"] == ["*"]
+        assert secret not in json.dumps(listed)
+        assert secret.encode() not in (tmp / "s.db").read_bytes()  # only its hash is stored
+
+        again = run(srv.url, "keys", "create", "app2")
+        assert "409" in one_error_line(again)
+        assert "config file" in one_error_line(run(srv.url, "keys", "delete", "app1"))
+        assert run(srv.url, "keys", "delete", "app2").exit_code == 0
+        assert http.get("/v1/models", headers=auth).status_code == 401
+        assert http.get("/v1/models", headers={"Authorization": f"Bearer {CLIENT_KEY}"}).status_code == 200
+        assert "404" in one_error_line(run(srv.url, "keys", "delete", "app2"))
+
+
+def test_key_api_validates_and_hides_secrets(live):
+    srv, _ = live
+    with httpx.Client(base_url=srv.url, timeout=30, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as http:
+        bad = http.post("/admin/keys", json={"name": "no spaces allowed", "tasks": []})
+        assert bad.status_code == 400 and "name" in bad.json()["error"]["message"]
+        assert http.post("/admin/keys", json={"name": "x", "extra": 1}).status_code == 400
+        assert http.post("/admin/keys", json={"name": "x", "passthrough": "yes"}).status_code == 400  # strict
+        made = http.post("/admin/keys", json={"name": "k1", "tasks": ["a", "a", "b"]}).json()
+        assert made["tasks"] == ["a", "b"] and made["key"].startswith(made["key_prefix"])
+
+
+@pytest.mark.parametrize("args", [["jobs", "list"], ["datasets", "list"], ["budget", "show"], ["keys", "list"],
+                                  ["tasks", "warm", "t"]])
+def test_unreachable_server_is_one_line(args):
+    result = run(f"http://127.0.0.1:{free_port()}", *args)
+    assert "cannot reach" in one_error_line(result)
+    assert result.exit_code == 1
+
+
+def test_wrong_key_missing_key_and_404_are_one_line(live):
+    srv, _ = live
+    wrong = run(srv.url, "jobs", "list", key="not-the-admin-key")
+    assert "401" in one_error_line(wrong) and "DPICL_ADMIN_KEY" in one_error_line(wrong)
+    missing = run(srv.url, "datasets", "list", key=None)
+    assert "DPICL_ADMIN_KEY" in one_error_line(missing) and missing.exit_code == 2
+    assert "404" in one_error_line(run(srv.url, "tasks", "show", "nope"))
+    assert "404" in one_error_line(run(srv.url, "jobs", "show", "nope"))
+
+
+def test_job_validation_names_only_the_asked_kind(live):
+    srv, _ = live
+    with httpx.Client(base_url=srv.url, timeout=30, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as http:
+        pe = http.post("/admin/jobs", json={"kind": "pe", "dataset": "d", "iterations": 0}).json()["error"]["message"]
+        assert "iterations" in pe and "steps" not in pe and "dpsgd" not in pe.lower()
+        sgd = http.post("/admin/jobs", json={"kind": "dpsgd", "dataset": "d", "steps": 0}).json()["error"]["message"]
+        assert "steps" in sgd and "iterations" not in sgd and "PEJob" not in sgd
+    submit = run(srv.url, "jobs", "submit", "--kind", "pe", "--dataset", "d", "-p", "population=0")
+    line = one_error_line(submit)
+    assert "population" in line and "dpsgd" not in line.lower()
+
+
+def test_data_command_writes_a_sample(tmp_path: Path):
+    out = tmp_path / "trec.jsonl"
+    result = CliRunner().invoke(cli, ["data", "trec", "-o", str(out), "--rows", "40"])
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 40 and all(set(r) == {"text", "label"} and r["text"] for r in rows)
+    assert not (tmp_path / "trec.jsonl.part").exists()
+
+
+def test_server_starts_with_its_store_down(fake_upstream):
+    """Loading the stored client keys at start-up must not stop a server whose Redis is down:
+    it starts, readiness says 503, and the keys are loaded by the periodic refresh later."""
+    cfg = make_config(f"redis://127.0.0.1:{free_port()}/0", fake_upstream.base_url, None)
+    with LiveServer(create_app(cfg)) as srv:
+        assert httpx.get(srv.url + "/health/readiness", timeout=30).status_code == 503
+
+
+def test_warm_over_budget_is_one_line_and_reads_nothing(live):
+    srv, tmp = live
+    data = tmp / "rows.jsonl"
+    data.write_bytes(jsonl_bytes(dataset_rows(10)))
+    assert run(srv.url, "datasets", "upload", str(data), "--name", "small", "--epsilon", "0.05",
+               "--labels", ",".join(LABELS)).exit_code == 0
+    gen = [f"-g{k}={v}" for k, v in TINY_GENERATION.items()]
+    assert run(srv.url, "tasks", "add", "big", "--dataset", "small", "--instruction", "Classify.",
+               "--upstream", "fake-model", "--epsilon", "2", *gen).exit_code == 0
+    line = one_error_line(run(srv.url, "tasks", "warm", "big"))
+    assert "402" in line and "budget" in line and CANARY not in line
+    assert ok_json(srv.url, "tasks", "demos", "big")["cached"] is False

@@ -1,0 +1,101 @@
+"""Small defaults of ``dpicl serve``: one-line config errors, help without raw markup, JSON-only
+logs, and the local model's sampling and BOS defaults."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from proxy.cli import app as cli
+from proxy.upstreams.local import DEFAULT_TEMPERATURE, _with_bos, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _serve(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "APP1_KEY", "DPICL_CONFIG")}
+    full.update(env, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "proxy.cli", "serve", *args], env=full, capture_output=True,
+                          text=True, timeout=120, cwd=str(ROOT))
+
+
+def test_missing_provider_key_is_one_line_naming_the_variable(tmp_path):
+    proc = _serve("--config", "examples/config-openai.yaml", "--port", "1",
+                  env={"DPICL_ADMIN_KEY": "a", "APP1_KEY": "b", "DPICL_DATA_DIR": str(tmp_path)})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "OPENAI_API_KEY" in lines[0] and "gpt-4o-mini" in lines[0] and "export" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_client_key_variable_is_one_line(tmp_path):
+    proc = _serve("--config", "examples/config.yaml", "--port", "1",
+                  env={"DPICL_ADMIN_KEY": "a", "DPICL_DATA_DIR": str(tmp_path)})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "APP1_KEY" in lines[0], proc.stderr
+
+
+def test_bad_store_url_is_one_line(tmp_path):
+    proc = _serve("--port", "1", env={"DPICL_ADMIN_KEY": "a", "DPICL_STORE_URL": "postgres://u:hunter2@h/db",
+                                      "DPICL_DATA_DIR": str(tmp_path)})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "store.url" in lines[0], proc.stderr
+    assert "hunter2" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serve_help_has_no_raw_markup():
+    result = CliRunner().invoke(cli, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "``" not in result.stdout and "[bold" not in result.stdout and "local/smollm2" in result.stdout
+
+
+def test_server_logging_turns_warnings_and_library_logs_into_json_lines():
+    code = ("import logging, warnings\n"
+            "from proxy.logs import server_logging\n"
+            "config = server_logging()\n"
+            "import logging.config; logging.config.dictConfig(config)\n"
+            "warnings.warn('a library changes its defaults', FutureWarning)\n"
+            "logging.getLogger('transformers.modeling_utils').warning('some library message')\n"
+            "logging.getLogger('uvicorn.error').info('Started server process')\n"
+            "import os; print(os.environ['TQDM_DISABLE'], os.environ['HF_HUB_DISABLE_PROGRESS_BARS'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=str(ROOT),
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "1"]  # progress bars off
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    records = [json.loads(ln) for ln in lines]  # every line is JSON
+    assert any("FutureWarning" in r.get("msg", "") for r in records)
+    assert any(r.get("msg") == "some library message" for r in records)
+    assert any(r.get("logger") == "uvicorn.error" for r in records)
+
+
+def test_local_model_defaults_to_greedy():
+    assert DEFAULT_TEMPERATURE == 0.0
+    assert parse_params({}, 512).temperature == 0.0
+    assert parse_params({"temperature": 0.7}, 512).temperature == 0.7
+
+
+class _Tok:
+    """A tokenizer that puts BOS (id 1) in front of text by default, like Llama's."""
+
+    bos_token_id = 1
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        ids = [ord(c) for c in text]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+class _NoBosTok(_Tok):
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_bos_added_once_when_the_tokenizer_adds_one():
+    assert _with_bos(_Tok(), [104, 105]) == [1, 104, 105]
+    assert _with_bos(_Tok(), [1, 104]) == [1, 104]  # a template that already starts with BOS
+    assert _with_bos(_NoBosTok(), [104, 105]) == [104, 105]  # SmolLM2's tokenizer adds none
