@@ -108,7 +108,8 @@ async def warm_demos(request: Request, name: str) -> Response:
     if req.dry_run:
         return json_response({"task": name, **await state.demos.price(task, principal.actor)})
     await audit(request, "warmup.start", name, dataset=task.dataset)
-    rec = await state.demos.start_warmup(task, principal.actor, admin=True, wait=req.wait)
+    rec = await state.demos.start_warmup(task, principal.actor, admin=True, wait=req.wait,
+                                         gone=request.is_disconnected)
     finished = rec["state"] in ("done", "failed", "cancelled")
     return json_response(warmup_view(rec), 200 if finished else 202)
 
