@@ -319,6 +319,10 @@ class PartitionedLedger:
         """The dataset's spent epsilon: max over partitions (0 when nothing is recorded)."""
         return max((p.epsilon for p in self._parts.values()), default=0.0)
 
+    def partition_accountants(self) -> dict[str, tuple[str, dpa.PrivacyAccountant]]:
+        """``{partition: (kind, composed accountant)}`` (read-only use: whole-dataset events included)."""
+        return {name: (p.kind, p.accountant) for name, p in self._parts.items()}
+
     def per_partition(self) -> dict[str, float]:
         """Spent epsilon of each partition (whole-dataset events included in each)."""
         return {name: p.epsilon for name, p in self._parts.items()}

@@ -47,12 +47,31 @@ class PopulationLedger:
         #: Events per version: the whole-dataset ones and the per-partition ones, in order.
         self._events: dict[str, list[tuple[str, dpa.DpEvent]]] = {}
         self._spent: float | None = 0.0
+        #: Per version and partition, an RDP accountant kept composed (for the many-choices bound).
+        self._rdp: dict[str, dict[str, rdp_privacy_accountant.RdpAccountant]] = {}
 
     def add(self, version: str, partition: str, event: dpa.DpEvent) -> None:
         """Record ``event`` on ``partition`` (a label or ``"*"``) of dataset version ``version``."""
         self._versions.setdefault(version, PartitionedLedger(self.delta)).add(partition, event)
         self._events.setdefault(version, []).append((partition, event))
+        self._add_rdp(version, partition, event)
         self._spent = None
+
+    def _add_rdp(self, version: str, partition: str, event: dpa.DpEvent) -> None:
+        parts = self._rdp.setdefault(version, {})
+        if partition == WHOLE_DATASET:
+            targets = list(parts) or [WHOLE_DATASET]
+        else:
+            if partition not in parts:
+                # A new partition starts from the version's whole-dataset events so far.
+                acc = rdp_privacy_accountant.RdpAccountant()
+                for p, e in self._events[version][:-1]:
+                    if p == WHOLE_DATASET:
+                        _compose_rdp(acc, e)
+                parts[partition] = acc
+            targets = [partition]
+        for t in targets:
+            _compose_rdp(parts.setdefault(t, rdp_privacy_accountant.RdpAccountant()), event)
 
     def versions(self) -> list[str]:
         """Versions with at least one charge."""
@@ -82,6 +101,10 @@ class PopulationLedger:
             return 0.0
         if len(self._versions) == 1:
             return next(iter(self._versions.values())).spent()
+        composed = [led.partition_accountants() for led in self._versions.values()]
+        if math.prod(len(c) for c in composed) <= MAX_EXACT_CHOICES and all(
+                kind == "pld" for c in composed for kind, _ in c.values()):
+            return self._exact_pld(composed)
         per_version = [self._choices(v) for v in self._versions]
         n_vectors = math.prod(len(c) for c in per_version)
         if n_vectors <= MAX_EXACT_CHOICES:
@@ -90,7 +113,43 @@ class PopulationLedger:
                 events = [e for chosen in vector for e in chosen]
                 worst = max(worst, _epsilon(events, self.delta))
             return worst
-        return _rdp_bound(per_version, self.delta)
+        return self._rdp_bound()
+
+    def _rdp_bound(self) -> float:
+        """``sum_v max_p RDP_{v,p}(alpha)`` per order, as epsilon (an upper bound of every choice)."""
+        total, orders = None, None
+        for parts in self._rdp.values():
+            curves = []
+            for acc in parts.values():
+                if getattr(acc, "_non_private", False):
+                    return math.inf
+                # The accountant keeps its RDP curve at fixed orders; the bound needs the curve
+                # itself to take the maximum over partitions order by order.
+                orders, curve = np.asarray(acc._orders), np.asarray(acc._rdp, dtype=float)
+                curves.append(curve)
+            worst = np.max(np.stack(curves), axis=0)
+            total = worst if total is None else total + worst
+        if total is None:
+            return 0.0
+        if not np.all(np.isfinite(total)):
+            return math.inf
+        eps, _ = rdp_privacy_accountant.compute_epsilon(orders, total, self.delta)
+        return float(eps)
+
+
+    def _exact_pld(self, composed: list[dict[str, tuple[str, dpa.PrivacyAccountant]]]) -> float:
+        """Every choice vector from the partitions' already composed PLDs (one convolution per
+        version instead of composing every event again)."""
+        worst = 0.0
+        for vector in itertools.product(*(list(c.values()) for c in composed)):
+            # PLDAccountant keeps its composed distribution in ``_pld`` and notes non-DP events.
+            if any(getattr(acc, "_contains_non_dp_event", False) for _, acc in vector):
+                return math.inf
+            pld = vector[0][1]._pld
+            for _, acc in vector[1:]:
+                pld = pld.compose(acc._pld)
+            worst = max(worst, float(pld.get_epsilon_for_delta(self.delta)))
+        return worst
 
 
 def _epsilon(events: Sequence[dpa.DpEvent], delta: float) -> float:
@@ -101,26 +160,8 @@ def _epsilon(events: Sequence[dpa.DpEvent], delta: float) -> float:
     return float(acc.get_epsilon(delta))
 
 
-def _rdp_curve(events: Sequence[dpa.DpEvent]) -> tuple[np.ndarray, np.ndarray]:
-    acc = rdp_privacy_accountant.RdpAccountant()
-    for e in events:
-        if not acc.supports(e):
-            return np.asarray(acc._orders), np.full(len(acc._orders), np.inf)  # non-private event
-        acc.compose(e)
-    # The accountant keeps its RDP curve at fixed orders; we need the curve itself to take the
-    # maximum over partitions order by order.
-    return np.asarray(acc._orders), np.asarray(acc._rdp, dtype=float)
-
-
-def _rdp_bound(per_version: Sequence[dict[str, list[dpa.DpEvent]]], delta: float) -> float:
-    total = None
-    orders = None
-    for choices in per_version:
-        curves = [_rdp_curve(events) for events in choices.values()]
-        orders = curves[0][0]
-        worst = np.max(np.stack([c for _, c in curves]), axis=0)
-        total = worst if total is None else total + worst
-    if total is None or not np.all(np.isfinite(total)):
-        return math.inf if total is not None else 0.0
-    eps, _ = rdp_privacy_accountant.compute_epsilon(orders, total, delta)
-    return float(eps)
+def _compose_rdp(acc: rdp_privacy_accountant.RdpAccountant, event: dpa.DpEvent) -> None:
+    if not acc.supports(event):
+        acc._non_private = True  # e.g. NonPrivateDpEvent: infinite loss
+        return
+    acc.compose(event)

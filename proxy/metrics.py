@@ -2,14 +2,24 @@
 
 Labels carry only route templates, model/task names the server knows, statuses and dataset ids:
 never request content, dataset names' rows or label contents.
+
+Several worker processes (``dpicl serve --workers N``) share one view through prometheus-client's
+multiprocess mode: ``serve`` points :data:`MULTIPROC_ENV` at a fresh directory before the workers
+start, each worker's values go to files there, and :meth:`Metrics.render` adds them up (gauges show
+the most recent value written by any worker).
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
+__all__ = ["MULTIPROC_ENV", "Metrics", "CONTENT_TYPE_LATEST"]
+
+#: prometheus-client reads it when it is imported: set it before a worker process starts.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
@@ -35,10 +45,10 @@ class Metrics:
             ["task", "outcome"], registry=self.registry)
         self.epsilon_spent = Gauge(
             "dpicl_epsilon_spent", "Spent privacy budget (epsilon) per dataset id.",
-            ["dataset_id"], registry=self.registry)
+            ["dataset_id"], registry=self.registry, multiprocess_mode="mostrecent")
         self.epsilon_budget = Gauge(
             "dpicl_epsilon_budget", "Privacy budget (epsilon) per dataset id.",
-            ["dataset_id"], registry=self.registry)
+            ["dataset_id"], registry=self.registry, multiprocess_mode="mostrecent")
 
     def record_spend(self, dataset_id: str, spent: float, budget: float | None = None) -> None:
         """Update the per-dataset gauges after a spend (or a budget change) was recorded."""
@@ -54,5 +64,11 @@ class Metrics:
                 pass
 
     def render(self) -> bytes:
-        """Text exposition format."""
+        """Text exposition format (of every worker process in multiprocess mode)."""
+        if os.environ.get(MULTIPROC_ENV):
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)

@@ -282,6 +282,8 @@ def test_client_generation_on_first_use(sqlite_server):
     assert {e["actor"] for e in entries} == {"client:app1"}
     runs = [w for w in http.get("/admin/warmups").json()["data"] if w["task"] == "gen"]
     assert len(runs) == 1 and runs[0]["state"] == "done"  # the 503s joined one warm-up
+    audited = [x for x in http.get("/admin/audit").json()["data"] if x["action"] == "warmup.start"]
+    assert [(x["actor"], x["target"], x["details"]["trigger"]) for x in audited] == [("app1", "gen", "client")]
     assert http.post("/v1/chat/completions", json=body, headers=client).status_code == 200
     assert len(http.get(f"/admin/datasets/{ds['id']}/budget").json()["entries"]) == len(entries)
     # Over budget: 503 while the warm-up is tried, then a clean error that reveals no budget numbers.

@@ -103,6 +103,8 @@ def test_spend_survives_delete_and_reupload_then_reset_needs_a_reason(http):
     spent = client.get("/admin/budget/crm").json()["epsilon_spent"]
     assert spent > 0
     client.delete(f"/admin/datasets/{v1['id']}")
+    gone = client.get(f"/admin/datasets/{v1['id']}/budget").json()  # the old route, read-only
+    assert (gone["deleted"], gone["name"], gone["spent_epsilon"]) == (True, "crm", pytest.approx(spent))
     v2 = upload(client, "crm", data).json()
     assert client.get(f"/admin/datasets/{v2['id']}/budget").json()["spent_epsilon"] == pytest.approx(spent)
     for bad in ({}, {"reason": ""}, {"reason": "   "}, {"reason": 5}):
@@ -133,3 +135,12 @@ def test_audit_log(http):
     assert CANARY not in text and "question" not in text
     assert_openai_error(client.get("/admin/audit", params={"limit": 0}), 400)
     assert_openai_error(httpx.get(str(client.base_url) + "/admin/audit"), 401)
+
+
+def test_upload_budget_has_the_same_limits_as_put(http):
+    _, client = http
+    data = jsonl_bytes(dataset_rows(2))
+    for eps in ("1e308", "101", "nan", "0"):
+        assert_openai_error(upload(client, "x", data, epsilon=eps), 400)
+    assert_openai_error(upload(client, "x", data, delta="1"), 400)
+    assert upload(client, "x", data, epsilon="100").status_code == 201

@@ -318,3 +318,30 @@ def test_versions_and_reuploads_share_the_spend(store, svc):
         svc.reset("pop", "admin", "  ")
     view = svc.reset("pop", "admin", "new consent period")
     assert view["epsilon_spent"] == 0 and svc.spent(v2.id) == 0
+
+
+def test_racing_count_releases_are_both_charged_and_the_first_wins(store_url):
+    """Two replicas release the label counts of one version at the same moment: both releases are
+    charged (over-counting is safe), and the first stored release is the one everyone uses."""
+    s1, s2 = open_store(store_url), open_store(store_url)
+    try:
+        m = s1.create_dataset("race2", ROWS, 10.0, DELTA, labels=["loc", "hum", "num"])
+        svc1, svc2 = BudgetService(s1), BudgetService(s2)
+        stale = s2.get_dataset(m.id)
+        real_get = s2.get_dataset
+        calls = [0]
+
+        def stale_once(dataset_id):
+            calls[0] += 1
+            return stale if calls[0] == 1 else real_get(dataset_id)
+
+        first = svc1.noisy_counts(m.id, "replica-1")
+        s2.get_dataset = stale_once  # replica 2 read the metadata before replica 1 stored its counts
+        second = svc2.noisy_counts(m.id, "replica-2")
+        assert second == first and s1.get_dataset(m.id).noisy_counts == first
+        kinds = [(e.kind, e.actor) for e in s1.ledger("race2")]
+        assert kinds == [("histogram", "replica-1"), ("histogram", "replica-2")]
+        assert svc1.spent(m.id) == pytest.approx(epsilon_of([g(20.0), g(20.0)], DELTA))
+    finally:
+        s1.close()
+        s2.close()

@@ -4,6 +4,7 @@ an unreachable server, a wrong key or a 4xx is one line on stderr and a non-zero
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -80,6 +81,7 @@ def test_datasets_budget_tasks_round_trip(live):
     assert ok_json(srv.url, "tasks", "demos", "cli-task")["cached"] is False
     warmed = run(srv.url, "tasks", "warm", "cli-task", "--interval", "0.2")
     assert warmed.exit_code == 0, warmed.stderr
+    assert re.search(r"warm-up \S+ done: epsilon cost \d", warmed.stdout), warmed.stdout  # followed to the end
     demos = ok_json(srv.url, "tasks", "demos", "cli-task")
     assert demos["cached"] is True
     assert sorted(d["label"] for d in demos["demonstrations"]["demos"]) == ["LOC", "NUM"]
@@ -125,6 +127,7 @@ def test_key_api_validates_and_hides_secrets(live):
         bad = http.post("/admin/keys", json={"name": "no spaces allowed", "tasks": []})
         assert bad.status_code == 400 and "name" in bad.json()["error"]["message"]
         assert http.post("/admin/keys", json={"name": "x", "extra": 1}).status_code == 400
+        assert http.post("/admin/keys", json={"name": "x", "passthrough": "yes"}).status_code == 400  # strict
         made = http.post("/admin/keys", json={"name": "k1", "tasks": ["a", "a", "b"]}).json()
         assert made["tasks"] == ["a", "b"] and made["key"].startswith(made["key_prefix"])
 
@@ -166,3 +169,25 @@ def test_data_command_writes_a_sample(tmp_path: Path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 40 and all(set(r) == {"text", "label"} and r["text"] for r in rows)
     assert not (tmp_path / "trec.jsonl.part").exists()
+
+
+def test_server_starts_with_its_store_down(fake_upstream):
+    """Loading the stored client keys at start-up must not stop a server whose Redis is down:
+    it starts, readiness says 503, and the keys are loaded by the periodic refresh later."""
+    cfg = make_config(f"redis://127.0.0.1:{free_port()}/0", fake_upstream.base_url, None)
+    with LiveServer(create_app(cfg)) as srv:
+        assert httpx.get(srv.url + "/health/readiness", timeout=30).status_code == 503
+
+
+def test_warm_over_budget_is_one_line_and_reads_nothing(live):
+    srv, tmp = live
+    data = tmp / "rows.jsonl"
+    data.write_bytes(jsonl_bytes(dataset_rows(10)))
+    assert run(srv.url, "datasets", "upload", str(data), "--name", "small", "--epsilon", "0.05",
+               "--labels", ",".join(LABELS)).exit_code == 0
+    gen = [f"-g{k}={v}" for k, v in TINY_GENERATION.items()]
+    assert run(srv.url, "tasks", "add", "big", "--dataset", "small", "--instruction", "Classify.",
+               "--upstream", "fake-model", "--epsilon", "2", *gen).exit_code == 0
+    line = one_error_line(run(srv.url, "tasks", "warm", "big"))
+    assert "402" in line and "budget" in line and CANARY not in line
+    assert ok_json(srv.url, "tasks", "demos", "big")["cached"] is False

@@ -40,6 +40,14 @@ def test_missing_client_key_variable_is_one_line(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and "APP1_KEY" in lines[0], proc.stderr
 
 
+def test_bad_store_url_is_one_line(tmp_path):
+    proc = _serve("--port", "1", env={"DPICL_ADMIN_KEY": "a", "DPICL_STORE_URL": "postgres://u:hunter2@h/db",
+                                      "DPICL_DATA_DIR": str(tmp_path)})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "store.url" in lines[0], proc.stderr
+    assert "hunter2" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_serve_help_has_no_raw_markup():
     result = CliRunner().invoke(cli, ["serve", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0

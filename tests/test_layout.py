@@ -202,13 +202,16 @@ def direction_violations(edges: list[Import]) -> list[str]:
 
 
 def routers(modules: dict[str, Path]) -> set[str]:
-    """Modules of proxy.api that define a FastAPI ``APIRouter``."""
+    """Modules of proxy.api that define routes: a FastAPI ``APIRouter`` or plain Starlette ``Route``s
+    (the /v1 hot path), possibly through a ``Route`` subclass."""
     out = set()
     for name, path in modules.items():
         if under(name, "proxy.api") and name != "proxy.api":
             tree = ast.parse(path.read_text())
             for node in ast.walk(tree):
-                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "APIRouter":
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("APIRouter", "Route"):
+                    out.add(name)
+                if isinstance(node, ast.ClassDef) and any(getattr(b, "id", None) == "Route" for b in node.bases):
                     out.add(name)
     return out
 

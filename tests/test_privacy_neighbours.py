@@ -10,6 +10,7 @@ the count noise is replaced by zeros: then the only difference allowed is the co
 from __future__ import annotations
 
 import dataclasses
+import time
 import json
 
 import httpx
@@ -108,3 +109,41 @@ def test_a_row_outside_the_domain_changes_nothing_stored(tmp_path, fake_upstream
         r = upload(http, "x", jsonl_bytes(dataset_rows(2)), labels=bad)
         assert r.status_code == 400 and r.json()["error"]["code"] == "label_outside_domain"
         assert app.state.store.list_datasets() == [] and app.state.store.audit() == []
+
+
+def _client_view(tmp_path, name, rows, fake, model_dir) -> dict:
+    """What a client key sees of a task with on_missing: generate (before and after the set exists)."""
+    from tests.test_app_support import CLIENT_KEY
+
+    cfg = make_config(f"sqlite:///{tmp_path / name}.db", fake.base_url, model_dir, client_tasks=["*"])
+    app = create_app(cfg)
+    client = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    body = {"model": "t", "messages": [{"role": "user", "content": "Question: where?"}]}
+    with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=300, headers=admin_headers()) as http:
+        upload(http, "tickets", jsonl_bytes(rows), labels=DOMAIN, epsilon=20)
+        http.post("/admin/tasks", json=task_spec("t", "tickets", generation=FAST, on_missing="generate"))
+        first = http.post("/v1/chat/completions", json=body, headers=client)
+        for _ in range(600):
+            served = http.post("/v1/chat/completions", json=body, headers=client)
+            if served.status_code != 503:
+                break
+            time.sleep(0.1)
+        denied = [http.get(p, headers=client).status_code for p in
+                  ("/admin/warmups", "/admin/tasks/t/demos", "/admin/budget/tickets", "/admin/audit")]
+        headers = {k: v for k, v in served.headers.items() if k.lower() not in ("date", "content-length")}
+        text = first.text + served.text + json.dumps(headers)
+        return {"first": (first.status_code, first.json(), first.headers.get("retry-after")),
+                "served": served.status_code, "headers": sorted(headers), "denied": denied,
+                "stats_seen": any(w in text for w in ("seconds", "tokens_done", "eta", "wu_", "epsilon"))}
+
+
+def test_clients_see_no_generation_statistics(tmp_path, fake_upstream, tiny_model_dir):
+    """Timing and size statistics of a generation are admin-only: what a client gets (status,
+    error body, Retry-After, response header names) is the same for D and D plus one long record."""
+    d = dataset_rows(30)
+    d_plus = d + [{"text": "a very long rare record " * 40 + CANARY, "label": EMPTY}]
+    a = _client_view(tmp_path, "d", d, fake_upstream, tiny_model_dir)
+    b = _client_view(tmp_path, "d_plus", d_plus, fake_upstream, tiny_model_dir)
+    assert a["first"][0] == 503 and a["served"] == 200
+    assert a == b
+    assert a["denied"] == [403, 403, 403, 403] and a["stats_seen"] is False

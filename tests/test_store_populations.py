@@ -230,3 +230,25 @@ def test_redis_refuses_a_schema1_layout(redis_url):
 def test_missing_population(store):
     with pytest.raises(NotFound):
         store.get_population("nobody")
+
+
+def test_serve_refuses_a_schema1_redis_in_one_line(redis_url, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = redis.Redis.from_url(redis_url)
+    r.hset("dpicl:ds:versions", "crm", 1)
+    try:
+        root = Path(__file__).resolve().parents[1]
+        env = {k: v for k, v in os.environ.items() if k not in ("DPICL_CONFIG", "APP1_KEY")}
+        env.update(DPICL_ADMIN_KEY="a", DPICL_STORE_URL=redis_url, DPICL_DATA_DIR=str(tmp_path), PYTHONPATH=str(root))
+        proc = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--port", "1"], env=env,
+                              capture_output=True, text=True, timeout=120, cwd=str(root))
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "schema-1 layout" in lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+    finally:
+        r.delete("dpicl:ds:versions")
+        r.close()

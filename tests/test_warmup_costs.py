@@ -32,7 +32,9 @@ def test_epsilon_cost_is_the_increase_of_spent(http):
     assert first["epsilon_cost"] == pytest.approx(spent1)  # the histogram is part of the first cost
     assert first["epsilon_cost"] > first["result"]["epsilon"]
     assert first["result"]["epsilon_cost"] == pytest.approx(first["epsilon_cost"])
-    assert {k for k, v in first["result"]["decisions"].items() if v["decision"] == "private"} == set(LABELS)
+    counts = app.state.store.list_datasets()[0].noisy_counts  # the DP release the rule used
+    assert {k: v["decision"] for k, v in first["result"]["decisions"].items()} == {
+        lab: "private" if counts[lab] >= 2 else "public" for lab in LABELS}
     dry = client.post("/admin/tasks/a/demos", json={"dry_run": True}).json()
     assert dry["cached"] is True and dry["epsilon_cost"] == 0
     second = client.post("/admin/tasks/b/demos", json={"wait": True}).json()
@@ -61,3 +63,14 @@ def test_units_make_the_pool_count_customers(http):
     for label, noisy in counts.items():
         expected = "private" if noisy >= 20 else "public"
         assert out["decisions"][label]["decision"] == expected
+
+
+def test_warmups_are_in_the_audit_log(http):
+    app, client = http
+    upload(client, "d", jsonl_bytes(dataset_rows(30)), epsilon=20)
+    client.post("/admin/tasks", json=task_spec("a", "d", generation=FAST))
+    view = client.post("/admin/tasks/a/demos", json={"wait": True}).json()
+    client.post("/admin/tasks/a/demos", json={"dry_run": True})  # pricing is not an action
+    actions = [(a["action"], a["target"]) for a in client.get("/admin/audit").json()["data"]]
+    assert actions == [("warmup.start", "a"), ("task.create", "a"), ("dataset.upload", "d")]
+    assert client.get("/admin/audit").json()["data"][0]["details"]["warmup_id"] == view["id"]

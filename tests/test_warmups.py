@@ -111,7 +111,7 @@ def test_waiting_warmups_hold_no_request_thread(live):
     """More warm-ups than the request pool has threads queue at once, and the server still
     answers readiness and admin reads while they wait (no timing asserted)."""
     app, http = live
-    upload(http, "p", jsonl_bytes(dataset_rows(100)), epsilon=1000)
+    upload(http, "p", jsonl_bytes(dataset_rows(100)), epsilon=100)  # MAX_BUDGET_EPSILON; the warm-ups are held before they charge
     n = 45
     for i in range(n):
         http.post("/admin/tasks", json=task_spec(f"p{i}", "p", generation=FAST, seed=i))

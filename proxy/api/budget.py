@@ -98,9 +98,28 @@ async def _name_of(request: Request, dataset_id: str) -> str:
     return meta.name
 
 
+def _deleted_version_owner(store: Any, dataset_id: str) -> str | None:
+    """The name whose ledger charged a (deleted) dataset id, if any."""
+    for pop in store.list_populations():
+        if any(e.dataset_id == dataset_id for e in store.ledger(pop.name)):
+            return pop.name
+    return None
+
+
 @router.get("/datasets/{dataset_id}/budget")
 async def dataset_budget(request: Request, dataset_id: str) -> Response:
-    await _name_of(request, dataset_id)
+    state = request.app.state
+    try:
+        await anyio.to_thread.run_sync(state.store.get_dataset, dataset_id)
+    except NotFound:
+        # A deleted version: its spend stays in its name's ledger; show that, read-only.
+        name = await anyio.to_thread.run_sync(_deleted_version_owner, state.store, dataset_id)
+        if name is None:
+            raise APIError(404, f"dataset {dataset_id!r} not found", "dataset_not_found") from None
+        view = await anyio.to_thread.run_sync(state.budget.population, name)
+        return json_response({"dataset_id": dataset_id, "deleted": True, "name": name,
+                              "spent_epsilon": view["epsilon_spent"], "budget_epsilon": view["epsilon_budget"],
+                              "entries": view["ledger"]})
     try:
         status = await anyio.to_thread.run_sync(request.app.state.budget.status, dataset_id)
     except NotFound:

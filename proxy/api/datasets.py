@@ -10,7 +10,6 @@ datasets. Rows with a label outside the domain are refused, naming row numbers o
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Any
 
@@ -21,6 +20,7 @@ from starlette.responses import Response
 from aggregation.datasets import DataError, deduplicate, parse_rows
 from aggregation.prompts import Example
 from proxy.api.common import audit, json_response, require_admin
+from proxy.api.schemas import check_budget
 from proxy.errors import APIError
 from proxy.logs import log_event
 from proxy.store.base import DatasetMeta, NotFound
@@ -135,10 +135,10 @@ async def upload_dataset(request: Request) -> Response:
             raise APIError(400, "'name' is required: 1-128 letters, digits and ._-", "invalid_name", param="name")
         epsilon = _float_field(form, "epsilon", None)
         delta = _float_field(form, "delta", None)
-        if epsilon is not None and not (math.isfinite(epsilon) and epsilon > 0):
-            raise APIError(400, "epsilon must be a positive finite number", "invalid_budget", param="epsilon")
-        if delta is not None and not (0 < delta < 1):
-            raise APIError(400, "delta must be in (0, 1)", "invalid_budget", param="delta")
+        try:  # the same limits as PUT /admin/budget/{name} (finite, at most MAX_BUDGET_EPSILON)
+            check_budget(epsilon if epsilon is not None else server.default_budget_epsilon, delta)
+        except ValueError as exc:
+            raise APIError(400, str(exc), "invalid_budget", param="delta" if "delta" in str(exc) else "epsilon") from None
         public = _bool_field(form, "public", False)
         dedup = _bool_field(form, "deduplicate", True)
         labels = _labels_field(form)

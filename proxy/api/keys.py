@@ -32,7 +32,7 @@ KEY_PREFIX = "dpk-"
 class KeyCreate(BaseModel):
     """``POST /admin/keys`` body."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str
     tasks: list[str] = Field(default_factory=list, max_length=1000)
     passthrough: bool = True

@@ -14,11 +14,14 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from pydantic import TypeAdapter
 from starlette.responses import Response
+from starlette.routing import Route
 
 from proxy.api.common import json_response, require_admin
-from proxy.api.schemas import BudgetUpdate, ChatRequest, CompletionRequest, WarmRequest
+from proxy.api.keys import KeyCreate
+from proxy.api.schemas import BudgetReset, BudgetUpdate, ChatRequest, CompletionRequest, WarmRequest
 from proxy.config import TaskConfig
 from proxy.jobs.requests import JobRequest
 
@@ -30,6 +33,9 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/v1/chat/completions"): ChatRequest,
     ("POST", "/v1/completions"): CompletionRequest,
     ("PUT", "/admin/datasets/{dataset_id}/budget"): BudgetUpdate,
+    ("PUT", "/admin/budget/{name}"): BudgetUpdate,
+    ("POST", "/admin/budget/{name}/reset"): BudgetReset,
+    ("POST", "/admin/keys"): KeyCreate,
     ("POST", "/admin/tasks"): TaskConfig,
     ("POST", "/admin/tasks/{name}/demos"): WarmRequest,
     ("POST", "/admin/jobs"): JobRequest,
@@ -37,7 +43,7 @@ BODIES: dict[tuple[str, str], Any] = {
 #: Routes whose JSON body is optional (an empty body means the model's defaults).
 OPTIONAL_BODIES = frozenset({("POST", "/admin/tasks/{name}/demos")})
 #: Routes that take no body at all.
-NO_BODY = frozenset({("POST", "/admin/jobs/{job_id}/cancel")})
+NO_BODY = frozenset({("POST", "/admin/jobs/{job_id}/cancel"), ("POST", "/admin/warmups/{wid}/cancel")})
 #: Multipart uploads: (method, path) -> form fields (all strings except ``file``).
 FORMS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/admin/datasets"): {
@@ -83,6 +89,14 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``app``'s routes with their request bodies and error responses."""
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
                       description="dpicl proxy: OpenAI-compatible routes (/v1) and the admin API (/admin).")
+    # Plain Starlette routes (the /v1 hot path) are not in FastAPI's document: add them.
+    paths = doc.setdefault("paths", {})
+    for route in app.routes:
+        if isinstance(route, Route) and not isinstance(route, APIRoute) and route.include_in_schema:
+            summary = ((route.endpoint.__doc__ or "").strip().splitlines() or [route.name])[0]
+            for method in sorted((route.methods or set()) - {"HEAD"}):
+                paths.setdefault(route.path, {})[method.lower()] = {
+                    "summary": summary, "operationId": f"{route.name}_{method.lower()}"}
     components = doc.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     schemas["Error"] = ERROR_SCHEMA

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +15,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 for every interface)."),
     port: int = typer.Option(8000, help="TCP port."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file (default: $DPICL_CONFIG; none = defaults)."),
-    workers: int = typer.Option(1, min=1, help="Worker processes (each with its own in-memory caches)."),
+    workers: int = typer.Option(1, min=1, help="Worker processes sharing the port (state is in the store; "
+                                               "each keeps its own in-memory caches)."),
     log_level: str = typer.Option("info", help="Log level of the server's JSON log lines."),
 ) -> None:
     """Serve the OpenAI-compatible proxy, the admin API and the admin console (/admin/ui).
@@ -33,16 +36,34 @@ def serve(
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2)
+    try:  # a store that cannot be opened (bad URL scheme, unwritable path, old schema): one line too
+        from proxy.store import open_store
+
+        open_store(cfg.store.url).close()
+    except Exception as exc:  # noqa: BLE001 - store messages never echo a URL's password
+        typer.echo(f"error: store.url (or DPICL_STORE_URL): {exc}", err=True)
+        raise typer.Exit(code=2)
     log_config = server_logging()  # before the app (and transformers) are imported
     common = dict(host=host, port=port, log_level=log_level, access_log=False, proxy_headers=False,
                   log_config=log_config)
     if workers == 1:
         from proxy.app import create_app
 
-        uvicorn.run(create_app(cfg), **common)
+        uvicorn.run(create_app(cfg, freeze_gc=True), **common)
     else:
-        # Each worker process builds its own app from the environment (DPICL_CONFIG).
-        uvicorn.run("proxy.app:app_from_env", factory=True, workers=workers, **common)
+        # Each worker process builds its own app from the environment (DPICL_CONFIG), and writes
+        # its metrics to a directory that /metrics (in any worker) adds up.
+        from proxy.metrics import MULTIPROC_ENV
+
+        own_dir = None
+        if not os.environ.get(MULTIPROC_ENV):
+            own_dir = tempfile.mkdtemp(prefix="dpicl-metrics-")
+            os.environ[MULTIPROC_ENV] = own_dir
+        try:
+            uvicorn.run("proxy.app:app_from_env", factory=True, workers=workers, **common)
+        finally:
+            if own_dir is not None:
+                shutil.rmtree(own_dir, ignore_errors=True)
 
 
 def register(app: typer.Typer) -> None:

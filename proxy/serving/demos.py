@@ -8,6 +8,7 @@ when it runs. Serving from the cache is post-processing and free. The hot path
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -111,6 +112,8 @@ class DemoService:
             runner = ThreadRunner(store, WarmupExecutor(store, self.warmup, metrics).run)
         self.warmups = WarmupService(store, self.warmup, runner)
         self._mem: dict[str, _MemEntry] = {}
+        #: One store lookup in flight per task, shared by every request that needs it.
+        self._lookups: dict[str, asyncio.Future] = {}
         self._client_warmups: dict[str, str] = {}  # cache key -> last warm-up a client request started
 
     def close(self) -> None:
@@ -145,6 +148,30 @@ class DemoService:
         prep = self._prepare(task)
         return prep.key, prep.meta.id, self.store.get_demos(prep.key)
 
+    def _lookup_once(self, task: TaskConfig) -> asyncio.Future:
+        """The task's store lookup, started once and shared: without this, every request in flight
+        when the cache entry went stale ran its own lookup (32 thread hops at 32 connections,
+        every ``recheck`` seconds, which showed up in the latency tail)."""
+        running = self._lookups.get(task.name)
+        if running is None or running.done():
+            running = asyncio.ensure_future(anyio.to_thread.run_sync(self._lookup_sync, task))
+            self._lookups[task.name] = running
+
+            def done(fut: asyncio.Future, name: str = task.name) -> None:
+                if self._lookups.get(name) is fut:
+                    del self._lookups[name]
+                if not fut.cancelled() and fut.exception() is None:
+                    self._remember(task, *fut.result())
+                else:
+                    # A failed re-check (dataset gone, store down) must not leave a stale set
+                    # being served: the next request looks up again and reports the error.
+                    entry = self._mem.get(name)
+                    if entry is not None and entry.task is task:
+                        self._mem.pop(name, None)
+
+            running.add_done_callback(done)
+        return running
+
     def forget(self, task: str | None = None, dataset_id: str | None = None) -> None:
         """Drop in-memory entries (by task name or dataset id)."""
         for name, entry in list(self._mem.items()):
@@ -155,13 +182,18 @@ class DemoService:
     async def for_request(self, task: TaskConfig, principal: Principal) -> ServedDemos:
         """The task's cached set for a client request (generates it when the task allows)."""
         entry = self._mem.get(task.name)
-        if entry is None or entry.task is not task or time.monotonic() - entry.checked_at >= self.recheck:
+        known = entry is not None and entry.task is task
+        if known and entry.demos is not None and time.monotonic() - entry.checked_at >= self.recheck:
+            # Serve the set in memory and re-check the store in the background (once for all
+            # requests): a set deleted elsewhere is still noticed within one lookup.
+            self._lookup_once(task)
+        elif not known or time.monotonic() - entry.checked_at >= self.recheck:
             try:
-                key, dataset_id, payload = await anyio.to_thread.run_sync(self._lookup_sync, task)
+                found = await asyncio.shield(self._lookup_once(task))
             except APIError as exc:
                 # Clients never see datasets or budgets: a generic message, details for the admin.
                 raise self._client_error(task, exc, principal) from None
-            entry = self._remember(task, key, dataset_id, payload)
+            entry = self._mem.get(task.name) or self._remember(task, *found)
         if entry.demos is not None:
             self.metrics.demo_cache.labels(task.name, "hit").inc()
             return entry.demos
@@ -180,8 +212,12 @@ class DemoService:
                 # The last warm-up this process started for the set: if it failed recently, say
                 # so instead of starting the same doomed warm-up on every request.
                 wid = self._client_warmups.get(prep.key)
-                rec, _ = await self.warmups.start(task, prep, principal.actor, admin=admin,
-                                                  unless_failed=(wid, CLIENT_RETRY_FAILED_AFTER))
+                rec, created = await self.warmups.start(task, prep, principal.actor, admin=admin,
+                                                        unless_failed=(wid, CLIENT_RETRY_FAILED_AFTER))
+                if created:  # the admin audit log records warm-ups a client request started too
+                    await anyio.to_thread.run_sync(lambda: self.store.append_audit(
+                        principal.name, "warmup.start", task.name,
+                        {"dataset": task.dataset, "warmup_id": rec["id"], "trigger": "client"}))
                 self._client_warmups[prep.key] = rec["id"]
                 if rec["state"] == DONE:
                     payload = await anyio.to_thread.run_sync(self.store.get_demos, prep.key)

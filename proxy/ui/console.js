@@ -27,6 +27,7 @@ function el(tag, attrs, ...children) {
 const fmt = (x, digits = 3) => (x === null || x === undefined) ? "-" :
   (typeof x === "number" ? (Number.isInteger(x) ? String(x) : x.toFixed(digits)) : String(x));
 const eps = (x) => (x === null || x === undefined) ? "-" : Number(x).toFixed(3);   // epsilons: always 3 decimals
+const sci = (x) => (x === null || x === undefined) ? "-" : Number(x).toExponential(1);   // deltas
 const when = (t) => t ? new Date(t * 1000).toLocaleString() : "-";
 const status = (msg, cls) => { const s = document.getElementById("status"); s.textContent = msg || ""; s.className = cls || ""; };
 
@@ -153,7 +154,7 @@ const pages = {
         el("h3", {}, name),
         el("div", { class: "big" }, `ε ${eps(spent)} / ${eps(budget)}`),
         bar(spent, budget, spent > budget),
-        el("p", { class: "muted" }, `remaining ${eps(b.epsilon_remaining ?? b.remaining_epsilon)}, δ ${fmt(b.delta_budget ?? b.budget_delta, 8)}, `,
+        el("p", { class: "muted" }, `remaining ${eps(b.epsilon_remaining ?? b.remaining_epsilon)}, δ ${sci(b.delta_budget ?? b.budget_delta)}, `,
           `${b.events ?? "-"} charges, versions: ${(b.versions || []).join(", ") || "-"}`)));
       page.append(el("h3", {}, `ε spent over time: ${name}`));
       page.append(chart(name, (full && full.ledger) || [], budget));
@@ -200,7 +201,7 @@ const pages = {
       const p = r.demos.demonstrations || {};
       page.append(el("h3", {}, `${r.t.name}: cached demonstrations (DP output)`),
         el("p", { class: "muted" }, `dataset ${p.dataset_id} v${p.dataset_version ?? "-"}, ε ${eps(p.epsilon)}, `,
-          `δ ${fmt(p.delta, 8)}, ${p.tokens ?? "-"} tokens in ${fmt(p.seconds, 1)} s, made ${when(p.created_at)}`),
+          `δ ${sci(p.delta)}, ${p.tokens ?? "-"} tokens in ${fmt(p.seconds, 1)} s, made ${when(p.created_at)}`),
         ...(p.demos || []).map((d) => el("div", { class: "demo" }, el("strong", {}, d.label), ": ", d.text)));
     }
   },
