@@ -46,7 +46,7 @@ class Gate:
         def gated(*args, **kwargs):
             self.threads.append(threading.current_thread().name)
             self.entered.set()
-            assert self.open.wait(60), "the test never opened the gate"
+            assert self.open.wait(600), "the test never opened the gate"
             return original(*args, **kwargs)
 
         warmup.generate = gated
