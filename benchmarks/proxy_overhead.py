@@ -240,10 +240,12 @@ def warm_task(base: str) -> str:
                          "labels": json.dumps(sorted({label for _, label in ROWS}))})
     if r.status_code not in (200, 201):
         raise RuntimeError(f"dataset upload failed: HTTP {r.status_code} {r.text[:300]}")
-    r = httpx.post(f"{base}/admin/tasks/{TASK}/demos", headers=auth, json={}, timeout=600)
-    if r.status_code not in (200, 201):
+    # A warm-up is a background resource; "wait" blocks until it is done (200 with the finished view).
+    r = httpx.post(f"{base}/admin/tasks/{TASK}/demos", headers=auth, json={"wait": True}, timeout=1800)
+    view = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    if r.status_code != 200 or view.get("state") != "done":
         raise RuntimeError(f"warm-up failed: HTTP {r.status_code} {r.text[:300]}")
-    info = r.json()
+    info = view.get("result") or {}
     return f"{len(info.get('demonstrations', []))} demonstrations, epsilon {info.get('epsilon')}"
 
 

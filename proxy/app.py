@@ -9,7 +9,6 @@ globals. The routers are in :mod:`proxy.api`, the request middleware in
 from __future__ import annotations
 
 import asyncio
-import gc
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -30,6 +29,7 @@ from proxy.api.openai import routes as openai_routes
 from proxy.api.openapi import router as openapi_router
 from proxy.auth import Authenticator
 from proxy.budget import BudgetService
+from proxy.gctune import GcGuard
 from proxy.config import LOCAL_MODEL_NAME, Config, load_config
 from proxy.jobs.manager import JobManager
 from proxy.logs import log_event, setup_logging
@@ -90,15 +90,24 @@ async def _refresh_client_keys(app: FastAPI, interval: float) -> None:
         app.state.auth.load_stored(records)
 
 
+async def _watch_gc(guard: GcGuard, interval: float = 1.0) -> None:
+    """Let the GC guard re-freeze after slow full collections (from the loop, not inside the collector)."""
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            if guard.tick():
+                log_event("server.gc_refrozen", refreezes=guard.refreezes)
+    finally:
+        guard.stop()
+
+
 def create_app(config: Config | None = None, freeze_gc: bool = False) -> FastAPI:
     """The proxy application for ``config`` (default: :func:`proxy.config.load_config`).
 
-    ``freeze_gc`` (set by ``dpicl serve``): after startup, move every object that exists then into
-    the garbage collector's permanent generation. The imports (FastAPI, pydantic, dp-accounting,
-    scipy, ...) leave a large heap that every full collection would otherwise walk again: measured
-    under load, a full collection paused the event loop for up to ~280 ms, which was most of the
-    latency tail (p99 about 10x p50 at 32 connections). Left off for tests, which build many apps
-    in one process.
+    ``freeze_gc`` (set by ``dpicl serve``): freeze the startup heap out of the garbage collector's
+    way, and re-freeze after slow full collections (lazily imported torch, a loaded model); see
+    :mod:`proxy.gctune`: full collections were most of the latency tail. Left off for tests, which
+    build many apps in one process.
     """
     config = config if config is not None else load_config()
     metrics = Metrics()
@@ -131,13 +140,17 @@ def create_app(config: Config | None = None, freeze_gc: bool = False) -> FastAPI
         if config.admin_key is None:
             log_event("server.admin_disabled", note="set DPICL_ADMIN_KEY to enable the admin API")
         keys_task = asyncio.create_task(_refresh_client_keys(app, max(0.5, config.server.cache_recheck_seconds)))
+        guard_task = None
         if freeze_gc:
-            gc.collect()
-            gc.freeze()
+            guard = GcGuard()
+            guard.start()
+            guard_task = asyncio.create_task(_watch_gc(guard))
         try:
             yield
         finally:
             keys_task.cancel()
+            if guard_task is not None:
+                guard_task.cancel()
             for up in app.state.upstreams.values():
                 try:
                     await up.aclose()

@@ -621,3 +621,16 @@ def test_audit_unit_case_puts_every_canary_copy_in_one_privacy_unit(tmp_path):
     assert not isinstance(rows_pool, UnitPool) and isinstance(unit_pool, UnitPool)
     assert len(unit_pool) == len(rows_pool) - 50 + 1  # 50 canary rows became one unit
     assert sorted(unit_pool.sizes)[-1] == 50 and unit_pool.rows() == len(rows_pool)
+
+
+def test_run_eval_without_dp_rows_runs_the_reference_rows_only(tmp_path):
+    from tests.tiny_model import tiny_source
+
+    labels = ["a", "b", "c", "d"]
+    task = icl_eval.Task("toy", _records(120), TaskPrompt("Classify the text."), labels)
+    settings = icl_eval.EvalSettings(seeds=(0,), n_test=8, held_out=20, epsilons=(), max_tokens=2, top_k=20,
+                                     fidelity_demos=0)
+    out = icl_eval.run_eval(task, tiny_source(), KeywordScorer(labels), settings, tmp_path, progress=False,
+                            log=lambda s: None)
+    assert [r.row for r in out.runs] == [icl_eval.ZERO_SHOT, icl_eval.PUBLIC, icl_eval.REAL]
+    assert icl_eval.load_finished(tmp_path, settings, "toy")[0] == out.runs

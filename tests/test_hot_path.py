@@ -119,3 +119,22 @@ def test_freeze_gc_after_startup(tmp_path: Path, fake_upstream: Any) -> None:
             assert gc.get_freeze_count() > 10_000
     finally:
         gc.unfreeze()
+
+
+def test_gc_guard_refreezes_after_a_slow_full_collection() -> None:
+    from proxy.gctune import GcGuard
+
+    guard = GcGuard(slow=0.0)  # every full collection counts as slow
+    try:
+        guard.start()
+        frozen = gc.get_freeze_count()
+        assert not guard.tick()  # nothing happened since start
+        kept = [[i] for i in range(50_000)]  # long-lived objects created after startup (a lazy import)
+        gc.collect()
+        assert guard.tick() and guard.refreezes == 1
+        assert gc.get_freeze_count() >= frozen + len(kept)
+        assert not guard.tick()
+    finally:
+        guard.stop()
+        gc.unfreeze()
+    assert guard._callback not in gc.callbacks

@@ -139,12 +139,18 @@ def run_audit(
                 longest = max([longest] + [longest_match(d.text, c) for c in canaries])
         records.append(AuditRecord(task.name, mode, eps, charged.epsilon_total, seed, label, audit.canaries, copies,
                                    n_demos, full, sub, longest, "unit" if audit.unit else "row"))
+        if out_dir is not None:  # after every cell, so a stopped audit keeps the counts it has
+            _write(out_dir, records, audit.min_match)
     table = audit_markdown(records, audit.min_match)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(out_dir / "audit.csv", csv_text(records, AUDIT_FIELDS))
-        write_atomic(out_dir / "audit.md", table)
+        _write(out_dir, records, audit.min_match)
     return records, table
+
+
+def _write(out_dir: Path, records: Sequence[AuditRecord], min_match: int) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "audit.csv", csv_text(records, AUDIT_FIELDS))
+    write_atomic(out_dir / "audit.md", audit_markdown(records, min_match))
 
 
 def audit_markdown(records: Sequence[AuditRecord], min_match: int = 8) -> str:
