@@ -46,7 +46,7 @@ class Gate:
         def gated(*args, **kwargs):
             self.threads.append(threading.current_thread().name)
             self.entered.set()
-            assert self.open.wait(60), "the test never opened the gate"
+            assert self.open.wait(600), "the test never opened the gate"
             return original(*args, **kwargs)
 
         warmup.generate = gated
@@ -235,3 +235,21 @@ def test_warmups_run_on_dpicl_worker_with_redis(tmp_path, redis_url, fake_upstre
         # The server serves the set the worker stored.
         cached = http.get("/admin/tasks/r1/demos").json()
         assert cached["cached"] is True and cached["demonstrations"]["demos"] == done["result"]["demonstrations"]
+
+
+def test_a_warmup_whose_process_died_is_shown_failed(store):
+    """No heartbeat for STALE_AFTER: queued in-process and running warm-ups read as failed (RQ-queued
+    ones wait for a worker); the error says whether anything was charged."""
+    from proxy.serving.warmups import STALE_AFTER, WarmupService
+
+    old = time.time() - STALE_AFTER - 1
+    base = {"task": "t", "heartbeat_at": old, "created_at": old}
+    store.create_warmup({"id": "q", "state": "queued", "runner": "inprocess", "charged": False, **base})
+    store.create_warmup({"id": "r", "state": "running", "runner": "rq", "charged": True, **base})
+    store.create_warmup({"id": "rq", "state": "queued", "runner": "rq", **base})
+    store.create_warmup({"id": "fresh", "state": "running", "runner": "inprocess", **{**base, "heartbeat_at": time.time()}})
+    svc = WarmupService(store, warmup=None, runner=None)  # type: ignore[arg-type]
+    q, r = svc.get("q"), svc.get("r")
+    assert q["state"] == r["state"] == "failed"
+    assert "nothing was charged" in q["error"]["message"] and "stays spent" in r["error"]["message"]
+    assert svc.get("rq")["state"] == "queued" and svc.get("fresh")["state"] == "running"

@@ -107,7 +107,8 @@ async def warm_demos(request: Request, name: str) -> Response:
     req = WarmRequest() if not raw.strip() else validate_body(WarmRequest, await read_json(request))
     if req.dry_run:
         return json_response({"task": name, **await state.demos.price(task, principal.actor)})
-    rec = await state.demos.start_warmup(task, principal.actor, admin=True, wait=req.wait)
+    rec = await state.demos.start_warmup(task, principal.actor, admin=True, wait=req.wait,
+                                         gone=request.is_disconnected)
     await audit(request, "warmup.start", name, dataset=task.dataset, warmup_id=rec.get("id"))
     finished = rec["state"] in ("done", "failed", "cancelled")
     return json_response(warmup_view(rec), 200 if finished else 202)

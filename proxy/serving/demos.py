@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import anyio
 
@@ -262,7 +262,8 @@ class DemoService:
         prep = await anyio.to_thread.run_sync(self._prepare, task)
         return await anyio.to_thread.run_sync(self.warmup.price, task, prep, actor)
 
-    async def start_warmup(self, task: TaskConfig, actor: str, admin: bool = True, wait: bool = False) -> dict[str, Any]:
+    async def start_warmup(self, task: TaskConfig, actor: str, admin: bool = True, wait: bool = False,
+                           gone: Callable[[], Awaitable[bool]] | None = None) -> dict[str, Any]:
         """Queue the task's warm-up (or join the active one); with ``wait``, until it finishes.
 
         Returns the warm-up record. A set already cached gives a finished record that charged
@@ -272,7 +273,7 @@ class DemoService:
         prep = await anyio.to_thread.run_sync(self._prepare, task)
         rec, _ = await self.warmups.start(task, prep, actor, admin=admin)
         if wait:
-            rec = await self.warmups.wait(rec["id"])
+            rec = await self.warmups.wait(rec["id"], gone=gone)
             raise_failure(rec)
         if rec["state"] == DONE:
             payload = await anyio.to_thread.run_sync(self.store.get_demos, prep.key)

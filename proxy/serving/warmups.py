@@ -26,7 +26,7 @@ import asyncio
 import math
 import secrets
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import anyio
 
@@ -278,12 +278,14 @@ class WarmupService:
                 raise err from None
         return rec, created
 
-    async def wait(self, wid: str, timeout: float | None = None) -> dict[str, Any]:
-        """Poll the record until it is finished (holds no thread while waiting)."""
+    async def wait(self, wid: str, timeout: float | None = None,
+                   gone: Callable[[], Awaitable[bool]] | None = None) -> dict[str, Any]:
+        """Poll the record until it is finished (holds no thread while waiting). Stops early when
+        ``gone()`` says the client left (the warm-up goes on; a server shutting down is not held)."""
         delay, deadline = 0.05, (time.monotonic() + timeout) if timeout else math.inf
         while True:
             rec = await anyio.to_thread.run_sync(self.get, wid)
-            if rec["state"] in FINISHED or time.monotonic() >= deadline:
+            if rec["state"] in FINISHED or time.monotonic() >= deadline or (gone is not None and await gone()):
                 return rec
             await asyncio.sleep(delay)
             delay = min(0.5, delay * 1.5)
