@@ -166,6 +166,8 @@ def generate(
         "mechanism": mechanism.value,
         "sigma": lp.sigma,
         "epsilon_per_token": lp.epsilon_per_token,
+        "clip": lp.clip,  # public_prior only (None otherwise)
+        "temperature": lp.temperature,
         "q": lp.q,
         "noisy_pool_size": sizes.get(label),  # the DP estimate the decision used (units)
         "decision": lp.decision,
