@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from proxy.cli.http import JSON_OPTION, KEY_OPTION, URL_OPTION, AdminClient, die
-from proxy.cli.output import fields, print_json, table, when
+from proxy.cli.output import fields, print_json, print_list, when
 
 datasets_app = typer.Typer(help="Private datasets: upload, list, show, delete.", no_args_is_help=True)
 
@@ -59,10 +59,7 @@ def list_datasets(url: Optional[str] = URL_OPTION, admin_key: Optional[str] = KE
     """Every dataset version (metadata only)."""
     with AdminClient(url, admin_key) as api:
         data = api.get("/admin/datasets")
-    if as_json:
-        print_json(data)
-    else:
-        table(data.get("data", []), _COLUMNS, empty="no datasets yet: dpicl datasets upload FILE --name NAME")
+    print_list(data, _COLUMNS, as_json, empty="no datasets yet: dpicl datasets upload FILE --name NAME")
 
 
 @datasets_app.command("show")

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from proxy.cli.http import JSON_OPTION, KEY_OPTION, URL_OPTION, AdminClient
-from proxy.cli.output import print_json, table, when
+from proxy.cli.output import print_json, print_list, when
 
 keys_app = typer.Typer(help="Client keys: which apps may call which tasks.", no_args_is_help=True)
 
@@ -18,15 +18,12 @@ def list_keys(url: Optional[str] = URL_OPTION, admin_key: Optional[str] = KEY_OP
     """Client keys from the config file (read-only) and created here (never their secrets)."""
     with AdminClient(url, admin_key) as api:
         data = api.get("/admin/keys")
-    if as_json:
-        print_json(data)
-        return
-    table(data.get("data", []), [
+    print_list(data, [
         ("name", lambda k: k.get("name")), ("tasks", lambda k: k.get("tasks")),
         ("passthrough", lambda k: k.get("passthrough")), ("source", lambda k: k.get("source")),
         ("key starts", lambda k: (k.get("key_prefix") + "...") if k.get("key_prefix") else None),
         ("created", lambda k: when(k.get("created_at"))),
-    ], empty="no client keys")
+    ], as_json, empty="no client keys")
 
 
 @keys_app.command("create")

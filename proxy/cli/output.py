@@ -67,3 +67,11 @@ def fields(record: dict[str, Any], keys: Sequence[str] | None = None, title: str
         if key in record:
             t.add_row(key, Text(cell(record[key])))
     Console().print(t)
+
+
+def print_list(data: dict[str, Any], columns: Sequence[Column], as_json: bool, empty: str) -> None:
+    """An admin API list answer: the raw JSON with ``--json``, else its ``data`` rows as a table."""
+    if as_json:
+        print_json(data)
+    else:
+        table(data.get("data", []), columns, empty=empty)

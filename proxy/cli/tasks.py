@@ -15,7 +15,7 @@ from typing import Any, List, Optional
 import typer
 
 from proxy.cli.http import JSON_OPTION, KEY_OPTION, URL_OPTION, AdminClient, die
-from proxy.cli.output import cell, fields, print_json, table
+from proxy.cli.output import cell, fields, print_json, print_list, table
 
 tasks_app = typer.Typer(help="Tasks: models whose requests get DP demonstrations; warm their cache.",
                         no_args_is_help=True)
@@ -108,10 +108,7 @@ def list_tasks(url: Optional[str] = URL_OPTION, admin_key: Optional[str] = KEY_O
     """Every task (from the config file and created through the API)."""
     with AdminClient(url, admin_key) as api:
         data = api.get("/admin/tasks")
-    if as_json:
-        print_json(data)
-    else:
-        table(data.get("data", []), _COLUMNS, empty="no tasks yet: dpicl tasks add NAME --dataset ... --instruction ...")
+    print_list(data, _COLUMNS, as_json, empty="no tasks yet: dpicl tasks add NAME --dataset ... --instruction ...")
 
 
 @tasks_app.command("show")
@@ -215,14 +212,11 @@ def warmups(url: Optional[str] = URL_OPTION, admin_key: Optional[str] = KEY_OPTI
     """Recent warm-ups with their progress."""
     with AdminClient(url, admin_key) as api:
         data = api.get("/admin/warmups")
-    if as_json:
-        print_json(data)
-        return
-    table(data.get("data", []), [
+    print_list(data, [
         ("id", lambda w: w.get("id")), ("task", lambda w: w.get("task")), ("state", lambda w: w.get("state")),
         ("tokens", lambda w: f"{w.get('tokens_done') or 0}/{w.get('tokens_total') or '?'}"),
         ("epsilon cost", lambda w: w.get("epsilon_cost")), ("seconds", lambda w: w.get("seconds_elapsed")),
-    ], empty="no warm-ups yet")
+    ], as_json, empty="no warm-ups yet")
 
 
 @tasks_app.command("demos")
