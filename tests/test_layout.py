@@ -26,7 +26,8 @@ MAX_LINES = 450
 #: Exempt from the size limit: the development fake upstream (a self-contained test server).
 SIZE_EXEMPT = ("proxy.devtools",)
 #: The proxy modules directly under proxy/ that every part may use (shared vocabulary).
-SHARED_TOP_LEVEL = ("proxy.auth", "proxy.budget", "proxy.config", "proxy.errors", "proxy.logs", "proxy.metrics")
+SHARED_TOP_LEVEL = ("proxy.auth", "proxy.budget", "proxy.config", "proxy.errors", "proxy.heartbeat", "proxy.logs",
+                    "proxy.metrics")
 
 #: importer (module or package prefix) -> what it must never import, and why.
 FORBIDDEN: dict[str, tuple[tuple[str, ...], str]] = {

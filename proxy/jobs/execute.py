@@ -28,6 +28,7 @@ from aggregation.pe import Cancelled, PEPlan, run_pe
 from aggregation.prompts import Example
 from aggregation.units import one_row_per_unit
 from proxy.config import LOCAL_ALIASES, Config
+from proxy.heartbeat import Heartbeat
 from proxy.jobs.backends import LocalTextGenerator, PEBackendFactory, default_pe_backend
 from proxy.jobs.requests import CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, DPSGDJobRequest, \
     JobError, JobRequestError, PEJobRequest, dpsgd_config, job_prompt, pe_config
@@ -68,39 +69,9 @@ class WorkerContext:
         return self._generators[key]
 
 
-class Heartbeat:
-    """Refreshes ``heartbeat_at`` of the given jobs every ``interval`` seconds on a daemon thread."""
-
-    def __init__(self, store: Store, interval: float):
-        self.store = store
-        self.interval = interval
-        self.ids: set[str] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dpicl-job-heartbeat", daemon=True)
-        self._thread.start()
-
-    def add(self, job_id: str) -> None:
-        with self._lock:
-            self.ids.add(job_id)
-
-    def discard(self, job_id: str) -> None:
-        with self._lock:
-            self.ids.discard(job_id)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            with self._lock:
-                ids = list(self.ids)
-            for job_id in ids:
-                try:
-                    self.store.update_job(job_id, heartbeat_at=time.time())
-                except Exception as exc:  # keep beating the others; log the type only
-                    log.warning("heartbeat of job %s failed: %s", job_id, type(exc).__name__)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.interval + 5)
+def job_heartbeat(store: Store, interval: float) -> Heartbeat:
+    """Keeps the held jobs' ``heartbeat_at`` fresh every ``interval`` seconds."""
+    return Heartbeat(lambda job_id: store.update_job(job_id, heartbeat_at=time.time()), interval, "job")
 
 
 def _safe_error(exc: BaseException) -> str:
@@ -132,7 +103,7 @@ def execute_job(ctx: WorkerContext, job_id: str, heartbeat: Heartbeat | None = N
     store.update_job(job_id, state=RUNNING, started_at=now, heartbeat_at=now, worker=ctx.worker_name,
                      step="starting")
     own_beat = heartbeat is None
-    beat = heartbeat or Heartbeat(store, ctx.heartbeat_interval)
+    beat = heartbeat or job_heartbeat(store, ctx.heartbeat_interval)
     beat.add(job_id)
     last_check = [0.0, False]
 
@@ -187,7 +158,7 @@ def execute_job(ctx: WorkerContext, job_id: str, heartbeat: Heartbeat | None = N
     finally:
         beat.discard(job_id)
         if own_beat:
-            beat.stop()
+            beat.stop(join=True)
 
 
 def _jsonl(rows: Sequence[Example]) -> bytes:

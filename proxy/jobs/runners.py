@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from proxy.config import DEFAULT_JOB_QUEUE
-from proxy.jobs.execute import Heartbeat, WorkerContext, execute_job
+from proxy.jobs.execute import WorkerContext, execute_job, job_heartbeat
 from proxy.jobs.requests import FAILED, QUEUED
 
 DEFAULT_QUEUE = DEFAULT_JOB_QUEUE
@@ -25,7 +25,7 @@ class InProcessRunner:
 
     def __init__(self, ctx: WorkerContext, workers: int = 1):
         self.ctx = ctx
-        self.heartbeat = Heartbeat(ctx.store, ctx.heartbeat_interval)
+        self.heartbeat = job_heartbeat(ctx.store, ctx.heartbeat_interval)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dpicl-job")
         self._pending: set[str] = set()
         self._lock = threading.Lock()
@@ -58,7 +58,7 @@ class InProcessRunner:
                                           error="the server shut down before the job started "
                                                 "(the reserved privacy cost stays spent)")
         self.pool.shutdown(wait=True)
-        self.heartbeat.stop()
+        self.heartbeat.stop(join=True)
 
 
 class RQRunner:

@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable
 
 from proxy.config import Config
+from proxy.heartbeat import Heartbeat
 from proxy.logs import JsonFormatter, server_logging
 from proxy.serving.warmups import FAILED, QUEUED, RUNNING, WarmupExecutor
 
@@ -44,40 +45,10 @@ def lower_thread_priority(increment: int = GENERATION_NICE) -> None:
         pass
 
 
-class _Heartbeat:
-    """Refreshes ``heartbeat_at`` of the held warm-ups every few seconds on a daemon thread."""
-
-    def __init__(self, store: Any, interval: float = HEARTBEAT_SECONDS):
-        self.store = store
-        self.interval = interval
-        self.ids: set[str] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dpicl-warmup-heartbeat", daemon=True)
-        self._thread.start()
-
-    def add(self, wid: str) -> None:
-        with self._lock:
-            self.ids.add(wid)
-
-    def discard(self, wid: str) -> None:
-        with self._lock:
-            self.ids.discard(wid)
-
-    def held(self) -> list[str]:
-        with self._lock:
-            return list(self.ids)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            for wid in self.held():
-                try:
-                    self.store.update_warmup(wid, expect=(QUEUED, RUNNING), heartbeat_at=time.time())
-                except Exception as exc:  # noqa: BLE001 - keep beating the others; type only
-                    log.warning("heartbeat of warm-up %s failed: %s", wid, type(exc).__name__)
-
-    def stop(self) -> None:
-        self._stop.set()
+def _warmup_heartbeat(store: Any) -> Heartbeat:
+    """Keeps the held queued or running warm-ups' ``heartbeat_at`` fresh."""
+    return Heartbeat(lambda wid: store.update_warmup(wid, expect=(QUEUED, RUNNING), heartbeat_at=time.time()),
+                     HEARTBEAT_SECONDS, "warmup")
 
 
 class ThreadRunner:
@@ -90,7 +61,7 @@ class ThreadRunner:
         self.execute = execute
         self.nice = nice
         self._queue: queue.Queue[str | None] = queue.Queue()
-        self._beat = _Heartbeat(store)
+        self._beat = _warmup_heartbeat(store)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="dpicl-warmup", daemon=True)
         self._thread.start()
@@ -207,7 +178,7 @@ def rq_warmup(wid: str) -> str:
     _process_logging()
     ex = _worker_executor()
     lower_thread_priority()
-    beat = _Heartbeat(ex.store)
+    beat = _warmup_heartbeat(ex.store)
     beat.add(wid)
     try:
         return ex.run(wid)
