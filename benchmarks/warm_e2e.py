@@ -122,7 +122,8 @@ def main() -> None:
                 for name in order:
                     seed += 1
                     gen = {**base_task["generation"], **VARIANTS[name]}
-                    task = {**base_task, "name": f"{name}-{rnd}", "seed": seed, "generation": gen}
+                    # A fresh revision per row: a new cache key, so every row really generates.
+                    task = {**base_task, "name": f"{name}-{rnd}", "revision": seed, "generation": gen}
                     http.post("/admin/tasks", json=task).raise_for_status()
                     before_load, cpu0, t0 = loadavg(), cpu_seconds(server.pid), time.perf_counter()
                     r = http.post(f"/admin/tasks/{task['name']}/demos", json={"wait": True})
