@@ -251,13 +251,9 @@ def warm_task(base: str) -> str:
 
 def tiny_model_dir(work: Path) -> str:
     """A tiny random Llama (the tests' model) saved under ``work``: warm-ups take seconds, not minutes."""
-    from tests.tiny_model import tiny_model_and_tokenizer
+    from tests.tiny_model import save_tiny_model
 
-    model, tok = tiny_model_and_tokenizer()
-    path = work / "tiny-model"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(work / "tiny-model")
 
 
 def load_average() -> str:

@@ -39,6 +39,7 @@ import yaml  # noqa: E402
 
 from proxy.devtools.fake_upstream import free_port  # noqa: E402
 from proxy.devtools.fake_upstream import spawn as spawn_fake  # noqa: E402
+from tests.tiny_model import save_tiny_model  # noqa: E402
 
 ADMIN_KEY = "bench-admin-key"
 CLIENT_KEY = "sk-bench-client-0123456789abcdef"
@@ -57,16 +58,6 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
-
-
-def tiny_model_dir(base: Path) -> str:
-    from tests.tiny_model import tiny_model_and_tokenizer
-
-    model, tok = tiny_model_and_tokenizer()
-    path = base / "tiny-model"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def start_server(config: Path, port: int, log: Path) -> subprocess.Popen:
@@ -139,7 +130,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"load average at start: {loadavg()}  (cores: {os.cpu_count()})")
     tmp = Path(tempfile.mkdtemp(prefix="dpicl-storm-"))
-    model_dir = tiny_model_dir(tmp) if args.model == "tiny" else args.model
+    model_dir = save_tiny_model(tmp / "tiny-model") if args.model == "tiny" else args.model
     fake_port, port = free_port(), free_port()
     fake = spawn_fake(fake_port)
     server = None

@@ -161,13 +161,9 @@ def capture_logs() -> Iterator[LogCapture]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random Llama with the SmolLM2 tokenizer saved as a model directory."""
-    from tests.tiny_model import tiny_model_and_tokenizer
+    from tests.tiny_model import save_tiny_model
 
-    model, tok = tiny_model_and_tokenizer()
-    path = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture

@@ -28,3 +28,11 @@ def tiny_source():
 
     model, tok = tiny_model_and_tokenizer()
     return LocalSource(model, tok)
+
+
+def save_tiny_model(path) -> str:
+    """Save the tiny model and its tokenizer as a model directory at ``path``; returns the path."""
+    model, tok = tiny_model_and_tokenizer()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
