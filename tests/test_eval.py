@@ -357,6 +357,17 @@ def test_resume_keeps_finished_runs_and_refuses_other_settings(tmp_path):
     strip = lambda rs: [(r.seed, r.row, r.mode, r.epsilon, r.accuracy, r.epsilon_total) for r in rs]  # noqa: E731
     assert strip(resumed.runs) == strip(fresh.runs)
 
+    # Another mode may be added too: the finished runs stay as they are and only the new mode runs;
+    # a run of a mode no longer asked for is left out.
+    wider = replace(more, modes=("fixed", "resample"))
+    widened = icl_eval.run_eval(task, tiny_source(), KeywordScorer(labels), wider, tmp_path,
+                                finished=icl_eval.load_finished(tmp_path, wider, "toy"), **quiet)
+    assert widened.runs[:len(resumed.runs)] == resumed.runs
+    assert {(r.row, r.mode) for r in widened.runs[len(resumed.runs):]} == {(icl_eval.DP, "resample")}
+    narrow, _ = icl_eval.load_finished(tmp_path, replace(more, modes=("resample",)), "toy")
+    assert {r.mode for r in narrow if r.row == icl_eval.DP} == {"resample"}
+    assert {r.row for r in narrow} == {r.row for r in widened.runs}
+
     with pytest.raises(icl_eval.ResumeError, match="max_tokens"):
         icl_eval.load_finished(tmp_path, replace(more, max_tokens=3), "toy")
     (tmp_path / "settings.json").unlink()

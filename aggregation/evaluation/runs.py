@@ -181,11 +181,10 @@ def _run_key(seed: int, row: str, mode: str, epsilon: float) -> tuple[int, str, 
 def settings_record(settings: EvalSettings, dataset: str) -> dict:
     """What a resumed run must share with the runs already on disk (``settings.json``)."""
     record = dataclasses.asdict(settings)
-    # The plotted accuracy and the number of seeds do not change any run; more seeds may be added.
-    for key in ("calibrate", "seeds"):
+    # The plotted accuracy, the seeds, the epsilons and the modes do not change any run (each run is
+    # seeded from its own key): more of them may be added, and runs not asked for are left out.
+    for key in ("calibrate", "seeds", "epsilons", "modes"):
         record.pop(key)
-    record["epsilons"] = [eps_text(e) for e in settings.epsilons]
-    record["modes"] = list(settings.modes)
     return {"dataset": dataset, **record}
 
 
@@ -196,8 +195,8 @@ class ResumeError(ValueError):
 def load_finished(out_dir: Path, settings: EvalSettings, dataset: str) -> tuple[list[RunRecord], list[dict]]:
     """Runs and demonstration lines already in ``out_dir``, when they were made with ``settings``.
 
-    Runs of seeds no longer asked for are dropped. Nothing there (a fresh directory) resumes
-    from zero.
+    Runs of seeds, epsilons or modes no longer asked for are dropped (more may be added). Nothing
+    there (a fresh directory) resumes from zero.
     """
     runs_path, settings_path = out_dir / "runs.csv", out_dir / "settings.json"
     if not runs_path.exists():
@@ -213,13 +212,18 @@ def load_finished(out_dir: Path, settings: EvalSettings, dataset: str) -> tuple[
     if differ:
         raise ResumeError(f"{out_dir} was made with different settings ({', '.join(differ)}); "
                           "use another --out or drop --resume")
-    seeds = set(settings.seeds)
-    runs = [r for r in read_runs(runs_path) if r.seed in seeds]
+    seeds, modes = set(settings.seeds), set(settings.modes)
+    epsilons = {eps_text(e) for e in settings.epsilons}
+
+    def wanted_run(seed: int, row: str, mode: str, epsilon: float) -> bool:
+        return seed in seeds and (row != DP or (mode in modes and eps_text(float(epsilon)) in epsilons))
+
+    runs = [r for r in read_runs(runs_path) if wanted_run(r.seed, r.row, r.mode, r.epsilon)]
     lines: list[dict] = []
     demos_path = out_dir / "demos.jsonl"
     if demos_path.exists():
         lines = [json.loads(x) for x in demos_path.read_text().splitlines() if x.strip()]
-        lines = [x for x in lines if x.get("seed") in seeds]
+        lines = [x for x in lines if wanted_run(x.get("seed"), x.get("row"), x.get("mode"), x.get("epsilon", 0.0))]
     return runs, lines
 
 
