@@ -87,6 +87,7 @@ def main() -> None:
     import torch
 
     print(f"torch threads: {torch.get_num_threads()}")
+    print(f"load average at start: {tuple(round(x, 2) for x in os.getloadavg())}  (cores: {os.cpu_count()})")
     started = time.perf_counter()
     if not args.skip_pe:
         pe = bench_pe(args.pe_iterations, args.pe_population)
@@ -97,6 +98,7 @@ def main() -> None:
     ratio = dp / plain
     print(f"DP-SGD / non-private step time: {ratio:.2f}x  (bar: <= 1.5x) -> {'OK' if ratio <= 1.5 else 'OVER'}")
     print(f"total {time.perf_counter() - started:.0f} s")
+    print(f"load average at end: {tuple(round(x, 2) for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
