@@ -368,6 +368,12 @@ def test_resume_keeps_finished_runs_and_refuses_other_settings(tmp_path):
     assert {r.mode for r in narrow if r.row == icl_eval.DP} == {"resample"}
     assert {r.row for r in narrow} == {r.row for r in widened.runs}
 
+    # A settings.json written when epsilons and modes were still compared resumes as well.
+    import json
+    stored = json.loads((tmp_path / "settings.json").read_text())
+    (tmp_path / "settings.json").write_text(json.dumps({**stored, "epsilons": ["4"], "modes": ["fixed"]}))
+    assert icl_eval.load_finished(tmp_path, wider, "toy")[0] == widened.runs
+
     with pytest.raises(icl_eval.ResumeError, match="max_tokens"):
         icl_eval.load_finished(tmp_path, replace(more, max_tokens=3), "toy")
     (tmp_path / "settings.json").unlink()

@@ -178,12 +178,16 @@ def _run_key(seed: int, row: str, mode: str, epsilon: float) -> tuple[int, str, 
     return (int(seed), row, mode, float(epsilon) if row == DP else 0.0)
 
 
+#: Settings that name which runs to make, not how: a resumed directory may ask for more (or fewer).
+_ADDABLE = ("calibrate", "seeds", "epsilons", "modes")
+
+
 def settings_record(settings: EvalSettings, dataset: str) -> dict:
     """What a resumed run must share with the runs already on disk (``settings.json``)."""
     record = dataclasses.asdict(settings)
     # The plotted accuracy, the seeds, the epsilons and the modes do not change any run (each run is
     # seeded from its own key): more of them may be added, and runs not asked for are left out.
-    for key in ("calibrate", "seeds", "epsilons", "modes"):
+    for key in _ADDABLE:
         record.pop(key)
     return {"dataset": dataset, **record}
 
@@ -208,6 +212,8 @@ def load_finished(out_dir: Path, settings: EvalSettings, dataset: str) -> tuple[
     except json.JSONDecodeError as exc:
         raise ResumeError(f"{settings_path} is not valid JSON: {exc}") from None
     wanted = settings_record(settings, dataset)
+    for key in _ADDABLE:  # files written before these could be added hold them; they do not matter
+        stored.pop(key, None)
     differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
     if differ:
         raise ResumeError(f"{out_dir} was made with different settings ({', '.join(differ)}); "
