@@ -39,7 +39,7 @@ def eval_command(
     audit_demos: int = typer.Option(3, "--audit-demos", min=1, help="Audit: demonstrations per epsilon, mode and seed."),
     audit_top_k: int = typer.Option(0, "--audit-top-k", min=0, help="Audit: public candidates (0 = full vocabulary, the default: top-k alone hides canaries)."),
     canary_unit: bool = typer.Option(False, "--canary-unit", help="Audit: all canary records belong to one privacy unit (sampling and pool sizes count units)."),
-    resume: bool = typer.Option(False, "--resume", help="Keep the runs already in --out (same settings) and run only the missing ones."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the runs already in --out (same settings; more seeds, epsilons or modes may be added) and run only the missing ones."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
     """Accuracy of in-context classification with zero-shot, epsilon-0, non-private and DP demonstrations."""
