@@ -33,6 +33,8 @@ class GenerationConfig:
     #: within a block). ``block`` with k = 1 is ``resample``, with k = T it is ``fixed``.
     mode: Literal["resample", "fixed", "block"] = "resample"
     block_tokens: int | None = None  # k, for mode "block"
+    #: The library default stays ``gaussian`` (the mechanism that takes ``sigma``); tasks, ``dpicl
+    #: generate`` and ``dpicl eval`` default to ``public_prior`` (docs/evaluation.md says why).
     mechanism: Literal["gaussian", "exponential", "public_prior"] = "gaussian"
     num_subsets: int = 10  # M
     shots_per_subset: int = 2  # N

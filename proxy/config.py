@@ -73,7 +73,8 @@ class GenerationSettings(_Strict):
     block_tokens: int | None = Field(None, ge=1, le=512)
     #: public_prior: clipped private-minus-public log-probabilities sampled at a temperature
     #: (docs/privacy.md); ``clip``/``temperature`` are its knobs (one given, the other calibrated).
-    mechanism: Literal["gaussian", "exponential", "public_prior"] = "gaussian"
+    #: The default since it beat Gaussian noisy-max at epsilon 1-4 (docs/evaluation.md).
+    mechanism: Literal["gaussian", "exponential", "public_prior"] = "public_prior"
     clip: float | None = Field(None, gt=0)
     temperature: float | None = Field(1.0, gt=0)
     num_subsets: int = Field(10, ge=1, le=1000)
@@ -89,6 +90,15 @@ class GenerationSettings(_Strict):
     top_logprobs: int = Field(20, ge=1, le=100_000)
     #: Token budget (and, in fixed mode, the public batch width) of one generation prompt.
     max_prompt_tokens: int = Field(256, ge=16, le=32_768)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sigma_means_gaussian(cls, data: Any) -> Any:
+        # ``sigma`` is the Gaussian mechanism's noise multiplier: a task that gives one and no
+        # mechanism (written before public_prior became the default) keeps meaning Gaussian.
+        if isinstance(data, dict) and data.get("sigma") is not None and "mechanism" not in data:
+            return {**data, "mechanism": "gaussian"}
+        return data
 
     @model_validator(mode="after")
     def _mechanism_knobs(self) -> "GenerationSettings":

@@ -127,3 +127,18 @@ def test_serve_without_config_uses_sqlite_and_local_model(tmp_path, tiny_model_d
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_new_tasks_default_to_the_public_prior_and_sigma_keeps_meaning_gaussian():
+    """The default mechanism is public_prior (docs/evaluation.md); a task that sets only ``sigma``
+    (the Gaussian noise multiplier) stays Gaussian, and sigma with public_prior is refused."""
+    from pydantic import ValidationError
+
+    from proxy.config import GenerationSettings
+
+    default = GenerationSettings()
+    assert (default.mechanism, default.mode, default.clip, default.temperature) == ("public_prior", "resample", None, 1.0)
+    assert GenerationSettings(sigma=1.5).mechanism == "gaussian"
+    assert GenerationSettings(sigma=1.5, mechanism="exponential").mechanism == "exponential"
+    with pytest.raises(ValidationError, match="not sigma"):
+        GenerationSettings(sigma=1.5, mechanism="public_prior")

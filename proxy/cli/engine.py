@@ -69,7 +69,7 @@ def generate(
     epsilon: float = typer.Option(..., help="Target epsilon of the whole output ('inf' = no noise)."),
     delta: float = typer.Option(1e-5, help="Target delta (default 1e-5, like the service; it must not be read from the data)."),
     mode: ModeOpt = typer.Option(ModeOpt.resample, help="Sampling mode."),
-    mechanism: MechanismOpt = typer.Option(MechanismOpt.gaussian, help="Noisy-max mechanism."),
+    mechanism: MechanismOpt = typer.Option(MechanismOpt.public_prior, help="public_prior (default: clipped private-minus-public log-probabilities, sampled), or gaussian / exponential noisy argmax."),
     num_subsets: int = typer.Option(10, "--num-subsets", "-M", help="Disjoint subsets (parallel prompts), M."),
     shots_per_subset: int = typer.Option(2, "--shots-per-subset", "-N", help="Private examples per prompt, N."),
     max_tokens: int = typer.Option(20, "--max-tokens", "-T", help="Max tokens per demonstration, T."),

@@ -21,7 +21,7 @@ def eval_command(
     epsilons: Optional[str] = typer.Option(None, help="Comma-separated epsilons per demonstration set, e.g. '1,2,4,8,inf'."),
     modes: Optional[str] = typer.Option(None, help="Sampling modes, comma-separated: resample, fixed, block (preset: resample,fixed full; fixed quick)."),
     block_tokens: int = typer.Option(4, "--block-tokens", min=1, help="k: tokens per Poisson sample in block mode."),
-    mechanism: MechanismOpt = typer.Option(MechanismOpt.gaussian, help="gaussian / exponential noisy argmax, or public_prior (clipped private-minus-public logits, sampled)."),
+    mechanism: MechanismOpt = typer.Option(MechanismOpt.public_prior, help="public_prior (default: clipped private-minus-public logits, sampled), or gaussian / exponential noisy argmax."),
     fidelity_demos: Optional[int] = typer.Option(None, "--fidelity-demos", min=0, help="Demonstration sets per row and seed scored for fidelity (preset: 4 full, 3 quick; 0 = no fidelity)."),
     num_subsets: int = typer.Option(10, "--num-subsets", min=1, help="M: subsets (prompts) per token."),
     shots_per_subset: int = typer.Option(2, "--shots-per-subset", min=1, help="N: expected records per subset."),
