@@ -597,7 +597,7 @@ def test_task_config_takes_the_public_prior_mechanism_and_block_mode():
     cfg = generation_config(task)
     assert (cfg.mode, cfg.block_tokens, cfg.mechanism, cfg.clip, cfg.temperature) == ("block", 4, "public_prior", None, 1.0)
     cfg.validate()
-    for bad in (dict(mode="block"), dict(mechanism="public_prior", sigma=1.0), dict(clip=1.0),
+    for bad in (dict(mode="block"), dict(mechanism="public_prior", sigma=1.0), dict(mechanism="gaussian", clip=1.0),
                 dict(mechanism="public_prior", temperature=None)):
         with pytest.raises(ValidationError):
             GenerationSettings(**bad)
