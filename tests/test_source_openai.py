@@ -25,7 +25,7 @@ from aggregation.datasets import TREC_PROMPT  # noqa: E402
 from aggregation.fewshot import GenerationConfig, generate_demonstration, plan_demonstrations  # noqa: E402
 from aggregation.mechanisms import Noise  # noqa: E402
 from aggregation.prompts import Example  # noqa: E402
-from aggregation.sources.openai_compat import PROBE_PROMPT, OpenAICompatSource, SourceError  # noqa: E402
+from aggregation.sources.openai_compat import OpenAICompatSource, SourceError  # noqa: E402
 
 # SmolLM2's special tokens: <|endoftext|> = 0, <|im_end|> = 2 (both end a text).
 SMOLLM2_END_IDS = (0, 2)
@@ -315,30 +315,36 @@ def test_persistent_failure_gives_a_zero_row_not_fewer_rows(fake_server: Callabl
         probs = state.probs([" yes", " no"])
     np.testing.assert_allclose(probs, [[0.6, 0.3], [0.0, 0.0], [0.6, 0.3]], rtol=1e-9)
     assert state.failed_rows == 1 and src.failed_rows == 1
-    assert fake.calls == 2 + 3  # the failing prompt was tried 3 times; no probe (others succeeded)
+    assert fake.calls == 2 + 3  # the failing prompt was tried 3 times; nothing else was sent
 
 
 def test_every_row_failing_with_a_working_upstream_gives_zero_rows(fake_server: Callable) -> None:
-    # Every private prompt is refused, but the public probe is answered: not an outage, so no abort.
+    # Every private prompt is refused: zero rows, no abort, and no extra call that a private
+    # failure would trigger (the old rule sent a probe here).
     fake = fake_server(lambda n, body: (400, 0.0) if "SECRET" in body["prompt"] else (200, 0.0))
     with _source(fake.base) as src:
         probs = src.open(PRIVATE).probs([" yes", " no"])
     assert probs.shape == (3, 2) and not probs.any()
-    assert fake.prompts[-1] == PROBE_PROMPT and fake.calls == 3 + 1
+    assert fake.calls == 3 and src.failed_rows == 3
 
 
-def test_unreachable_upstream_fails_the_step(fake_server: Callable) -> None:
+def test_a_down_upstream_fails_the_public_call_not_the_private_rows(fake_server: Callable) -> None:
+    # Private calls never abort a step, even when all of them fail: the abort is decided by the
+    # public prompt's call, which every step makes whatever the data.
     fake = fake_server(lambda n, body: (503, 0.0))
     with _source(fake.base, retries=1) as src:
+        probs = src.open(PRIVATE).probs([" yes"])
+        assert probs.shape == (3, 1) and not probs.any()
+        assert fake.calls == 3 * 2  # every row retried once, and nothing else sent
         with pytest.raises(SourceError) as info:
-            src.open(PRIVATE).probs([" yes"])
+            src.open(["public prompt"]).top_tokens(5)
     _assert_no_leak(info.value)
-    assert info.value.status == 503 and "unreachable" in str(info.value)
-    assert fake.calls == 3 * 2 + 2  # every row and the probe, each retried once
+    assert info.value.status == 503 and fake.calls == 3 * 2 + 2
     # A closed port: connection errors, the same outcome.
     with _source(f"http://127.0.0.1:{_free_port()}/v1", retries=0) as src:
+        assert not src.open(PRIVATE).probs([" yes"]).any()
         with pytest.raises(SourceError) as info:
-            src.open(PRIVATE).probs([" yes"])
+            src.open(["public prompt"]).top_tokens(5)
     _assert_no_leak(info.value)
 
 
@@ -414,7 +420,7 @@ def test_a_long_record_costs_its_row_only(fake_server: Callable) -> None:
         without = src.open(short).probs([" yes", " no"])
     np.testing.assert_allclose(with_long[[0, 2]], without, rtol=1e-12)
     assert not with_long[1].any()
-    assert fake.calls == 3 + 2  # the rejected prompt was not retried, and no probe was needed
+    assert fake.calls == 3 + 2  # the rejected prompt was not retried, and nothing else was sent
 
 
 def _generate(src: OpenAICompatSource, pool: list[Example], seed: int, **kw: object):
@@ -449,3 +455,48 @@ def test_generation_survives_a_record_the_provider_rejects(fake_server: Callable
     for demo, base in zip(demos, baseline):
         assert demo.tokens == base.tokens == 4
         assert demo.model_calls == base.model_calls  # M rows per step either way, no extra calls
+
+
+# ---------------------------------------------------------------------------------------------
+# The abort rule reads public calls only (issue 20, section 5).
+
+
+def _generate_m1(src: OpenAICompatSource, pool: list[Example], seed: int, **kw: object):
+    config = GenerationConfig(mode="resample", num_subsets=1, shots_per_subset=2, max_tokens=3, top_k=5,
+                              sigma=1.0, max_prompt_tokens=1000, **kw)
+    plan = plan_demonstrations(config, {"LOC": 1}, {"LOC": 2.0}, delta=1e-5)
+    assert plan.labels["LOC"].q == 1.0  # every record is sampled in every step
+    return generate_demonstration(src, TREC_PROMPT, pool, "LOC", config, plan.labels["LOC"], Noise(seed=seed))
+
+
+def test_a_refused_record_cannot_make_a_flaky_upstream_abort_the_step(fake_server: Callable) -> None:
+    # M = 1. The upstream refuses any prompt holding the record "SECRET-REFUSED", and is flaky for
+    # every call that is not a generation prompt (the old rule's probe "Hello" fails). With the
+    # old rule (abort when every private call *and* the probe fail) D + the record aborted every
+    # step and D never did. Now both run: the abort depends on the public prompt's call only.
+    def policy(n: int, body: dict) -> tuple[int, float]:
+        if "SECRET-REFUSED" in body["prompt"]:
+            return 400, 0.0
+        return (200, 0.0) if "Answer type" in body["prompt"] or "Question" in body["prompt"] else (503, 0.0)
+
+    fake = fake_server(policy)
+    d = [Example("SECRET-OK where is it ?", "LOC")]
+    with _source(fake.base, retries=0) as src:
+        without = _generate_m1(src, d, seed=1)
+        with_record = _generate_m1(src, d + [Example("SECRET-REFUSED who is it ?", "LOC")], seed=1)
+        assert src.failed_rows == with_record.tokens  # the refused record's prompt: a zero row per step
+    assert without.tokens == with_record.tokens == 3
+    assert with_record.model_calls == without.model_calls
+
+
+def test_public_prior_on_an_api_sends_the_public_prompt_once_per_step(fake_server: Callable) -> None:
+    # The public prompt's reply is read once per step (top list and probabilities) with public
+    # failure rules; it used to be sent a second time as if it were a private row.
+    fake = fake_server(lambda n, body: (200, 0.0))
+    pool = [Example(f"SECRET-{i} where ?", "LOC") for i in range(4)]
+    config = GenerationConfig(mode="resample", mechanism="public_prior", num_subsets=2, shots_per_subset=1,
+                              max_tokens=3, top_k=2, epsilon=2.0)
+    plan = plan_demonstrations(config, {"LOC": 1}, {"LOC": 400.0}, delta=1e-5)
+    with _source(fake.base) as src:
+        demo = generate_demonstration(src, TREC_PROMPT, pool, "LOC", config, plan.labels["LOC"], Noise(seed=0))
+    assert demo.tokens == 3 and fake.calls == 3 * (1 + 2)  # per step: the public prompt and M = 2 rows

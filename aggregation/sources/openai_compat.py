@@ -11,10 +11,13 @@ Privacy rules this module keeps:
   :meth:`OpenAICompatSource.count_tokens` is a public upper bound on the provider's token count
   (UTF-8 bytes by default), so the generator leaves out examples that do not fit, as it does for
   the local model. A private prompt whose call still fails for good after the retries contributes
-  an all-zero row: a step always returns exactly ``M`` rows, each a function of its own subset, and
-  a zero row is within the mechanism's ``sqrt(2)/M`` sensitivity. Only failures that do not depend
-  on the data abort a step: the public prompt's call failing, or every private call failing *and* a
-  fixed public probe failing too (the upstream is down or refuses everything).
+  an all-zero row, however many private calls fail: a step always returns exactly ``M`` rows, each
+  a function of its own subset, and a zero row is within the mechanism's ``sqrt(2)/M``
+  sensitivity. A step aborts only when a *public* call fails for good (the public prompt's, made
+  every step whatever the data, with the same retries). Whether a private call fails never decides
+  whether another call is made or the step aborts: with a flaky upstream, an abort rule that looked
+  at private failures (e.g. "every private call failed and a probe failed too") would abort more
+  often when a record that makes the upstream refuse is sampled, a leak outside the accounting.
 * Prompts contain private records, so nothing here logs them, and a :class:`SourceError` carries
   only the exception type and HTTP status - never litellm's message, which can quote the request or
   a server reply echoing it. It is raised outside the ``except`` block, so the original exception
@@ -37,15 +40,12 @@ import numpy as np
 from aggregation.sources.base import DecodeState, NextTokenSource, Token
 from aggregation.sources.failures import SourceError, is_transient, status_of
 
-__all__ = ["OpenAICompatSource", "OpenAICompatState", "SourceError", "PROBE_PROMPT"]
+__all__ = ["OpenAICompatSource", "OpenAICompatState", "SourceError"]
 
 #: Token texts that end a text. llama.cpp renders end-of-sequence (and other special tokens) as
 #: the empty string; other servers print the special token itself.
 DEFAULT_END_TOKENS: frozenset[str] = frozenset({"", "</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>"})
 
-#: Sent when every private call of a step failed, to tell a down upstream from failures caused by
-#: the prompts. Fixed public text: the outcome of this call depends on no private record.
-PROBE_PROMPT = "Hello"
 #: Tokens a provider may add around a prompt (a BOS, a leading-space token) in the length bound.
 _SPECIAL_TOKENS = 2
 
@@ -225,17 +225,12 @@ class OpenAICompatSource(NextTokenSource):
     def private_logprobs(self, prompts: Sequence[str]) -> list[dict[str, float] | None]:
         """Rows of private prompts: ``None`` (an all-zero row) where a call failed for good.
 
-        Raises :class:`SourceError` only when every call failed *and* the public probe
-        :data:`PROBE_PROMPT` fails too: the upstream is down, a fact that holds whatever the data.
-        With a working upstream no private prompt can make the step fail.
+        Never raises for a failed call, even when every call failed: the abort decision belongs to
+        the public calls (:meth:`public_logprobs`), so it cannot depend on which records were
+        sampled. An upstream that is down fails the step's public call instead.
         """
         results = self._gather(prompts)
         failed = sum(isinstance(r, SourceError) for r in results)
-        if failed and failed == len(results):
-            probe = self._gather([PROBE_PROMPT])[0]
-            if isinstance(probe, SourceError):  # raised here, not in an except block: no __context__
-                raise SourceError(f"the upstream is unreachable: every next-token call failed, and so did a "
-                                  f"public probe ({probe})", probe.status, probe.kind)
         with self._count_lock:
             self.failed_rows += failed
         return [None if isinstance(r, SourceError) else r for r in results]
@@ -333,8 +328,9 @@ def _as_logprob_dict(top: Any) -> dict[str, float]:
 class OpenAICompatState(DecodeState):
     """``M`` prompts as text; the next-token distributions are fetched lazily, once per step.
 
-    :meth:`probs` treats every prompt as private (a failed call gives an all-zero row);
-    :meth:`top_tokens` reads prompt 0 as the public prompt (a failed call fails the step).
+    :meth:`probs` treats every prompt as private (a failed call gives an all-zero row), except
+    prompt 0 once :meth:`top_tokens` has read it as the public prompt (a failed call fails the
+    step; its reply is reused for row 0).
     """
 
     def __init__(self, source: OpenAICompatSource, texts: list[str]):
@@ -348,9 +344,16 @@ class OpenAICompatState(DecodeState):
 
     def _all_rows(self) -> list[dict[str, float] | None]:
         if self._rows is None:
-            self._rows = self.source.private_logprobs(self._texts)
-            self.failed_rows += sum(r is None for r in self._rows)
-            self.calls += 1  # one batch of concurrent calls counts as one model call
+            if self._first is not None:
+                # top_tokens made prompt 0 the public prompt and already fetched it this step (with
+                # public failure rules): reuse that reply rather than re-sending it as a private row.
+                texts, head = self._texts[1:], [self._first]
+            else:
+                texts, head = self._texts, []
+            rows = self.source.private_logprobs(texts) if texts else []
+            self._rows = [*head, *rows]
+            self.failed_rows += sum(r is None for r in rows)
+            self.calls += 1 if texts else 0  # one batch of concurrent calls counts as one model call
         return self._rows
 
     def probs(self, candidates: Sequence[Token] | None) -> np.ndarray:
