@@ -4,9 +4,9 @@ Where noise is added: Opacus' ``DPOptimizer`` clips each sequence's gradient to 
 (L2) and adds ``N(0, (noise_multiplier * max_grad_norm)^2)`` to the sum of a Poisson-sampled batch
 before every step. The privacy unit is one training sequence (one private record).
 
-Accounting: every record is included in each batch independently with probability ``q`` (Opacus'
-``DPDataLoader``, which we build ourselves with exactly this ``q``), and ``steps`` noisy steps are
-taken, so the ledger records ``SelfComposed(PoissonSampled(q, Gaussian(noise_multiplier)), steps)``
+Accounting: every record is included in each batch independently with probability ``q``
+(:func:`poisson_batches`, drawn like Opacus' sampler but also for an empty dataset), and ``steps``
+noisy steps are taken whatever the data (an empty batch is a noisy step too), so the ledger records ``SelfComposed(PoissonSampled(q, Gaussian(noise_multiplier)), steps)``
 on the whole-dataset partition. We do not use Opacus' own accountant (its RDP estimate
 over-reports against PLD) nor its ``q = 1/len(data_loader)``: ``q = batch_size / n`` is computed
 from a DP estimate ``n`` of the dataset size (the noisy label counts), so neither the sampler nor
@@ -232,8 +232,6 @@ def run_dpsgd(
     Records whose label is not in ``plan.labels`` are ignored. Raises :class:`Cancelled`.
     """
     import torch
-    from opacus import PrivacyEngine
-    from opacus.data_loader import DPDataLoader
 
     cfg = plan.config
     out_dir = Path(out_dir)
@@ -243,63 +241,43 @@ def run_dpsgd(
     gen_noise = torch.Generator().manual_seed(int(seeds[1]))
 
     keep = set(plan.labels)
+    # No record with a planned label is not an error: the run is the same as with some (every
+    # Poisson batch is empty, every step still adds the accounted noise), so whether a job
+    # fails cannot tell D without such a record from D with one.
     records = [ex for ex in private if ex.label in keep]
-    if not records:
-        raise ValueError("no training rows with the planned labels")
     tensors = encode_examples(records, tokenizer, task, cfg.max_length)
-    dataset = torch.utils.data.TensorDataset(*tensors)
 
     peft_model = add_lora(model, cfg)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
-    # Our own Poisson loader with exactly the planned q (Opacus would derive q = 1/len(loader)).
-    loader = DPDataLoader(dataset, sample_rate=plan.q, generator=gen_data)
-    if loader.sample_rate != plan.q:  # pragma: no cover - defensive
-        raise RuntimeError("the sampler's rate differs from the accounted q")
     if private_training:
-        with warnings.catch_warnings():
-            # Opacus warns that its secure RNG is off: the noise generator is seeded from
-            # os.urandom when no seed is given (torchcsprng is not available here).
-            warnings.simplefilter("ignore")
-            engine = PrivacyEngine(accountant="prv")
-            module, optimizer, _ = engine.make_private(
-                module=peft_model, optimizer=optimizer, data_loader=loader,
-                noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
-                poisson_sampling=False,  # the loader already Poisson-samples with rate q
-                noise_generator=gen_noise, grad_sample_mode="hooks",
-            )
-        # Gradient scaling by the public expected batch size, not one derived from the exact n.
-        optimizer.expected_batch_size = cfg.batch_size
+        module, optimizer = _make_private(peft_model, optimizer, plan, gen_noise)
         inner = module._module
     else:
         module, inner = peft_model, peft_model
 
     result = DPSGDResult(rows=[], adapter_dir=out_dir / "adapter")
-    step = 0
-    while step < cfg.steps:
-        for input_ids, attention_mask, labels in loader:
-            if step >= cfg.steps:
-                break
-            if should_cancel is not None and should_cancel():
-                raise Cancelled()
-            started = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            if input_ids.shape[0] == 0:
-                if private_training:
-                    # An empty Poisson batch is still a noisy step (the accountant counts it).
-                    for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-                    optimizer.step()
-            else:
-                logits = module(input_ids=input_ids, attention_mask=attention_mask).logits
-                loss = per_sequence_loss(logits, labels).mean()
-                loss.backward()
+    for step, batch in enumerate(poisson_batches(len(records), plan.q, cfg.steps, gen_data), start=1):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled()
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        if batch.numel() == 0:
+            if private_training:
+                # An empty Poisson batch is still a noisy step (the accountant counts it).
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
                 optimizer.step()
-            step += 1
-            result.step_seconds.append(time.perf_counter() - started)
-            if progress is not None:
-                progress(0.9 * step / cfg.steps, f"training step {step}/{cfg.steps}")
+        else:
+            input_ids, attention_mask, labels = (t[batch] for t in tensors)
+            logits = module(input_ids=input_ids, attention_mask=attention_mask).logits
+            loss = per_sequence_loss(logits, labels).mean()
+            loss.backward()
+            optimizer.step()
+        result.step_seconds.append(time.perf_counter() - started)
+        if progress is not None:
+            progress(0.9 * step / cfg.steps, f"training step {step}/{cfg.steps}")
     optimizer.zero_grad(set_to_none=True)
 
     inner.save_pretrained(str(result.adapter_dir))
@@ -321,6 +299,41 @@ def run_dpsgd(
     if progress is not None:
         progress(1.0, "sampled")
     return result
+
+
+def poisson_batches(n: int, q: float, steps: int, generator: Any):
+    """``steps`` index tensors: each of the ``n`` rows in a batch independently with probability ``q``.
+
+    The sampling the accountant assumes (``PoissonSampled(q, ...)`` per step), drawn as Opacus'
+    ``UniformWithReplacementSampler`` draws it. Ours because that sampler (and ``DPDataLoader``)
+    refuse ``n = 0``: here an empty dataset gives ``steps`` empty batches, exactly the run a
+    dataset whose rows were never sampled gets.
+    """
+    import torch
+
+    for _ in range(steps):
+        yield (torch.rand(n, generator=generator) < q).nonzero(as_tuple=False).reshape(-1)
+
+
+def _make_private(model: Any, optimizer: Any, plan: DPSGDPlan, generator: Any) -> tuple[Any, Any]:
+    """Opacus' per-sample-gradient module and clipping+noise optimizer (``make_private`` without
+    its data loader and accountant): noise ``plan.noise_multiplier * max_grad_norm`` per step,
+    averaged by the public expected batch size, never one derived from the exact ``n``."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    from opacus.validators import ModuleValidator
+
+    ModuleValidator.validate(model, strict=True)
+    with warnings.catch_warnings():
+        # Opacus warns that its secure RNG is off: the noise generator is seeded from os.urandom
+        # when no seed is given (torchcsprng is not available here).
+        warnings.simplefilter("ignore")
+        module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        dp_optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier,
+                                   max_grad_norm=plan.config.max_grad_norm,
+                                   expected_batch_size=plan.config.batch_size, loss_reduction="mean",
+                                   generator=generator)
+    return module, dp_optimizer
 
 
 def sample_texts(model: Any, tokenizer: Any, task: TaskPrompt, sizes: Mapping[str, int], cfg: DPSGDConfig,

@@ -13,6 +13,7 @@ from aggregation.dpsgd import (
     encode_examples,
     per_sequence_loss,
     plan_dpsgd,
+    poisson_batches,
     run_dpsgd,
     training_event,
 )
@@ -125,3 +126,35 @@ def test_tiny_dpsgd_run_can_be_cancelled(tiny, tmp_path):
         run_dpsgd(plan, recs, copy.deepcopy(model), tok, tmp_path, seed=0,
                   progress=lambda f, s: steps.append(s), should_cancel=lambda: len(steps) >= 3)
     assert len(steps) == 3
+
+
+def test_poisson_batches_draw_each_row_with_probability_q():
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    batches = list(poisson_batches(2000, 0.1, 20, gen))
+    sizes = [b.numel() for b in batches]
+    assert len(sizes) == 20 and 150 < sum(sizes) / 20 < 250
+    assert all(len(set(b.tolist())) == b.numel() for b in batches)  # no row twice in a batch
+    empty = torch.Generator().manual_seed(0)
+    assert [b.numel() for b in poisson_batches(0, 0.5, 3, empty)] == [0] * 3  # Opacus' sampler refuses n = 0
+
+
+def test_no_row_of_the_planned_labels_runs_like_any_dataset(tiny, tmp_path):
+    # Issue 20, section 5: the run used to fail when no record had a planned label and proceed
+    # with one such record, a failure one record could flip. Now it runs every noisy step on empty
+    # batches, samples in the proportions of the DP counts, and releases the same structure.
+    model, tok = tiny
+    cfg = DPSGDConfig(noise_multiplier=1.0, batch_size=4, steps=3, num_samples=4, max_new_tokens=4, max_length=16)
+    plan = plan_dpsgd(cfg, {"LOC": 30.0, "NUM": 10.0}, 1e-5)
+    runs = {}
+    for name, recs in {"empty": [Example("a row of an unplanned label", "HUM")],
+                       "one": [Example("Where is the town?", "LOC")]}.items():
+        m = copy.deepcopy(model)
+        res = run_dpsgd(plan, recs, m, tok, tmp_path / name, task=TASK, seed=1)
+        lora = [p for n, p in m.named_parameters() if "lora_B" in n]
+        runs[name] = (res, lora)
+    for res, lora in runs.values():
+        assert len(res.step_seconds) == 3 and res.per_label == {"LOC": 3, "NUM": 1}
+        assert (res.adapter_dir / "adapter_config.json").exists()
+        assert any(p.detach().abs().sum() > 0 for p in lora)  # lora_B starts at 0: the noise moved it
