@@ -67,6 +67,15 @@ def test_generate_errors(data_file, extra, msg):
     assert "where is place" not in res.output  # never echo private rows
 
 
+def test_generate_refuses_a_seed_on_private_data(data_file, tmp_path):
+    # Issue 20, section 5: a seed makes the noise and the sampling reproducible, so it is allowed
+    # on data declared public only (the service refuses a job seed on a private dataset).
+    res = _run("generate", "--data", str(data_file), "--label", "LOC", "--epsilon", "1", "--seed", "1",
+               "--model", str(tmp_path / "no-model"))
+    assert res.exit_code == 2 and "--public-data" in res.output and "Traceback" not in res.output
+    assert "where is place" not in res.output
+
+
 def test_generate_missing_file_and_bad_rows(tmp_path):
     res = _run("generate", "--data", str(tmp_path / "nope.jsonl"), "--label", "x", "--epsilon", "1")
     assert res.exit_code == 2 and "no such file" in res.output
@@ -84,7 +93,8 @@ def test_generate_end_to_end_with_a_tiny_model(data_file, tmp_path):
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     res = _run("generate", "--data", str(data_file), "--label", "LOC", "--shots", "2", "--epsilon", "6",
-               "-M", "4", "-N", "2", "-T", "4", "--top-k", "10", "--model", str(model_dir), "--seed", "1")
+               "-M", "4", "-N", "2", "-T", "4", "--top-k", "10", "--model", str(model_dir), "--seed", "1",
+               "--public-data")
     assert res.exit_code == 0, res.output
     out = json.loads(res.output[res.output.index("{"):])
     assert len(out["demonstrations"]) == 2

@@ -80,7 +80,8 @@ def generate(
     model: Optional[str] = typer.Option(None, help="Local HF model directory (default: SmolLM2-135M-Instruct)."),
     api_base: Optional[str] = typer.Option(None, help="Use an OpenAI-compatible server's logprobs instead of a local model."),
     api_model: Optional[str] = typer.Option(None, help="Model name on --api-base (litellm form, e.g. openai/name)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for reproducible noise (default: OS CSPRNG)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for reproducible noise and sampling (default: OS CSPRNG); needs --public-data."),
+    public_data: bool = typer.Option(False, "--public-data", help="Declare that the file holds no private records (tests, benchmarks); required by --seed."),
 ) -> None:
     """Generate DP few-shot demonstrations for one label and print them as JSON with their epsilon."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -93,6 +94,10 @@ def generate(
     from aggregation.mechanisms import Noise
     from aggregation.prompts import TaskPrompt
 
+    if seed is not None and not public_data:
+        # As the service refuses a job seed on a private dataset: anyone holding the seed could
+        # recompute the noise and the samples, and remove them.
+        _fail("--seed is only allowed with --public-data: the noise on private data must come from the OS CSPRNG")
     if not data.exists():
         _fail(f"no such file: {data}")
     if shots < 1:
