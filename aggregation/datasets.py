@@ -98,18 +98,22 @@ def parse_rows(data: bytes | str, filename: str = "data.jsonl") -> list[Example]
 
 
 def deduplicate(rows: Sequence[Example]) -> tuple[list[Example], int]:
-    """Rows with exact repeats (same text after whitespace folding, same label) dropped, in order.
+    """Rows with exact repeats (same text after whitespace folding, same label, same unit) dropped.
 
-    Epsilon bounds what one record reveals; a text repeated in k records is a group that only about
-    k times epsilon bounds (docs/privacy.md), so repeats are removed before the data is stored.
-    Returns the kept rows and how many were dropped.
+    Epsilon bounds what one unit reveals; a text repeated in k unit-less rows (each its own unit,
+    likely one person's) is a group that only about k times epsilon bounds (docs/privacy.md), so
+    such repeats are removed before the data is stored. Order is kept. Returns the kept rows and
+    how many were dropped.
     """
     seen: set[tuple[str, str, str | None]] = set()
     kept: list[Example] = []
     for r in rows:
-        # parse_rows already folded whitespace. Repeats inside one declared privacy unit are
-        # covered by the unit-level guarantee; across units (or without units) they are dropped.
-        key = (r.text, r.label, r.unit) if r.unit is not None else (r.text, r.label, None)
+        # parse_rows already folded whitespace. The unit is part of the key: a repeat inside one
+        # declared unit is dropped (the unit-level guarantee covers it anyway), and rows without a
+        # unit repeat each other under the key (text, label, None). The same text in two
+        # *different* units is kept: they are different people, and dropping one would make a
+        # unit's stored rows depend on another unit's.
+        key = (r.text, r.label, r.unit)
         if key not in seen:
             seen.add(key)
             kept.append(r)

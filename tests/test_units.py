@@ -115,3 +115,16 @@ def test_a_unit_with_300_rows_adds_at_most_one_row_to_any_step():
 def test_unit_pool_len_counts_units():
     pool = UnitPool("LOC", ((Example("a", "LOC"), Example("b", "LOC")), (Example("c", "LOC"),)))
     assert len(pool) == 2 and pool.sizes == [2, 1] and pool.rows() == 3
+
+
+def test_deduplicate_drops_repeats_within_a_unit_or_without_units_and_keeps_them_across_units():
+    # Pins what docs/privacy.md promises (the old code comment said the opposite of the code).
+    from aggregation.datasets import deduplicate
+
+    rows = [Example("same text", "a", "u1"), Example("same text", "a", "u1"),  # within a unit: dropped
+            Example("same text", "a", "u2"),  # another unit: kept
+            Example("same text", "a"), Example("same text", "a"),  # no unit: dropped
+            Example("same text", "b")]  # another label: kept
+    kept, dropped = deduplicate(rows)
+    assert dropped == 2
+    assert kept == [rows[0], rows[2], rows[3], rows[5]]
