@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Hashable, Mapping, Sequence
 
+from aggregation.mechanisms import Noise
 from aggregation.prompts import Example
 
 
@@ -98,21 +99,22 @@ def unit_counts(pools: Mapping[str, UnitPool], labels: Sequence[str] | None = No
     return {lab: len(pools[lab]) if lab in pools else 0 for lab in names}
 
 
-def one_row_per_unit(rows: Sequence[Example], labels: Sequence[str], rng: Any = None) -> list[Example]:
+def one_row_per_unit(rows: Sequence[Example], labels: Sequence[str], noise: Noise | None = None) -> list[Example]:
     """Every unit reduced to one row: drawn uniformly from its rows of its assigned label.
 
     For mechanisms that sample rows (DP-SGD's Poisson batches, PE's votes): after this, adding or
     removing a unit adds or removes exactly one row, so their row-level accounting becomes
-    unit-level. The draw for a unit looks at that unit's rows only. ``rng`` (default: a CSPRNG-seeded
-    generator) supplies the uniform draws.
+    unit-level. The draw for a unit looks at that unit's rows only. ``noise`` (default
+    ``Noise(None)``: CSPRNG uniforms, like every other sampler of private data) supplies the draws;
+    a seeded one is for public data only.
     """
     import numpy as np
 
-    gen = rng if rng is not None else np.random.default_rng()
+    gen = noise if noise is not None else Noise(None)
     out: list[Example] = []
     for pool in unit_pools(rows, labels).values():
         if not len(pool):
             continue
-        picks = np.floor(gen.random(len(pool)) * np.asarray(pool.sizes)).astype(int)
+        picks = np.floor(gen.uniform(len(pool)) * np.asarray(pool.sizes)).astype(int)
         out.extend(entry[min(int(i), len(entry) - 1)] for entry, i in zip(pool.units, picks))
     return out

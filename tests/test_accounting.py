@@ -195,3 +195,29 @@ def test_block_mode_needs_a_block_size():
         demonstration_event("block", 0.01, 10, sigma=1.0)
     with pytest.raises(ValueError):
         demonstration_event("block", 0.01, 10, sigma=1.0, block_tokens=0)
+
+
+def test_worked_example_numbers_match_the_code():
+    # docs/privacy.md's worked example (issue 20, section 5): it quoted Gaussian numbers while the
+    # default mechanism is public_prior. Both rows are recomputed here and must be the ones quoted.
+    from pathlib import Path
+
+    from aggregation.planning import GenerationConfig, plan_demonstrations
+
+    doc = " ".join((Path(__file__).resolve().parents[1] / "docs" / "privacy.md").read_text().split())
+    delta = 1e-5
+    quoted = {}
+    for mechanism in ("public_prior", "gaussian"):
+        cfg = GenerationConfig(mode="resample", mechanism=mechanism, num_subsets=10, shots_per_subset=2,
+                               max_tokens=20, epsilon=1.0)
+        plan = plan_demonstrations(cfg, {"a": 1, "b": 1}, {"a": 900.0, "b": 900.0}, delta)
+        a, b = plan.labels["a"].event, plan.labels["b"].event
+        add_remove = accounting.epsilon_of([a, dpa.GaussianDpEvent(20.0)], delta)
+        # Relabel = remove from partition a, add to b: both partitions, counts at sensitivity sqrt 2.
+        relabel = accounting.epsilon_of([a, b, dpa.GaussianDpEvent(20.0 / math.sqrt(2))], delta)
+        quoted[mechanism] = (f"{add_remove:.3f}", f"{relabel:.3f}", f"{2 * add_remove:.3f}")
+    assert (f"label counts costs {quoted['public_prior'][0]} under add/remove and at most "
+            f"{quoted['public_prior'][1]} for changing one unit's label") in doc
+    assert f"against {quoted['public_prior'][2]} for plain group privacy of two" in doc
+    g = quoted["gaussian"]
+    assert f"With `mechanism: gaussian` the same setting gives {g[0]} and {g[1]} ({g[2]})" in doc

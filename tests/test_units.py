@@ -128,3 +128,25 @@ def test_deduplicate_drops_repeats_within_a_unit_or_without_units_and_keeps_them
     kept, dropped = deduplicate(rows)
     assert dropped == 2
     assert kept == [rows[0], rows[2], rows[3], rows[5]]
+
+
+def test_one_row_per_unit_draws_from_the_csprng_by_default(monkeypatch):
+    # Issue 20, section 5: the draw of a unit's row for PE and DP-SGD used NumPy's default_rng;
+    # it now uses Noise(None) (os.urandom) like every other sampler of private data.
+    from aggregation import mechanisms
+    from aggregation.units import one_row_per_unit
+
+    calls = []
+    real = mechanisms.Noise.uniform
+
+    def spy(self, size):
+        calls.append((self.reproducible, size))
+        return real(self, size)
+
+    monkeypatch.setattr(mechanisms.Noise, "uniform", spy)
+    rows = [Example(f"row {i}", "a", f"u{i % 3}") for i in range(9)]
+    out = one_row_per_unit(rows, ["a"])
+    assert len(out) == 3 and len({r.unit for r in out}) == 3
+    assert calls == [(False, 3)]  # one CSPRNG draw per unit
+    seeded = [one_row_per_unit(rows, ["a"], Noise(7)) for _ in range(2)]
+    assert seeded[0] == seeded[1]  # a seed (public data only) reproduces the draw

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 
 from aggregation.mechanisms import Noise
 from aggregation.pe import Cancelled, PEPlan, run_pe
@@ -127,9 +126,9 @@ def execute_job(ctx: WorkerContext, job_id: str, heartbeat: Heartbeat | None = N
         # One row per privacy unit (drawn uniformly from its rows of its label): PE and DP-SGD
         # account per row, so a unit must hold exactly one (aggregation.units.one_row_per_unit).
         seed = record.get("seed")
-        rng = np.random.default_rng(seed) if seed is not None else None  # seeds only on public data
+        noise = Noise(seed) if seed is not None else None  # seeds only on public data; else CSPRNG
         rows = one_row_per_unit([Example(t, lab, unit=u) for t, lab, u in store.load_rows(record["dataset_id"], units=True)],
-                                meta.labels, rng)
+                                meta.labels, noise)
         if record["kind"] == "pe":
             out = _run_pe(ctx, record, rows, progress, should_cancel)
         else:
