@@ -13,7 +13,7 @@ import contextlib
 import json
 import re
 import logging
-from typing import Any
+from typing import Any, AsyncIterator
 
 import anyio
 from fastapi import APIRouter, Depends, Request
@@ -196,11 +196,36 @@ async def upload_dataset(request: Request) -> Response:
         return store.begin_upload(name, eps, dlt, public, labels), pop is None
 
     upload, new_name = await anyio.to_thread.run_sync(begin)
-    meta = await _stage_and_publish(request, upload, rows, new_name)
+    async with request.app.state.uploads.track():
+        meta = await _stage_and_publish(request, upload, rows, new_name)
     request.app.state.metrics.record_spend(meta.id, 0.0, meta.budget_epsilon)
     log_event("dataset.uploaded", dataset_id=meta.id, rows=meta.rows, labels=len(meta.labels))
     # Told to the uploader only (who holds the file); not logged and not part of stored metadata.
     return json_response({**dataset_view(meta), "duplicates_removed": dropped}, 201)
+
+
+class UploadsInFlight:
+    """Uploads still writing or discarding rows. Shutdown waits for them (bounded) before it
+    closes the store: a connection must not be closed under a thread that is using it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @contextlib.asynccontextmanager
+    async def track(self) -> AsyncIterator[None]:
+        """Count one upload for as long as the block runs (its discard included)."""
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until no upload is in flight, at most ``timeout`` seconds; whether none is left."""
+        with anyio.move_on_after(timeout):
+            while self.count:
+                await anyio.sleep(0.02)
+        return self.count == 0
 
 
 async def _discard(upload: StagedUpload) -> None:
