@@ -134,6 +134,44 @@ def test_sqlite_open_sweeps_a_dead_upload(tmp_path):
     reopened.close()
 
 
+def _rows_table_sql(path: Path) -> str:
+    c = sqlite3.connect(path)
+    try:
+        return c.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'dataset_rows'").fetchone()[0]
+    finally:
+        c.close()
+
+
+def test_sqlite_rows_never_sit_in_a_btree_key(tmp_path):
+    """A WITHOUT ROWID rows table keeps each row's text in its key b-tree: after one 9 MB row was
+    stored, inserts whose key search passed that row read all 9 MB per comparison (the issue's
+    milliseconds per row under the write lock). Fresh files use a rowid table; an old file is
+    rebuilt on open with every row kept."""
+    path = tmp_path / "s.db"
+    SqliteStore(path).close()
+    assert "WITHOUT ROWID" not in _rows_table_sql(path).upper()
+    old = tmp_path / "old.db"
+    store = SqliteStore(old)
+    meta = store.create_dataset("d", [("x" * 100_000, "A", "u1"), ("b", "B")], 2.0, 1e-5)
+    store.close()
+    c = sqlite3.connect(old, isolation_level=None)
+    c.executescript("""
+        BEGIN;
+        ALTER TABLE dataset_rows RENAME TO r;
+        DROP INDEX dataset_rows_by_id;
+        CREATE TABLE dataset_rows (dataset_id TEXT NOT NULL, idx INTEGER NOT NULL, text TEXT NOT NULL,
+            label TEXT NOT NULL, unit TEXT, PRIMARY KEY (dataset_id, idx)) WITHOUT ROWID;
+        INSERT INTO dataset_rows SELECT dataset_id, idx, text, label, unit FROM r;
+        DROP TABLE r;
+        COMMIT;""")
+    c.close()
+    assert "WITHOUT ROWID" in _rows_table_sql(old).upper()
+    store = SqliteStore(old)
+    assert "WITHOUT ROWID" not in _rows_table_sql(old).upper()
+    assert store.load_rows(meta.id, units=True) == [("x" * 100_000, "A", "u1"), ("b", "B", None)]
+    store.close()
+
+
 def test_sqlite_lock_timeout_is_store_busy(tmp_path):
     store = SqliteStore(tmp_path / "s.db", timeout=0.05)
     store.create_dataset("d", [("a", "A")], 2.0, 1e-5)

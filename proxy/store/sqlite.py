@@ -39,6 +39,7 @@ from proxy.store.base import (
     demo_filter,
 )
 from proxy.store.client_keys import SQLITE_SCHEMA, SqliteClientKeys
+from proxy.store.sqlite_migrate import ROWS_TABLE, migrate_if_needed, rebuild_rows_table
 from proxy.store.sqlite_uploads import SQLITE_SCHEMA as UPLOADS_SCHEMA
 from proxy.store.sqlite_uploads import SqliteUploads
 from proxy.store.warmups import SQLITE_SCHEMA as WARMUPS_SCHEMA
@@ -68,14 +69,6 @@ CREATE TABLE IF NOT EXISTS datasets (
     noisy_counts TEXT
 );
 CREATE INDEX IF NOT EXISTS datasets_by_name ON datasets (name);
-CREATE TABLE IF NOT EXISTS dataset_rows (
-    dataset_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    label TEXT NOT NULL,
-    unit TEXT,
-    PRIMARY KEY (dataset_id, idx)
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ledger (
     name TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -121,7 +114,7 @@ CREATE TABLE IF NOT EXISTS blobs (
     data BLOB NOT NULL
 );
 INSERT OR IGNORE INTO schema_info (key, value) VALUES ('version', '2');
-""" + SQLITE_SCHEMA + WARMUPS_SCHEMA + UPLOADS_SCHEMA
+""" + ROWS_TABLE + ";" + SQLITE_SCHEMA + WARMUPS_SCHEMA + UPLOADS_SCHEMA
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
@@ -144,10 +137,10 @@ class SqliteStore(SqliteClientKeys, SqliteWarmups, SqliteUploads, Store):
         self._all_lock = threading.Lock()
         conn = self._conn()
         self._enable_wal(conn)
-        from proxy.store.sqlite_migrate import migrate_if_needed
-
-        # A schema-1 file is copied to a backup next to it, then converted in one transaction.
+        # A schema-1 file is copied to a backup next to it, then converted in one transaction;
+        # a rows table from before issue 20 is rebuilt as a rowid table (one transaction).
         migrate_if_needed(conn, self.path, _SCHEMA)
+        rebuild_rows_table(conn)
         # One transaction, so processes opening a new file at once see the whole schema or none.
         conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
         self.sweep_uploads()  # rows staged by a process that died mid-upload

@@ -42,8 +42,11 @@ STALE_SECONDS = 900.0
 Row = tuple[str, str, "str | None"]
 
 
-def row_chunks(rows: Sequence[Row], max_rows: int = CHUNK_ROWS, max_bytes: int = CHUNK_BYTES) -> Iterator[list[Row]]:
-    """Normalised rows in chunks of at most ``max_rows`` rows and about ``max_bytes`` bytes."""
+def row_chunks(rows: Sequence[Row], max_rows: int | None = None, max_bytes: int | None = None) -> Iterator[list[Row]]:
+    """Normalised rows in chunks of at most ``max_rows`` rows and about ``max_bytes`` bytes
+    (default :data:`CHUNK_ROWS` / :data:`CHUNK_BYTES`)."""
+    max_rows = max_rows or CHUNK_ROWS
+    max_bytes = max_bytes or CHUNK_BYTES
     chunk: list[Row] = []
     size = 0
     for row in rows:
