@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from proxy.api.admin import router as admin_router
 from proxy.api.budget import router as budget_router
+from proxy.api.datasets import UploadsInFlight
 from proxy.api.datasets import router as datasets_router
 from proxy.api.errors import install_error_handlers
 from proxy.api.health import router as health_router
@@ -37,6 +38,9 @@ from proxy.metrics import Metrics
 from proxy.serving.demos import DemoService
 from proxy.serving.tasks import TaskRegistry
 from proxy.store import open_store
+
+#: At shutdown, how long to wait for cancelled uploads to discard their staged rows.
+UPLOAD_DRAIN_SECONDS = 15.0
 
 
 def _local_source_factory(app: FastAPI, config: Config):
@@ -134,6 +138,7 @@ def create_app(config: Config | None = None, freeze_gc: bool = False) -> FastAPI
         app.state.tasks = TaskRegistry(config, store, config.server.cache_recheck_seconds)
         app.state.demos = DemoService(config, store, app.state.budget, metrics, app.state.tasks,
                                       local_source=_local_source_factory(app, config))
+        app.state.uploads = UploadsInFlight()
         app.state.jobs = JobManager.create(store, app.state.budget, config, metrics=metrics)
         if app.state.auth.open:
             log_event("server.open_mode", note="/v1 accepts requests without a key")
@@ -159,7 +164,13 @@ def create_app(config: Config | None = None, freeze_gc: bool = False) -> FastAPI
             await http.aclose()
             app.state.demos.close()
             await anyio.to_thread.run_sync(app.state.jobs.close)
-            store.close()
+            # Uploads cancelled by the shutdown may still be discarding their staged rows in a
+            # thread: closing the store under it could crash the process. If one is stuck, leave
+            # the store open (the process is ending; its rows are swept on the next start).
+            if await app.state.uploads.drain(UPLOAD_DRAIN_SECONDS):
+                store.close()
+            else:
+                log_event("server.uploads_left", note="store left open; staged rows are swept on the next start")
 
     app = FastAPI(title="dpicl proxy", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)

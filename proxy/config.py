@@ -195,6 +195,9 @@ class ServerSettings(_Strict):
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     #: Serve /v1 without a client key even when an admin key is set (local development).
     open: bool = False
+    #: On SIGTERM, seconds to let running requests finish before they are cancelled (an upload in
+    #: progress is then abandoned: its staged rows are discarded, nothing committed is lost).
+    shutdown_grace_seconds: float = Field(5.0, gt=0, le=600)
     #: How often a replica re-reads the store for demonstrations / admin tasks it has in memory.
     cache_recheck_seconds: float = Field(5.0, ge=0)
     #: Budget of a newly uploaded dataset unless the upload names one.

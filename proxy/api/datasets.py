@@ -9,9 +9,11 @@ datasets. Rows with a label outside the domain are refused, naming row numbers o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from typing import Any
+import logging
+from typing import Any, AsyncIterator
 
 import anyio
 from fastapi import APIRouter, Depends, Request
@@ -23,12 +25,15 @@ from proxy.api.common import audit, json_response, require_admin
 from proxy.api.schemas import check_budget
 from proxy.errors import APIError
 from proxy.logs import log_event
-from proxy.store.base import DatasetMeta, NotFound
+from proxy.store.base import DatasetMeta, NotFound, StagedUpload
+from proxy.store.uploads import pause_after, row_chunks
 
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: Row numbers named in a refusal (the first few; the count is given too).
 _SHOW_ROWS = 5
 MAX_LABELS = 1000
+
+log = logging.getLogger("dpicl.datasets")
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
@@ -178,7 +183,7 @@ async def upload_dataset(request: Request) -> Response:
     eps = epsilon if epsilon is not None else server.default_budget_epsilon
     dlt = delta if delta is not None else server.default_budget_delta
 
-    def create() -> tuple[DatasetMeta, bool]:
+    def begin() -> tuple[StagedUpload, bool]:
         try:
             pop = store.get_population(name)
         except NotFound:
@@ -188,15 +193,81 @@ async def upload_dataset(request: Request) -> Response:
             raise APIError(409, f"dataset name {name!r} already has a budget (epsilon {pop.budget_epsilon:g}, delta "
                                 f"{pop.budget_delta:g}) shared by its versions; change it with PUT /admin/budget/{name}",
                            "budget_exists", param="epsilon")
-        return store.create_dataset(name, rows, eps, dlt, public, labels), pop is None
+        return store.begin_upload(name, eps, dlt, public, labels), pop is None
 
-    meta, new_name = await anyio.to_thread.run_sync(create)
+    upload, new_name = await anyio.to_thread.run_sync(begin)
+    async with request.app.state.uploads.track():
+        meta = await _stage_and_publish(request, upload, rows, new_name)
     request.app.state.metrics.record_spend(meta.id, 0.0, meta.budget_epsilon)
     log_event("dataset.uploaded", dataset_id=meta.id, rows=meta.rows, labels=len(meta.labels))
-    await audit(request, "dataset.upload", meta.name, dataset_id=meta.id, version=meta.version, rows=meta.rows,
-                units=meta.units, labels=len(meta.labels), public=meta.public, new_name=new_name)
     # Told to the uploader only (who holds the file); not logged and not part of stored metadata.
     return json_response({**dataset_view(meta), "duplicates_removed": dropped}, 201)
+
+
+class UploadsInFlight:
+    """Uploads still writing or discarding rows. Shutdown waits for them (bounded) before it
+    closes the store: a connection must not be closed under a thread that is using it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @contextlib.asynccontextmanager
+    async def track(self) -> AsyncIterator[None]:
+        """Count one upload for as long as the block runs (its discard included)."""
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until no upload is in flight, at most ``timeout`` seconds; whether none is left."""
+        with anyio.move_on_after(timeout):
+            while self.count:
+                await anyio.sleep(0.02)
+        return self.count == 0
+
+
+async def _discard(upload: StagedUpload) -> None:
+    """Abort a staged upload; a failure here (the store is failing already) must not hide the
+    original error: the staged rows stay invisible and are swept later (docs/stores.md)."""
+    try:
+        await anyio.to_thread.run_sync(upload.abort)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not discard a staged upload now (%s); it will be swept", type(exc).__name__)
+
+
+async def _stage_and_publish(request: Request, upload: StagedUpload, rows: list[tuple[str, str, str | None]],
+                             new_name: bool) -> DatasetMeta:
+    """Write the rows chunk by chunk (each a short store write, then a pause that leaves the lock
+    to waiting ledger and budget writes), then publish the version and its audit record together.
+
+    A cancellation (client gone, server shutting down) or an error before the publish discards the
+    staged rows: no version and no audit record appear. The publish and the audit record are
+    shielded from cancellation, and a failed audit write removes the just-published version.
+    """
+    try:
+        for chunk in row_chunks(rows):
+            await anyio.sleep(pause_after(await anyio.to_thread.run_sync(upload.add, chunk)))
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _discard(upload)
+        raise
+    with anyio.CancelScope(shield=True):
+        try:
+            meta = await anyio.to_thread.run_sync(upload.commit)
+        except BaseException:
+            await _discard(upload)
+            raise
+        try:
+            await audit(request, "dataset.upload", meta.name, dataset_id=meta.id, version=meta.version,
+                        rows=meta.rows, units=meta.units, labels=len(meta.labels), public=meta.public,
+                        new_name=new_name)
+        except BaseException:
+            with contextlib.suppress(Exception):  # best effort: the store is failing already
+                await anyio.to_thread.run_sync(request.app.state.store.delete_dataset, meta.id)
+            raise
+    return meta
 
 
 @router.get("/datasets")

@@ -1,6 +1,7 @@
 """The FastAPI exception handlers: every error, including the framework's own (validation, unknown
 route, wrong method) and unexpected exceptions, answered as an OpenAI-style body. Unexpected
-exceptions become a bare 500 and are logged by type name only (their text could quote data).
+exceptions become a bare 500 and are logged by type name only (their text could quote data), except
+a store that did not answer in time (a lock wait, a Redis timeout): 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -14,14 +15,28 @@ from starlette.responses import Response
 
 from proxy.config import format_validation_errors
 from proxy.errors import APIError, error_body
+from proxy.store import busy_reason
 
 log = logging.getLogger("dpicl.errors")
+
+#: Retry-After (seconds) of a 503 for a store that did not answer in time: lock holders keep the
+#: lock for short, bounded steps (docs/stores.md), so a retry soon is likely to succeed.
+STORE_RETRY_AFTER = 2
 
 
 def error_response(status: int, message: str, code: str | None = None, type: str | None = None,
                    param: str | None = None, headers: dict[str, str] | None = None) -> Response:
     return Response(error_body(status, message, code, type, param), status_code=status,
                     media_type="application/json", headers=headers)
+
+
+def store_busy_error(exc: BaseException) -> APIError | None:
+    """503 + ``Retry-After`` for a store that did not answer in time (None for other errors)."""
+    reason = busy_reason(exc)
+    if reason is None:
+        return None
+    return APIError(503, f"{reason}; retry in a few seconds", "store_busy",
+                    headers={"Retry-After": str(STORE_RETRY_AFTER)})
 
 
 def not_found_model(model: str) -> APIError:
@@ -62,6 +77,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
+        busy = store_busy_error(exc)
+        if busy is not None:  # a lock or store timeout: nothing was written, retrying is safe
+            log.warning("store busy (%s) on %s %s", type(exc).__name__, request.method, request.url.path[:200])
+            return error_response(busy.status, busy.message, busy.code, busy.type, headers=busy.headers)
         # The exception's text may quote data: log its type only.
         log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path[:200])
         return error_response(500, "internal server error", "internal_error")

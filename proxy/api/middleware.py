@@ -14,6 +14,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from proxy.api.errors import store_busy_error
 from proxy.errors import APIError, BodyTimeout, BodyTooLarge, error_body
 from proxy.logs import log_request
 from proxy.metrics import Metrics
@@ -128,6 +129,10 @@ class RequestMiddleware:
                 err = exc
             elif isinstance(exc, ValueError) and str(exc).startswith("invalid content-length"):
                 err = APIError(400, "invalid Content-Length header", "invalid_header")
+            elif (busy := store_busy_error(exc)) is not None:
+                log.warning("store busy (%s) on %s %s", type(exc).__name__, scope.get("method"),
+                            scope.get("path", "")[:200])
+                err = busy
             else:
                 log.error("unhandled %s on %s %s", type(exc).__name__, scope.get("method"), scope.get("path", "")[:200])
                 err = APIError(500, "internal server error", "internal_error")

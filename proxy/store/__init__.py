@@ -6,6 +6,7 @@ data, not policy: they import nothing from the rest of the project.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from proxy.store.base import (
@@ -19,12 +20,14 @@ from proxy.store.base import (
     Population,
     SchemaError,
     Store,
+    StoreBusy,
     StoreError,
 )
 
 __all__ = [
     "AuditEntry", "BudgetCheck", "BudgetExceeded", "Charge", "DatasetMeta", "LedgerEntry", "NotFound",
-    "Population", "SchemaError", "Store", "StoreError", "default_store_url", "open_store",
+    "Population", "SchemaError", "Store", "StoreBusy", "StoreError", "busy_reason", "default_store_url",
+    "open_store",
 ]
 
 
@@ -58,3 +61,22 @@ def open_store(url: str | None = None) -> Store:
         url, prefix = split_prefix(url, default=env_prefix or "dpicl:")
         return RedisStore(url, prefix=prefix)
     raise ValueError("unknown store URL scheme; use sqlite:///path/to/file.db or redis://host:port/db")
+
+
+def busy_reason(exc: BaseException) -> str | None:
+    """One line saying why the store did not answer in time, or None if ``exc`` is not that.
+
+    Covers :class:`StoreBusy` and the backends' own timeout errors that escape a store call (a
+    SQLite lock wait, a Redis socket timeout or lost connection), so the API can answer 503 with
+    ``Retry-After`` instead of 500. Never quotes the exception's text beyond our own messages.
+    """
+    if isinstance(exc, StoreBusy):
+        return str(exc)
+    import sqlite3
+
+    if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
+        return "the SQLite store is locked by another writer"
+    redis = sys.modules.get("redis")  # only when the Redis backend is in use
+    if redis is not None and isinstance(exc, (redis.exceptions.TimeoutError, redis.exceptions.ConnectionError)):
+        return "the Redis store did not answer in time"
+    return None

@@ -18,6 +18,7 @@ migration of a schema-1 SQLite file (backed up first) and why a schema-1 Redis i
 from __future__ import annotations
 
 import secrets
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -25,6 +26,11 @@ from typing import Any, Callable, Sequence
 
 class StoreError(Exception):
     """Base class of store errors (messages never contain private text)."""
+
+
+class StoreBusy(StoreError):
+    """The store did not answer in time (a lock wait or a network timeout); nothing was written
+    by the failed call. The HTTP layer answers 503 with ``Retry-After``."""
 
 
 class NotFound(StoreError):
@@ -169,6 +175,84 @@ def count_units(rows: Sequence[tuple[str, str, str | None]]) -> int:
     return sum(1 for _, _, u in rows if u is None) + len({u for _, _, u in rows if u is not None})
 
 
+class StagedUpload(ABC):
+    """One upload in progress (:meth:`Store.begin_upload`): ``add`` chunks, then ``commit`` (or
+    ``abort``); nothing is visible before the commit (design: :mod:`proxy.store.uploads`). Not
+    thread-safe: one caller drives an upload (its calls may come from different threads in turn)."""
+
+    def __init__(self, name: str, budget_epsilon: float, budget_delta: float, public: bool,
+                 labels: Sequence[str] | None):
+        self.dataset_id = new_dataset_id()
+        self.name = name
+        self.budget_epsilon = float(budget_epsilon)
+        self.budget_delta = float(budget_delta)
+        self.public = bool(public)
+        self.rows = 0
+        self._declared = list(labels) if labels is not None else None
+        self._seen: set[str] = set()
+        self._units: set[str] = set()
+        self._unitless = 0
+        self.done = False
+        #: Test hook: called with the number of rows staged so far after every chunk (lock free).
+        self.on_chunk: Callable[[int], None] | None = None
+
+    def add(self, rows: Sequence[Sequence[Any]]) -> float:
+        """Stage one chunk of ``(text, label[, unit])`` rows in its own short write; returns the
+        seconds it took. Chunk sizes are the caller's (``proxy.store.uploads.row_chunks``)."""
+        if self.done:
+            raise RuntimeError("this upload is already committed or aborted")
+        norm = normalise_rows(rows)
+        start = time.monotonic()
+        self._write(self.rows, norm)
+        took = time.monotonic() - start
+        self.rows += len(norm)
+        for _, label, unit in norm:
+            self._seen.add(label)
+            if unit is None:
+                self._unitless += 1
+            else:
+                self._units.add(unit)
+        if self.on_chunk is not None:
+            self.on_chunk(self.rows)
+        return took
+
+    @property
+    def units(self) -> int:
+        """Privacy units staged so far (a row without a unit id is its own unit)."""
+        return self._unitless + len(self._units)
+
+    @property
+    def labels(self) -> list[str]:
+        """The declared label domain, else the sorted labels of the staged rows."""
+        return list(self._declared) if self._declared is not None else sorted(self._seen)
+
+    def commit(self) -> DatasetMeta:
+        """Publish the staged rows as a new version of ``name`` (one short atomic step)."""
+        if self.done:
+            raise RuntimeError("this upload is already committed or aborted")
+        meta = self._publish()
+        self.done = True
+        return meta
+
+    def abort(self) -> None:
+        """Delete the staged rows and the staging mark (idempotent; nothing becomes visible)."""
+        if not self.done:
+            self.done = True
+            self._discard()
+
+    @abstractmethod
+    def _write(self, start: int, rows: list[tuple[str, str, str | None]]) -> None:
+        """Store ``rows`` at positions ``start, start+1, ...`` and refresh the staging mark."""
+
+    @abstractmethod
+    def _publish(self) -> DatasetMeta:
+        """Atomically: check the staging mark, assign the version, write metadata, drop the mark."""
+
+    @abstractmethod
+    def _discard(self) -> None:
+        """Delete the staged rows (in chunks) and the staging mark."""
+
+
 #: Warm-up states in which a warm-up still holds its deduplication key.
 ACTIVE_WARMUP_STATES = ("queued", "running")
 
@@ -186,7 +270,15 @@ class Store(ABC):
         A new name gets version 1 and a population with the given budget; an existing name a new
         id with version+1 and keeps its population's budget and ledger (the budget arguments are
         then ignored). ``labels`` is the declared label domain (default: the rows' sorted labels).
+        Rows are written in short chunks and published at the end (:mod:`proxy.store.uploads`):
+        the dataset appears whole or not at all.
         """
+
+    @abstractmethod
+    def begin_upload(self, name: str, budget_epsilon: float, budget_delta: float, public: bool = False,
+                     labels: Sequence[str] | None = None) -> StagedUpload:
+        """Start a staged upload (arguments as for :meth:`create_dataset`): add rows in chunks,
+        then commit (or abort). Nothing is visible before the commit."""
 
     @abstractmethod
     def get_dataset(self, dataset_id: str) -> DatasetMeta:

@@ -9,6 +9,8 @@ Every key starts with a prefix (``dpicl:`` by default) so one Redis can hold sev
 ``{p}ds:{id}``                dataset metadata without the budget (JSON string)
 ``{p}ds:ids``                 set of dataset ids
 ``{p}rows:{id}``              list of rows, each ``[text, label, unit]`` JSON (private; own key)
+``{p}upload:{id}``            staging mark of an upload in progress (expires; proxy.store.uploads)
+``{p}uploads``                set of the ids being staged
 ``{p}ledger:{name}``          list of ledger entries (JSON); entry ``seq`` = list index + 1
 ``{p}audit``, ``{p}audit:seq``  sorted set of audit records by seq; the seq counter
 ``{p}demo:{key}``             cached demonstration set ``{dataset_id, task, payload}``
@@ -52,25 +54,21 @@ from proxy.store.base import (
     SchemaError,
     Store,
     StoreError,
-    count_units,
     demo_filter,
-    new_dataset_id,
-    normalise_rows,
 )
 from proxy.store.client_keys import RedisClientKeys
+from proxy.store.redis_uploads import RedisUploads
 from proxy.store.warmups import RedisWarmups
 from proxy.store.redis_url import split_prefix
 
 T = TypeVar("T")
 
-#: Rows are pushed in chunks so one command never carries an enormous argument list.
-_ROW_CHUNK = 5000
 #: Optimistic transactions give up after this many conflicts (each conflict means another
 #: client made progress, so this only trips under pathological contention).
 _MAX_ATTEMPTS = 10_000
 
 
-class RedisStore(RedisClientKeys, RedisWarmups, Store):
+class RedisStore(RedisClientKeys, RedisWarmups, RedisUploads, Store):
     """:class:`~proxy.store.base.Store` on Redis (``redis://host:port/db``; ``?prefix=`` optional)."""
 
     def __init__(self, url: str, prefix: str | None = None, socket_timeout: float = 30.0):
@@ -149,33 +147,6 @@ class RedisStore(RedisClientKeys, RedisWarmups, Store):
                            "last_version": pop.last_version, "created_at": pop.created_at})
 
     # -- datasets -----------------------------------------------------------------------
-    def create_dataset(self, name: str, rows: Sequence[tuple[str, ...]], budget_epsilon: float,
-                       budget_delta: float, public: bool = False,
-                       labels: Sequence[str] | None = None) -> DatasetMeta:
-        norm = normalise_rows(rows)
-        domain = list(labels) if labels is not None else sorted({lab for _, lab, _ in norm})
-        pop_key = self._k("pop", name)
-
-        def txn(pipe: redis.client.Pipeline) -> DatasetMeta:
-            raw = pipe.get(pop_key)
-            now = time.time()
-            pop = (self._pop_from(raw, name) if raw is not None
-                   else Population(name, float(budget_epsilon), float(budget_delta), 0, now))
-            pop.last_version += 1
-            meta = DatasetMeta(new_dataset_id(), name, pop.last_version, len(norm), domain, pop.budget_epsilon,
-                               pop.budget_delta, now, bool(public), None, count_units(norm))
-            pipe.multi()
-            pipe.set(pop_key, self._pop_json(pop))
-            pipe.sadd(self._k("pops"), name)
-            rows_key = self._k("rows", meta.id)
-            for i in range(0, len(norm), _ROW_CHUNK):
-                pipe.rpush(rows_key, *(json.dumps(r) for r in norm[i:i + _ROW_CHUNK]))
-            pipe.set(self._k("ds", meta.id), self._meta_json(meta))
-            pipe.sadd(self._k("ds", "ids"), meta.id)
-            return meta
-
-        return self._transaction(txn, pop_key)
-
     def get_dataset(self, dataset_id: str) -> DatasetMeta:
         raw = self.r.get(self._k("ds", dataset_id))
         if raw is None:

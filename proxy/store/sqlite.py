@@ -34,13 +34,14 @@ from proxy.store.base import (
     NotFound,
     Population,
     Store,
+    StoreBusy,
     StoreError,
-    count_units,
     demo_filter,
-    new_dataset_id,
-    normalise_rows,
 )
 from proxy.store.client_keys import SQLITE_SCHEMA, SqliteClientKeys
+from proxy.store.sqlite_migrate import ROWS_TABLE, migrate_if_needed, rebuild_rows_table
+from proxy.store.sqlite_uploads import SQLITE_SCHEMA as UPLOADS_SCHEMA
+from proxy.store.sqlite_uploads import SqliteUploads
 from proxy.store.warmups import SQLITE_SCHEMA as WARMUPS_SCHEMA
 from proxy.store.warmups import SqliteWarmups
 
@@ -68,14 +69,6 @@ CREATE TABLE IF NOT EXISTS datasets (
     noisy_counts TEXT
 );
 CREATE INDEX IF NOT EXISTS datasets_by_name ON datasets (name);
-CREATE TABLE IF NOT EXISTS dataset_rows (
-    dataset_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    label TEXT NOT NULL,
-    unit TEXT,
-    PRIMARY KEY (dataset_id, idx)
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ledger (
     name TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -121,10 +114,16 @@ CREATE TABLE IF NOT EXISTS blobs (
     data BLOB NOT NULL
 );
 INSERT OR IGNORE INTO schema_info (key, value) VALUES ('version', '2');
-""" + SQLITE_SCHEMA + WARMUPS_SCHEMA
+""" + ROWS_TABLE + ";" + SQLITE_SCHEMA + WARMUPS_SCHEMA + UPLOADS_SCHEMA
 
 
-class SqliteStore(SqliteClientKeys, SqliteWarmups, Store):
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite gave up waiting for a lock (SQLITE_BUSY / SQLITE_LOCKED)."""
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
+class SqliteStore(SqliteClientKeys, SqliteWarmups, SqliteUploads, Store):
     """:class:`~proxy.store.base.Store` on one SQLite file (created with its parent directory)."""
 
     def __init__(self, path: str | os.PathLike[str], timeout: float = 60.0):
@@ -138,12 +137,13 @@ class SqliteStore(SqliteClientKeys, SqliteWarmups, Store):
         self._all_lock = threading.Lock()
         conn = self._conn()
         self._enable_wal(conn)
-        from proxy.store.sqlite_migrate import migrate_if_needed
-
-        # A schema-1 file is copied to a backup next to it, then converted in one transaction.
+        # A schema-1 file is copied to a backup next to it, then converted in one transaction;
+        # a rows table from before issue 20 is rebuilt as a rowid table (one transaction).
         migrate_if_needed(conn, self.path, _SCHEMA)
+        rebuild_rows_table(conn)
         # One transaction, so processes opening a new file at once see the whole schema or none.
         conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        self.sweep_uploads()  # rows staged by a process that died mid-upload
 
     def _enable_wal(self, conn: sqlite3.Connection) -> None:
         """Switch the file to WAL (persistent); retried because the switch may report busy."""
@@ -176,19 +176,32 @@ class SqliteStore(SqliteClientKeys, SqliteWarmups, Store):
 
     @contextmanager
     def _tx(self, immediate: bool = True) -> Iterator[sqlite3.Connection]:
-        """A transaction: committed on success, rolled back (nothing written) on any error."""
+        """A transaction: committed on success, rolled back (nothing written) on any error.
+
+        A lock wait longer than ``timeout`` raises :class:`StoreBusy` (503 + Retry-After at the API).
+        """
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        try:
+            conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        except sqlite3.OperationalError as exc:
+            if _busy(exc):
+                raise StoreBusy(f"the SQLite store stayed locked for {self.timeout:g} s") from None
+            raise
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and _busy(exc):
+                raise StoreBusy("the SQLite store is locked by another writer") from None
             raise
         try:
             conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and _busy(exc):
+                raise StoreBusy("the SQLite store is locked by another writer") from None
             raise
 
     def close(self) -> None:
@@ -217,29 +230,6 @@ class SqliteStore(SqliteClientKeys, SqliteWarmups, Store):
             public=bool(public), noisy_counts=json.loads(noisy) if noisy is not None else None,
             units=int(units),
         )
-
-    def create_dataset(self, name: str, rows: Sequence[tuple[str, ...]], budget_epsilon: float,
-                       budget_delta: float, public: bool = False,
-                       labels: Sequence[str] | None = None) -> DatasetMeta:
-        norm = normalise_rows(rows)
-        domain = list(labels) if labels is not None else sorted({lab for _, lab, _ in norm})
-        with self._tx() as c:
-            found = c.execute("SELECT last_version FROM populations WHERE name = ?", (name,)).fetchone()
-            version = (found[0] if found else 0) + 1
-            now = time.time()
-            if found:
-                c.execute("UPDATE populations SET last_version = ? WHERE name = ?", (version, name))
-            else:
-                c.execute("INSERT INTO populations (name, last_version, budget_epsilon, budget_delta, created_at) "
-                          "VALUES (?, ?, ?, ?, ?)", (name, version, float(budget_epsilon), float(budget_delta), now))
-            new_id = new_dataset_id()
-            c.execute("INSERT INTO datasets (id, name, version, rows, units, labels, created_at, public, noisy_counts) "
-                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-                      (new_id, name, version, len(norm), count_units(norm), json.dumps(domain), now, int(public)))
-            c.executemany("INSERT INTO dataset_rows (dataset_id, idx, text, label, unit) VALUES (?, ?, ?, ?, ?)",
-                          ((new_id, i, t, lab, u) for i, (t, lab, u) in enumerate(norm)))
-            row = c.execute(f"SELECT {self._META_COLS} FROM {self._META_FROM} WHERE d.id = ?", (new_id,)).fetchone()
-        return self._meta(row)
 
     def get_dataset(self, dataset_id: str) -> DatasetMeta:
         row = self._conn().execute(f"SELECT {self._META_COLS} FROM {self._META_FROM} WHERE d.id = ?",

@@ -98,3 +98,48 @@ def _migrate(c: sqlite3.Connection, schema_v2: str) -> None:
     c.execute("DROP TABLE ledger_v1")
     c.execute("DROP TABLE datasets_v1")
     c.execute("DROP TABLE dataset_names")
+
+
+#: The rows table since issue 20: a rowid table, so row text never sits in a b-tree key.
+ROWS_TABLE = """
+CREATE TABLE IF NOT EXISTS dataset_rows (
+    dataset_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    label TEXT NOT NULL,
+    unit TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS dataset_rows_by_id ON dataset_rows (dataset_id, idx)
+"""
+
+
+def rebuild_rows_table(conn: sqlite3.Connection) -> bool:
+    """Convert a ``WITHOUT ROWID`` rows table (before issue 20) to :data:`ROWS_TABLE`, in one
+    transaction; returns whether it did.
+
+    Why: a ``WITHOUT ROWID`` table keeps whole rows in its key b-tree, so every insert that
+    compares its key against a stored multi-megabyte row read that row in full (one legal 9 MB
+    row made later uploads insert at milliseconds per row while holding the write lock). In a
+    rowid table the key (dataset id, position) is in a small index and the text is read only
+    by ``load_rows``.
+    """
+    def old_layout() -> bool:
+        row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'dataset_rows'").fetchone()
+        return row is not None and "WITHOUT ROWID" in row[0].upper()
+
+    if not old_layout():
+        return False
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if old_layout():  # another process may have converted it while we waited
+            conn.execute("ALTER TABLE dataset_rows RENAME TO dataset_rows_old")
+            for stmt in ROWS_TABLE.split(";"):
+                conn.execute(stmt)
+            conn.execute("INSERT INTO dataset_rows (dataset_id, idx, text, label, unit) "
+                         "SELECT dataset_id, idx, text, label, unit FROM dataset_rows_old ORDER BY dataset_id, idx")
+            conn.execute("DROP TABLE dataset_rows_old")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return True
