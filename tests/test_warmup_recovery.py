@@ -254,3 +254,44 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except OSError:
         return False
+
+
+def test_console_warmups_page_shows_cancel_requests_and_kept_charges(tmp_path, fake_upstream, tiny_model_dir):
+    """The console's warm-ups page: a running warm-up asked to stop says so (and offers no second
+    cancel); a cancelled or lost one that was charged says its cost stays spent."""
+    from tests.test_console import CHROMIUM
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    cfg = make_config(f"sqlite:///{tmp_path}/s.db", fake_upstream.base_url, tiny_model_dir)
+    app = create_app(cfg)
+    with LiveServer(app) as srv:
+        store, now = app.state.store, time.time()
+        base = {"task": "t", "tokens_done": 3, "tokens_total": 9, "epsilon_cost": 0.45, "created_at": now,
+                "started_at": now, "heartbeat_at": now, "runner": "inprocess"}
+        store.create_warmup({**base, "id": "wu_asked", "state": "running", "charged": True, "cancel_requested": True})
+        store.create_warmup({**base, "id": "wu_stopped", "state": "cancelled", "charged": True, "finished_at": now})
+        store.create_warmup({**base, "id": "wu_queued", "state": "cancelled", "charged": False, "finished_at": now,
+                             "started_at": None, "tokens_done": 0})
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{srv.url}/admin/ui/")
+            page.fill("#admin-key", ADMIN_KEY)
+            page.click("#signin-form button")
+            page.wait_for_selector('#page[data-page="datasets"]')
+            page.goto(f"{srv.url}/admin/ui/#warmups")
+            page.wait_for_selector('#page[data-page="warmups"]')
+            page.wait_for_selector("[data-note='wu_stopped']")
+            assert page.locator("[data-cancel='wu_asked']").count() == 0
+            text = page.inner_text("#page")
+            notes = {w: page.locator(f"[data-note='{w}']").all_inner_texts()
+                     for w in ("wu_stopped", "wu_queued", "wu_asked")}
+            browser.close()
+    assert "running (cancel requested)" in text and errors == []
+    assert notes["wu_stopped"][0].startswith("its epsilon cost stays spent")
+    assert notes["wu_queued"] == ["nothing was charged"]
+    assert notes["wu_asked"] == []  # still running: no note yet (and no second cancel button)
