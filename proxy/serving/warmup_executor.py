@@ -62,7 +62,8 @@ class WarmupExecutor:
             except Exception:  # noqa: BLE001 - a store hiccup is no reason to stop
                 return False
             if cur.get("cancel_requested") or cur.get("state") != RUNNING:
-                why.append("cancel")
+                # "gone": someone else settled the record (marked it lost): just stop.
+                why.append("cancel" if cur.get("state") == RUNNING else "gone")
                 return True
             return False
 
@@ -74,6 +75,10 @@ class WarmupExecutor:
         fields: dict[str, Any] = {"tokens_done": done}
         if exc.charged:
             fields["charged"] = True
+        if why and why[0] == "gone":
+            log_event("warmup.stopped", warmup_id=wid, task=task_name, tokens_done=done, charged=exc.charged)
+            current = self.store.get_warmup(wid) or {}
+            return str(current.get("state", LOST))
         if why and why[0] == "owner":
             state = LOST
             err = lost_error({"charged": exc.charged, "started_at": 1 if exc.charged else None},

@@ -109,8 +109,8 @@ class ThreadRunner:
             except Exception:  # noqa: BLE001 - best effort on shutdown
                 pass
         self._beat.stop()
-        # A running generation cannot be interrupted; the thread is a daemon and dies with the process
-        # (its record is then failed by the stale-heartbeat check).
+        # A running generation is not waited for; the thread is a daemon and dies with the process
+        # (its record is marked lost when this instance starts again, or by a reader on this host).
         self._thread.join(timeout=0.5)
 
 
@@ -154,11 +154,15 @@ def install_worker(config: Config | None, store_url: str | None = None, name: st
     _WORKER.update(config=config, store_url=store_url, owner=owner)
     from proxy.store import open_store
 
-    store = open_store(store_url or config.store.url)
     try:
-        return recover_warmups(store, owner, adopt=None)  # in-process queues are the servers' to run
-    finally:
-        store.close()
+        store = open_store(store_url or config.store.url)
+        try:
+            return recover_warmups(store, owner, adopt=None)  # in-process queues are the servers' to run
+        finally:
+            store.close()
+    except Exception as exc:  # noqa: BLE001 - a store down now: readers settle them (heartbeat) later
+        log.warning("warm-up recovery at start-up failed: %s", type(exc).__name__)
+        return {"lost": 0, "requeued": 0}
 
 
 def _process_logging() -> None:
