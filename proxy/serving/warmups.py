@@ -45,7 +45,8 @@ from proxy.store.base import NotFound, Store
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED, LOST = "queued", "running", "done", "failed", "cancelled", "lost"
 FINISHED = (DONE, FAILED, CANCELLED, LOST)
-#: A queued (in-process) or running warm-up whose heartbeat is older than this is failed on read.
+#: A queued (in-process) or running warm-up whose heartbeat is older than this is settled on read
+#: (adopted when queued and this process runs warm-ups itself, else marked lost).
 STALE_AFTER = 90.0
 #: How many recent warm-ups a starting process scans for ones its previous incarnation held.
 RECOVER_SCAN = 1000
@@ -261,7 +262,11 @@ class WarmupService:
         """Take over a queued in-process warm-up (compare-and-set) and queue it here."""
         new = self.store.update_warmup(rec["id"], expect=(QUEUED,), heartbeat_at=time.time(), **self.owner.fields())
         if new is not None:
-            self.runner.submit(rec["id"])
+            try:
+                self.runner.submit(rec["id"])
+            except Exception as exc:  # noqa: BLE001 - shutting down: the next incarnation adopts it
+                log_event("warmup.requeue_failed", warmup_id=rec["id"], error=type(exc).__name__)
+                return new
             log_event("warmup.requeued", warmup_id=rec["id"], task=rec.get("task"))
         return new
 
