@@ -50,6 +50,8 @@ class Demonstration:
     tokens: int
     model_calls: int
     seconds: float
+    #: True when ``should_stop`` ended the generation early (the text is then unfinished).
+    stopped: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,6 +67,7 @@ def generate_demonstration(
     label_plan: LabelPlan,
     noise: Noise,
     on_token: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Demonstration:
     """Generate one demonstration for ``label`` from ``pool`` (that label's private records).
 
@@ -74,6 +77,10 @@ def generate_demonstration(
     One Poisson sample per block of ``config.block_length`` tokens: at a block boundary the M
     private prompts are opened afresh (with the tokens generated so far as a suffix); within a
     block their decoding state (KV cache) is kept and advanced by one token per step.
+
+    ``should_stop`` is asked before every token (and so before every private sample is drawn):
+    when it answers True the generation ends there and the result has ``stopped=True``. Stopping
+    early only spends less than the plan accounts for.
     """
     if label_plan.decision == "skip":
         raise ValueError(f"the plan skips label {label!r} ({label_plan.rule}); generate Plan.to_generate() only")
@@ -115,7 +122,11 @@ def generate_demonstration(
 
     generated: list[Token] = []
     text = ""
+    stopped = False
     for step in range(config.max_tokens):
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
         if not public_only and left == 0:
             # A block starts: a fresh Poisson sample and fresh prompts, padded to the public width.
             left = min(k, config.max_tokens - step)
@@ -182,6 +193,7 @@ def generate_demonstration(
         tokens=len(generated),
         model_calls=calls,
         seconds=time.perf_counter() - started,
+        stopped=stopped,
     )
 
 

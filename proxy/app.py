@@ -140,6 +140,10 @@ def create_app(config: Config | None = None, freeze_gc: bool = False) -> FastAPI
                                       local_source=_local_source_factory(app, config))
         app.state.uploads = UploadsInFlight()
         app.state.jobs = JobManager.create(store, app.state.budget, config, metrics=metrics)
+        try:  # warm-ups our previous incarnation held: queued ones run here, running ones are lost
+            await anyio.to_thread.run_sync(app.state.demos.warmups.recover)
+        except Exception as exc:  # noqa: BLE001 - a store that is down now: readers settle them later
+            log_event("warmup.recover_failed", error=type(exc).__name__)
         if app.state.auth.open:
             log_event("server.open_mode", note="/v1 accepts requests without a key")
         if config.admin_key is None:

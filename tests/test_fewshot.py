@@ -386,3 +386,26 @@ def test_block_plans_calibrate_like_resample_at_k_1_and_fixed_at_k_t():
     assert sig["resample"] < sig["k4"] < sig["fixed"]
     plan = plan_demonstrations(GenerationConfig(**base, mode="block", block_tokens=4), {"a": 1}, {"a": 400.0}, 1e-5)
     assert plan.epsilon() <= 2.0
+
+
+def test_should_stop_ends_the_generation_before_the_next_token():
+    """The warm-up cancel hook: asked before every token (and before a block's private prompts are
+    opened), it ends the demonstration there, marked ``stopped``."""
+    config = GenerationConfig(mode="resample", block_tokens=2, num_subsets=3, shots_per_subset=2, max_tokens=7,
+                              top_k=5, sigma=1.0, max_prompt_tokens=60)
+    plan = _plan(config)
+    asked = []
+
+    def stop_after_three() -> bool:
+        asked.append(1)
+        return len(asked) > 3
+
+    src = RecordingSource(True)
+    demo = generate_demonstration(src, NEVER_STOP, POOL, "LOC", config, plan.labels["LOC"], Noise(2),
+                                  should_stop=stop_after_three)
+    assert demo.stopped and demo.tokens == 3 and len(asked) == 4
+    # Blocks of 2 tokens: the block that would start at token 3 was never opened (no private sample drawn).
+    assert max(done for _, done, w, _ in src.opened if w is not None) == 2
+    full = generate_demonstration(RecordingSource(True), NEVER_STOP, POOL, "LOC", config, plan.labels["LOC"], Noise(2),
+                                  should_stop=lambda: False)
+    assert not full.stopped and full.tokens == 7

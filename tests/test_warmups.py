@@ -83,11 +83,10 @@ def test_queued_warmups_cost_nothing_until_they_start_and_can_be_cancelled(live)
     assert http.get(f"/admin/warmups/{first['id']}").json()["state"] == "running"
     assert http.get(f"/admin/warmups/{second['id']}").json()["state"] == "queued"
     assert _ledger(http, ds["id"]) == []  # nothing reserved for queued (or not yet started) warm-ups
-    # Cancel a queued one; a running one cannot be cancelled.
+    # Cancel a queued one (a running one: test_a_running_warmup_stops_at_the_next_token_when_cancelled).
     cancelled = http.post(f"/admin/warmups/{second['id']}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
-    err = assert_openai_error(http.post(f"/admin/warmups/{first['id']}/cancel"), 409)
-    assert err["code"] == "warmup_not_queued"
+    assert cancelled.json()["note"] == "nothing was charged"
     assert_openai_error(http.post("/admin/warmups/wu_nope/cancel"), 404)
     assert_openai_error(http.get("/admin/warmups/wu_nope"), 404)
     gate.open.set()
@@ -100,7 +99,7 @@ def test_queued_warmups_cost_nothing_until_they_start_and_can_be_cancelled(live)
     reasons = {e["reason"] for e in _ledger(http, ds["id"]) if e["partition"] != "*"}
     assert len(reasons) == 2
     assert http.get(f"/admin/warmups/{second['id']}").json()["state"] == "cancelled"
-    assert_openai_error(http.post(f"/admin/warmups/{second['id']}/cancel"), 409)
+    assert assert_openai_error(http.post(f"/admin/warmups/{second['id']}/cancel"), 409)["code"] == "warmup_finished"
     listed = [w["id"] for w in http.get("/admin/warmups").json()["data"]]
     assert listed[:3] == [third["id"], second["id"], first["id"]]  # newest first
     # Generations ran on the dedicated warm-up thread, never on the request thread pool.
@@ -237,10 +236,11 @@ def test_warmups_run_on_dpicl_worker_with_redis(tmp_path, redis_url, fake_upstre
         assert cached["cached"] is True and cached["demonstrations"]["demos"] == done["result"]["demonstrations"]
 
 
-def test_a_warmup_whose_process_died_is_shown_failed(store):
-    """No heartbeat for STALE_AFTER: queued in-process and running warm-ups read as failed (RQ-queued
-    ones wait for a worker); the error says whether anything was charged."""
-    from proxy.serving.warmups import STALE_AFTER, WarmupService
+def test_a_warmup_whose_process_died_is_shown_lost(store):
+    """No heartbeat for STALE_AFTER: queued in-process and running warm-ups read as lost (RQ-queued
+    ones wait for a worker; a server with an in-process runner adopts the queued one instead); the
+    error and the view's note say whether anything was charged."""
+    from proxy.serving.warmups import STALE_AFTER, WarmupService, public_view
 
     old = time.time() - STALE_AFTER - 1
     base = {"task": "t", "heartbeat_at": old, "created_at": old}
@@ -250,6 +250,7 @@ def test_a_warmup_whose_process_died_is_shown_failed(store):
     store.create_warmup({"id": "fresh", "state": "running", "runner": "inprocess", **{**base, "heartbeat_at": time.time()}})
     svc = WarmupService(store, warmup=None, runner=None)  # type: ignore[arg-type]
     q, r = svc.get("q"), svc.get("r")
-    assert q["state"] == r["state"] == "failed"
+    assert q["state"] == r["state"] == "lost" and q["error"]["code"] == r["error"]["code"] == "warmup_lost"
     assert "nothing was charged" in q["error"]["message"] and "stays spent" in r["error"]["message"]
+    assert public_view(r)["note"].startswith("its epsilon cost stays spent")
     assert svc.get("rq")["state"] == "queued" and svc.get("fresh")["state"] == "running"

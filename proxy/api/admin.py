@@ -110,7 +110,7 @@ async def warm_demos(request: Request, name: str) -> Response:
     rec = await state.demos.start_warmup(task, principal.actor, admin=True, wait=req.wait,
                                          gone=request.is_disconnected)
     await audit(request, "warmup.start", name, dataset=task.dataset, warmup_id=rec.get("id"))
-    finished = rec["state"] in ("done", "failed", "cancelled")
+    finished = rec["state"] in ("done", "failed", "cancelled", "lost")
     return json_response(warmup_view(rec), 200 if finished else 202)
 
 
@@ -137,8 +137,12 @@ async def get_warmup(request: Request, wid: str) -> Response:
 
 @router.post("/warmups/{wid}/cancel")
 async def cancel_warmup(request: Request, wid: str) -> Response:
-    rec = await _warmup_call(request, request.app.state.demos.warmups.cancel, wid)
-    return json_response(warmup_view(rec))
+    """Cancel a warm-up: 200 cancelled (it was queued: nothing charged), 202 cancel requested (it
+    runs: it stops before its next token, its charge stays), 409 finished, 404 unknown. Audited."""
+    rec, at_once = await _warmup_call(request, request.app.state.demos.warmups.cancel, wid)
+    await audit(request, "warmup.cancel", str(rec.get("task")), warmup_id=wid,
+                was="queued" if at_once else "running", charged=bool(rec.get("charged")))
+    return json_response(warmup_view(rec), 200 if at_once else 202)
 
 
 @router.get("/tasks/{name}/demos")

@@ -169,7 +169,7 @@ def worker(
         cfg = load_config(config)
     except ConfigError as exc:
         fail(str(exc))
-    install_worker(cfg, store)  # the queue also carries demonstration warm-ups
+    install_worker(cfg, store, name)  # the queue also carries demonstration warm-ups
     run_worker(redis, store_url=store, config=cfg, queue=queue, burst=burst, pe_backend=pe_backend,
                heartbeat_interval=heartbeat, name=name)
 

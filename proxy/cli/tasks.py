@@ -1,4 +1,4 @@
-"""``dpicl tasks add|list|show|delete|warm|demos`` over the admin API.
+"""``dpicl tasks add|list|show|delete|warm|warmups|cancel|demos`` over the admin API.
 
 ``warm`` starts the charged warm-up and follows it with a progress bar (``GET /admin/warmups/{id}``);
 a server that answers the warm-up synchronously (HTTP 200/201) is handled the same way, without
@@ -30,7 +30,7 @@ _COLUMNS = [
     ("source", lambda t: t.get("source")),
 ]
 
-FINISHED = ("done", "failed", "cancelled")
+FINISHED = ("done", "failed", "cancelled", "lost")
 
 
 def _value(raw: str) -> Any:
@@ -187,7 +187,7 @@ def warm(
                 die(f"warm-up {rec['id']} {rec['state']}: {err.get('message') or 'no details'}")
             else:
                 typer.echo(f"warm-up {rec['id']} {rec.get('state')}; follow it with: dpicl tasks warmups")
-            if rec.get("state") in ("failed", "cancelled"):
+            if rec.get("state") in ("failed", "cancelled", "lost"):
                 raise typer.Exit(1)
             return
     # A server that generates within the request answers with the finished set.
@@ -207,16 +207,48 @@ def _poll(api: AdminClient, view: dict[str, Any], interval: float) -> dict[str, 
     return view
 
 
-@tasks_app.command("warmups")
-def warmups(url: Optional[str] = URL_OPTION, admin_key: Optional[str] = KEY_OPTION, as_json: bool = JSON_OPTION) -> None:
-    """Recent warm-ups with their progress."""
+warmups_app = typer.Typer(help="Recent warm-ups with their progress; cancel one.")
+
+
+@warmups_app.callback(invoke_without_command=True)
+def warmups(ctx: typer.Context, url: Optional[str] = URL_OPTION, admin_key: Optional[str] = KEY_OPTION,
+            as_json: bool = JSON_OPTION) -> None:
+    """Recent warm-ups with their progress (and, for one that stopped, what happened to its cost)."""
+    if ctx.invoked_subcommand is not None:
+        return
     with AdminClient(url, admin_key) as api:
         data = api.get("/admin/warmups")
     print_list(data, [
-        ("id", lambda w: w.get("id")), ("task", lambda w: w.get("task")), ("state", lambda w: w.get("state")),
+        ("id", lambda w: w.get("id")), ("task", lambda w: w.get("task")),
+        ("state", lambda w: w.get("state") + (" (cancel requested)" if w.get("cancel_requested")
+                                              and w.get("state") == "running" else "")),
         ("tokens", lambda w: f"{w.get('tokens_done') or 0}/{w.get('tokens_total') or '?'}"),
         ("epsilon cost", lambda w: w.get("epsilon_cost")), ("seconds", lambda w: w.get("seconds_elapsed")),
+        ("cost", lambda w: w.get("note") or ""),
     ], as_json, empty="no warm-ups yet")
+
+
+def cancel(warmup_id: str, url: Optional[str] = URL_OPTION, admin_key: Optional[str] = KEY_OPTION,
+           as_json: bool = JSON_OPTION) -> None:
+    """Cancel a warm-up (queued: at once, nothing charged; running: stops before its next token, charge stays).
+
+    A running warm-up may have read rows, so its charge is never refunded.
+    """
+    with AdminClient(url, admin_key) as api:
+        resp = api.send("POST", f"/admin/warmups/{warmup_id}/cancel")
+    view = resp.json()
+    if as_json:
+        print_json(view)
+    elif resp.status_code == 202:
+        typer.echo(f"warm-up {warmup_id} is running: asked to stop before its next token; its charge stays "
+                   f"(epsilon {cell(view.get('epsilon_cost'))}); follow it with: dpicl tasks warmups")
+    else:
+        typer.echo(f"warm-up {warmup_id} cancelled; {view.get('note') or 'nothing was charged'}")
+
+
+tasks_app.command("cancel")(cancel)
+warmups_app.command("cancel")(cancel)
+tasks_app.add_typer(warmups_app, name="warmups")
 
 
 @tasks_app.command("demos")

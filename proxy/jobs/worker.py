@@ -28,6 +28,22 @@ def rq_execute(job_id: str) -> str:
     return execute_job(_WORKER_CONTEXT, job_id)
 
 
+def _warmup_horse_killed(store: Any, warmup_id: str) -> None:
+    """Mark a warm-up whose work horse was killed lost at once (its reserved cost stays spent)."""
+    rec = store.get_warmup(warmup_id)
+    if rec is None or rec.get("state") not in ("queued", "running"):
+        return
+    if rec.get("charged"):
+        note = "its epsilon cost stays spent: it may have read rows before it stopped"
+    elif rec.get("state") == "running":
+        note = "any epsilon it reserved before it was lost stays spent (see the dataset's ledger)"
+    else:
+        note = "nothing was charged"
+    store.update_warmup(warmup_id, expect=("queued", "running"), state="lost", finished_at=time.time(), error={
+        "message": f"the worker's work horse running the warm-up was killed; {note}", "type": "server_error",
+        "code": "warmup_lost", "status": 500})
+
+
 def run_worker(redis_url: str, store_url: str | None = None, config: Config | None = None,
                queue: str = DEFAULT_QUEUE, burst: bool = False, pe_backend: str | None = None,
                heartbeat_interval: float = 5.0, name: str | None = None) -> None:
@@ -49,7 +65,9 @@ def run_worker(redis_url: str, store_url: str | None = None, config: Config | No
 
         def handle_work_horse_killed(self, job: Any, retpid: Any, ret_val: Any, rusage: Any) -> None:
             job_id = (job.args or [None])[0]
-            if job_id:
+            if job_id and str(job.func_name).endswith(".rq_warmup"):
+                _warmup_horse_killed(store, job_id)
+            elif job_id:
                 rec = store.get_job(job_id)
                 if rec is not None and rec["state"] not in FINISHED_STATES:
                     store.update_job(job_id, state=FAILED, finished_at=time.time(),

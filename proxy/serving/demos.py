@@ -28,7 +28,9 @@ from proxy.serving.generators import Generators
 from proxy.serving.tasks import TaskRegistry, task_labels, task_prompt
 from proxy.serving.warmup import PAYLOAD_VERSION, Prepared, Warmup
 from proxy.serving.warmup_runners import RQWarmupRunner, ThreadRunner
-from proxy.serving.warmups import DONE, WarmupExecutor, WarmupService, raise_failure
+from proxy.serving.warmup_executor import WarmupExecutor
+from proxy.serving.warmup_owner import Owner
+from proxy.serving.warmups import DONE, WarmupService, raise_failure
 from proxy.store.base import DatasetMeta, NotFound, Store
 
 #: Retry-After (seconds) told to a client whose task's set is being generated. A constant: the
@@ -106,11 +108,12 @@ class DemoService:
         self.warmup = Warmup(store, budget, metrics, self.generators)
         jobs = config.jobs
         runner: ThreadRunner | RQWarmupRunner
+        owner = Owner.current("server")  # this process, as the holder of in-process warm-ups
         if jobs.queue_url:
             runner = RQWarmupRunner(jobs.queue_url, jobs.queue_name)
         else:
-            runner = ThreadRunner(store, WarmupExecutor(store, self.warmup, metrics).run)
-        self.warmups = WarmupService(store, self.warmup, runner)
+            runner = ThreadRunner(store, WarmupExecutor(store, self.warmup, metrics, owner=owner).run)
+        self.warmups = WarmupService(store, self.warmup, runner, owner=owner)
         self._mem: dict[str, _MemEntry] = {}
         #: One store lookup in flight per task, shared by every request that needs it.
         self._lookups: dict[str, asyncio.Future] = {}

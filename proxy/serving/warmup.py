@@ -42,6 +42,17 @@ PAYLOAD_VERSION = 1
 Progress = Callable[[int, int], None]
 #: ``reserved(epsilon_cost)``: the cost (count release included) is in the ledger; no row read yet.
 Reserved = Callable[[float], None]
+#: ``should_stop()``: asked before the reservation and before every token (cancel, lost owner).
+ShouldStop = Callable[[], bool]
+
+
+class Stopped(Exception):
+    """The generation was asked to stop; ``charged`` says whether its cost was already reserved."""
+
+    def __init__(self, charged: bool, tokens_done: int = 0):
+        super().__init__("stopped")
+        self.charged = charged
+        self.tokens_done = tokens_done
 
 
 @dataclass
@@ -114,7 +125,8 @@ class Warmup:
         return APIError(402, f"privacy budget exceeded: {exc}", "budget_exceeded")
 
     def generate(self, task: TaskConfig, prep: Prepared, actor: str, admin: bool = True,
-                 progress: Progress | None = None, reserved: Reserved | None = None) -> dict[str, Any]:
+                 progress: Progress | None = None, reserved: Reserved | None = None,
+                 should_stop: ShouldStop | None = None) -> dict[str, Any]:
         """Reserve the set's cost, then read the rows, generate the set and store it (blocking).
 
         ``reserved`` is told the cost once it is in the ledger; ``progress`` after every token.
@@ -123,12 +135,17 @@ class Warmup:
         (stopping depends on the data), which is why warm-up views are admin-only.
         A demonstration that came out empty is not stored; its label is listed in
         ``empty_labels`` (the choice is post-processing of DP output).
+        ``should_stop`` is asked before the reservation (a stop there raises :class:`Stopped` with
+        nothing charged) and before every token (then the charge stays: rows may have been read);
+        a stopped generation stores nothing.
         """
         meta, labels = prep.meta, prep.labels
         reason = f"task {task.name} demos {prep.key[:12]}"
         config = generation_config(task)
         # epsilon_cost is the increase of the name's spent epsilon, the one-time count release
         # included (a charge by another process at the same moment is counted too: over-reports).
+        if should_stop is not None and should_stop():
+            raise Stopped(charged=False)  # cancelled before anything was charged
         spent_before = self.budget.spent(meta.id)
         try:
             if config.public_only:
@@ -196,7 +213,11 @@ class Warmup:
                     continue  # decided from the noisy count and public settings (see "decisions")
                 for _ in range(task.shots):
                     d = generate_demonstration(source, prompt, pools_rows.get(label, []), label, config,
-                                               plan.labels[label], noise, on_token=on_token)
+                                               plan.labels[label], noise, on_token=on_token,
+                                               should_stop=should_stop)
+                    if d.stopped:
+                        del pools_rows
+                        raise Stopped(charged=True, tokens_done=done + d.tokens)
                     done += config.max_tokens
                     if progress is not None:
                         progress(done, total)

@@ -8,8 +8,15 @@
 * :class:`RQWarmupRunner` (``jobs.queue_url`` set): warm-ups go to the same RQ queue as jobs and
   run on ``dpicl worker`` processes (:func:`rq_warmup`), so API replicas only serve.
 
-Both keep ``heartbeat_at`` fresh on the warm-ups they hold, so a reader can fail the ones whose
+Both keep ``heartbeat_at`` fresh on the warm-ups they hold, so a reader can settle the ones whose
 process died (:meth:`proxy.serving.warmups.WarmupService.get`).
+
+Killing ``dpicl worker``'s main process (``kill -9``) does not kill RQ's work horse (it runs in its
+own session). A horse running a warm-up notices before its next token that its parent is gone,
+stops, and records the warm-up ``lost`` (its charge stays); it stops refreshing the heartbeat at
+the same moment, so a horse stuck elsewhere is settled by the stale-heartbeat rule. A horse killed
+on its own is settled by the worker (``handle_work_horse_killed``, :mod:`proxy.jobs.worker`) or by
+any reader on the same host.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from typing import Any, Callable
 from proxy.config import Config
 from proxy.heartbeat import Heartbeat
 from proxy.logs import JsonFormatter, server_logging
-from proxy.serving.warmups import FAILED, QUEUED, RUNNING, WarmupExecutor
+from proxy.serving.warmup_executor import WarmupExecutor
+from proxy.serving.warmup_owner import Owner
+from proxy.serving.warmups import FAILED, QUEUED, RUNNING, recover_warmups
 
 log = logging.getLogger("dpicl.warmups")
 
@@ -45,10 +54,13 @@ def lower_thread_priority(increment: int = GENERATION_NICE) -> None:
         pass
 
 
-def _warmup_heartbeat(store: Any) -> Heartbeat:
-    """Keeps the held queued or running warm-ups' ``heartbeat_at`` fresh."""
-    return Heartbeat(lambda wid: store.update_warmup(wid, expect=(QUEUED, RUNNING), heartbeat_at=time.time()),
-                     HEARTBEAT_SECONDS, "warmup")
+def _warmup_heartbeat(store: Any, alive: Callable[[], bool] = lambda: True) -> Heartbeat:
+    """Keeps the held queued or running warm-ups' ``heartbeat_at`` fresh while ``alive()``."""
+    def beat(wid: str) -> None:
+        if alive():
+            store.update_warmup(wid, expect=(QUEUED, RUNNING), heartbeat_at=time.time())
+
+    return Heartbeat(beat, HEARTBEAT_SECONDS, "warmup")
 
 
 class ThreadRunner:
@@ -97,8 +109,8 @@ class ThreadRunner:
             except Exception:  # noqa: BLE001 - best effort on shutdown
                 pass
         self._beat.stop()
-        # A running generation cannot be interrupted; the thread is a daemon and dies with the process
-        # (its record is then failed by the stale-heartbeat check).
+        # A running generation is not waited for; the thread is a daemon and dies with the process
+        # (its record is marked lost when this instance starts again, or by a reader on this host).
         self._thread.join(timeout=0.5)
 
 
@@ -128,11 +140,29 @@ class RQWarmupRunner:
 _WORKER: dict[str, Any] = {}
 
 
-def install_worker(config: Config | None, store_url: str | None = None) -> None:
-    """Let this process run queued warm-ups (called by ``dpicl worker``); JSON log lines, no tqdm."""
+def install_worker(config: Config | None, store_url: str | None = None, name: str | None = None) -> dict[str, int]:
+    """Let this process run queued warm-ups (called by ``dpicl worker``); JSON log lines, no tqdm.
+
+    Running warm-ups an earlier worker under the same name held (``--name``, else
+    ``DPICL_INSTANCE_ID`` or the host name), or whose work horse certainly died, are marked lost
+    now; returns how many.
+    """
     server_logging()
     _WORKER.clear()
-    _WORKER.update(config=config or Config(), store_url=store_url)
+    config = config or Config()
+    owner = Owner.current("worker", name)
+    _WORKER.update(config=config, store_url=store_url, owner=owner)
+    from proxy.store import open_store
+
+    try:
+        store = open_store(store_url or config.store.url)
+        try:
+            return recover_warmups(store, owner, adopt=None)  # in-process queues are the servers' to run
+        finally:
+            store.close()
+    except Exception as exc:  # noqa: BLE001 - a store down now: readers settle them (heartbeat) later
+        log.warning("warm-up recovery at start-up failed: %s", type(exc).__name__)
+        return {"lost": 0, "requeued": 0}
 
 
 def _process_logging() -> None:
@@ -168,9 +198,17 @@ def _worker_executor() -> WarmupExecutor:
     store = open_store(_WORKER.get("store_url") or config.store.url)
     metrics = Metrics()
     warmup = Warmup(store, BudgetService(store), metrics, Generators(config))
-    ex = WarmupExecutor(store, warmup, metrics, worker=f"rq:{os.uname().nodename}:{os.getpid()}")
+    ex = WarmupExecutor(store, warmup, metrics, worker=f"rq:{os.uname().nodename}:{os.getpid()}",
+                        owner=_WORKER.get("owner"), still_owner=_parent_alive())
     _WORKER.update(executor=ex, pid=os.getpid())
     return ex
+
+
+def _parent_alive() -> Callable[[], bool]:
+    """True while the process that forked this one (the worker's main process) is alive: an
+    orphan is re-parented, so its parent PID changes."""
+    parent = os.getppid()
+    return lambda: os.getppid() == parent
 
 
 def rq_warmup(wid: str) -> str:
@@ -178,7 +216,7 @@ def rq_warmup(wid: str) -> str:
     _process_logging()
     ex = _worker_executor()
     lower_thread_priority()
-    beat = _warmup_heartbeat(ex.store)
+    beat = _warmup_heartbeat(ex.store, ex.still_owner)
     beat.add(wid)
     try:
         return ex.run(wid)

@@ -10,9 +10,15 @@ Its record lives in the store, so every replica sees it (``GET /admin/warmups``)
 * ``running``: the executor took it (compare-and-set ``queued -> running``) and
   :meth:`Warmup.generate` reserves its cost before any private row is read. So a crash with many
   warm-ups queued costs at most the running one.
-* ``done`` / ``failed`` / ``cancelled``: finished; ``result`` or ``error`` (messages are ours and
-  carry no private text).
+* ``done`` / ``failed`` / ``cancelled`` / ``lost``: finished; ``result`` or ``error`` (messages are
+  ours and carry no private text). A running warm-up can be cancelled too: the request is recorded
+  (``cancel_requested``) and the generator stops before its next token (it polls the record). A
+  warm-up is ``lost`` when the process running it died (:mod:`proxy.serving.warmup_owner`: at once
+  when that is certain, on restart or on this host, else after :data:`STALE_AFTER` without a
+  heartbeat). A cancelled or lost warm-up that was charged keeps its charge (it may have read
+  rows); its view says so (``note``).
 
+The body of every executor is :class:`proxy.serving.warmup_executor.WarmupExecutor`.
 Executors (:mod:`proxy.serving.warmup_runners`): without Redis, one dedicated niced thread per
 process (never the request thread pool; nobody holds a request thread while a warm-up waits for
 it); with ``jobs.queue_url`` set, the RQ queue served by ``dpicl worker`` processes, so API
@@ -33,17 +39,19 @@ import anyio
 from proxy.config import TaskConfig
 from proxy.errors import APIError
 from proxy.logs import log_event
-from proxy.metrics import Metrics
-from proxy.serving.tasks import task_labels
-from proxy.serving.warmup import Prepared, Warmup, generation_error
+from proxy.serving.warmup import Prepared, Warmup
+from proxy.serving.warmup_owner import Owner, owner_dead, previous_incarnation
 from proxy.store.base import NotFound, Store
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-FINISHED = (DONE, FAILED, CANCELLED)
-#: Seconds between progress writes to the store (and JSON progress log lines: every 5th).
-PROGRESS_EVERY = 1.0
-#: A queued (in-process) or running warm-up whose heartbeat is older than this is failed on read.
+QUEUED, RUNNING, DONE, FAILED, CANCELLED, LOST = "queued", "running", "done", "failed", "cancelled", "lost"
+FINISHED = (DONE, FAILED, CANCELLED, LOST)
+#: A queued (in-process) or running warm-up whose heartbeat is older than this is settled on read
+#: (adopted when queued and this process runs warm-ups itself, else marked lost).
 STALE_AFTER = 90.0
+#: How many recent warm-ups a starting process scans for ones its previous incarnation held.
+RECOVER_SCAN = 1000
+#: What a charged warm-up that did not finish says about its cost.
+SPENT_NOTE = "its epsilon cost stays spent: it may have read rows before it stopped"
 
 
 def new_warmup_id() -> str:
@@ -72,6 +80,25 @@ def result_view(task: str, result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def charge_note(rec: dict[str, Any]) -> str | None:
+    """What happened to the cost of a warm-up that did not finish (None otherwise)."""
+    state = rec.get("state")
+    if state not in (FAILED, CANCELLED, LOST):
+        return None
+    if rec.get("charged"):
+        return SPENT_NOTE
+    if state == LOST and rec.get("started_at") is not None:
+        # It died while running: a reservation it made just before dying may not be on the record.
+        return "any epsilon it reserved before it was lost stays spent (see the dataset's ledger)"
+    return "nothing was charged"
+
+
+def lost_error(rec: dict[str, Any], why: str) -> dict[str, Any]:
+    """The stored error of a lost warm-up: why, and what happened to its cost."""
+    note = charge_note({**rec, "state": LOST})
+    return {"message": f"{why}; {note}", "type": "server_error", "code": "warmup_lost", "status": 500}
+
+
 def public_view(rec: dict[str, Any], now: float | None = None) -> dict[str, Any]:
     """The API view of a record (admin-only: progress speed depends on when generation stopped)."""
     now = time.time() if now is None else now
@@ -92,105 +119,19 @@ def public_view(rec: dict[str, Any], now: float | None = None) -> dict[str, Any]
         "created_at": rec.get("created_at"), "started_at": started, "finished_at": finished,
         "actor": rec.get("actor"), "runner": rec.get("runner"), "key": rec.get("key"),
         "result": rec.get("result"), "error": rec.get("error"),
+        "cancel_requested": bool(rec.get("cancel_requested")), "owner": rec.get("owner"),
+        "note": charge_note(rec),
     }
-
-
-class WarmupExecutor:
-    """Runs one queued warm-up to its end (the body of every runner; blocking, never raises)."""
-
-    def __init__(self, store: Store, warmup: Warmup, metrics: Metrics | None = None, worker: str = "inprocess"):
-        self.store = store
-        self.warmup = warmup
-        self.metrics = metrics
-        self.worker = worker
-
-    def _finish(self, wid: str, **fields: Any) -> dict[str, Any] | None:
-        return self.store.update_warmup(wid, expect=(RUNNING,), finished_at=time.time(), **fields)
-
-    def run(self, wid: str) -> str:
-        """Take the warm-up (``queued -> running``), generate, record the outcome; returns the state."""
-        now = time.time()
-        try:
-            rec = self.store.update_warmup(wid, expect=(QUEUED,), state=RUNNING, started_at=now, heartbeat_at=now,
-                                           worker=self.worker)
-        except NotFound:
-            return FAILED
-        if rec is None:  # cancelled (or taken) meanwhile
-            current = self.store.get_warmup(wid) or {}
-            return str(current.get("state", FAILED))
-        task_name = rec.get("task", "?")
-        started = time.perf_counter()
-        last = [0.0, 0]
-
-        def progress(done: int, total: int) -> None:
-            t = time.perf_counter()
-            if t - last[0] < PROGRESS_EVERY and done < total:
-                return
-            last[0] = t
-            last[1] += 1
-            self.store.update_warmup(wid, tokens_done=done, tokens_total=total, heartbeat_at=time.time())
-            if last[1] % 5 == 1 or done >= total:
-                elapsed = t - started
-                eta = round(elapsed / done * (total - done), 1) if done else None
-                log_event("warmup.progress", warmup_id=wid, task=task_name, tokens_done=done, tokens_total=total,
-                          seconds=round(elapsed, 1), eta_seconds=eta)
-
-        def reserved(epsilon: float) -> None:
-            self.store.update_warmup(wid, charged=True,
-                                     epsilon_cost=float(epsilon) if math.isfinite(epsilon) else None)
-            log_event("warmup.started", warmup_id=wid, task=task_name)
-
-        try:
-            task = TaskConfig.model_validate(rec["task_spec"])
-            try:
-                meta = self.store.get_dataset(rec["dataset_id"])
-            except NotFound:
-                raise APIError(409, f"dataset {rec['dataset_id']} was deleted before the warm-up started",
-                               "dataset_missing") from None
-            generator = self.warmup.generators.generator_id(task)
-            if rec.get("generator") and rec["generator"] != generator:
-                # The set is cached under the server's generator: a worker configured with another
-                # model must not fill that key with its own output.
-                raise APIError(409, f"this worker's generator ({generator}) is not the one the warm-up was "
-                                    f"queued for ({rec['generator']}); nothing was charged", "generator_mismatch")
-            prep = Prepared(meta, task_labels(task, meta), rec["key"])
-            cached = self.store.get_demos(prep.key)
-            if cached is not None:  # another warm-up of the same set finished first: nothing to charge
-                result = {"key": prep.key, "cached": True, "charged": False, "payload": cached}
-            else:
-                result = self.warmup.generate(task, prep, rec.get("actor", "admin"), bool(rec.get("admin", True)),
-                                              progress=progress, reserved=reserved)
-        except APIError as exc:
-            self._count(task_name, "refused")
-            self._finish(wid, state=FAILED, error=error_dict(exc))
-            log_event("warmup.failed", warmup_id=wid, task=task_name, status=exc.status, code=exc.code)
-            return FAILED
-        except Exception as exc:  # noqa: BLE001 - mapped to a clean error (type name only)
-            err = generation_error(exc)
-            self._count(task_name, "failed")
-            self._finish(wid, state=FAILED, error=error_dict(err))
-            log_event("warmup.failed", warmup_id=wid, task=task_name, status=err.status, code=err.code)
-            return FAILED
-        self._count(task_name, "generated" if result.get("charged") else "cached")
-        total = int((rec.get("tokens_total") or 0))
-        self._finish(wid, state=DONE, result=result_view(task_name, result), tokens_done=total,
-                     charged=bool(result.get("charged")))
-        log_event("warmup.done", warmup_id=wid, task=task_name, seconds=round(time.perf_counter() - started, 1),
-                  charged=bool(result.get("charged")))
-        return DONE
-
-    def _count(self, task: str, outcome: str) -> None:
-        if self.metrics is not None:
-            self.metrics.demo_generations.labels(task, outcome).inc()
 
 
 class WarmupService:
     """Creating, listing, waiting for and cancelling warm-ups (the API side; async)."""
 
-    def __init__(self, store: Store, warmup: Warmup, runner: Any):
+    def __init__(self, store: Store, warmup: Warmup, runner: Any, owner: Owner | None = None):
         self.store = store
         self.warmup = warmup
         self.runner = runner
+        self.owner = owner or Owner.current("server")
 
     def close(self) -> None:
         self.runner.close()
@@ -219,8 +160,13 @@ class WarmupService:
             "epsilon_cost": epsilon_cost, "charged": False, "runner": self.runner.kind,
             "created_at": now, "heartbeat_at": now, "started_at": None, "finished_at": None,
             "result": None, "error": None,
+            # A queue held in this process's memory: this process owns the queued record.
+            **(self.owner.fields() if self.runner.kind == "inprocess" else {}),
         }
         rec, created = self.store.create_warmup(record, dedupe=prep.key)
+        if not created and self._reap(rec)["state"] in FINISHED:
+            # The active warm-up we would join belonged to a process that died: never hand out its id.
+            rec, created = self.store.create_warmup(record, dedupe=prep.key)
         if created:
             log_event("warmup.queued", warmup_id=rec["id"], task=task.name, actor=actor)
         return rec, created
@@ -292,17 +238,43 @@ class WarmupService:
 
     # -- queries ----------------------------------------------------------------------------
     def _reap(self, rec: dict[str, Any]) -> dict[str, Any]:
-        """Fail a warm-up whose executor stopped beating (the server or worker died)."""
+        """Settle a warm-up whose process died: a queued in-process one is adopted by this process
+        (nothing was charged: it runs here), a running one is marked lost. Dead means certainly
+        dead (:func:`proxy.serving.warmup_owner.owner_dead`) or silent for :data:`STALE_AFTER`."""
         state = rec.get("state")
-        watched = state == RUNNING or (state == QUEUED and rec.get("runner") == "inprocess")
-        if watched and time.time() - float(rec.get("heartbeat_at") or 0) > STALE_AFTER:
-            note = "its cost stays spent" if rec.get("charged") else "nothing was charged"
-            err = {"message": f"the process running the warm-up stopped responding; {note}",
-                   "type": "server_error", "code": "warmup_lost", "status": 500}
-            new = self.store.update_warmup(rec["id"], expect=(state,), state=FAILED, finished_at=time.time(),
-                                           error=err)
-            return new or self.store.get_warmup(rec["id"]) or rec
-        return rec
+        in_memory_queue = state == QUEUED and rec.get("runner") == "inprocess"
+        if state != RUNNING and not in_memory_queue:
+            return rec  # finished, or queued on Redis (waits there for a worker)
+        stale = time.time() - float(rec.get("heartbeat_at") or 0) > STALE_AFTER
+        if not stale and not owner_dead(rec, self.owner):
+            return rec
+        if in_memory_queue and self.runner is not None and self.runner.kind == "inprocess":
+            return self._adopt(rec) or self.store.get_warmup(rec["id"]) or rec
+        why = "the process running the warm-up died" if state == RUNNING else \
+            "the process holding the queued warm-up died"
+        new = self.store.update_warmup(rec["id"], expect=(state,), state=LOST, finished_at=time.time(),
+                                       error=lost_error(rec, why))
+        if new is not None:
+            log_event("warmup.lost", warmup_id=rec["id"], task=rec.get("task"), was=state)
+        return new or self.store.get_warmup(rec["id"]) or rec
+
+    def _adopt(self, rec: dict[str, Any]) -> dict[str, Any] | None:
+        """Take over a queued in-process warm-up (compare-and-set) and queue it here."""
+        new = self.store.update_warmup(rec["id"], expect=(QUEUED,), heartbeat_at=time.time(), **self.owner.fields())
+        if new is not None:
+            try:
+                self.runner.submit(rec["id"])
+            except Exception as exc:  # noqa: BLE001 - shutting down: the next incarnation adopts it
+                log_event("warmup.requeue_failed", warmup_id=rec["id"], error=type(exc).__name__)
+                return new
+            log_event("warmup.requeued", warmup_id=rec["id"], task=rec.get("task"))
+        return new
+
+    def recover(self) -> dict[str, int]:
+        """At start-up: settle at once the warm-ups an earlier process under our name held (and any
+        whose process certainly died): queued ones run here, running ones are lost."""
+        return recover_warmups(self.store, self.owner,
+                               self._adopt if self.runner is not None and self.runner.kind == "inprocess" else None)
 
     def get(self, wid: str) -> dict[str, Any]:
         rec = self.store.get_warmup(wid)
@@ -317,16 +289,44 @@ class WarmupService:
         """The newest warm-up of a cache key among the last ``limit`` warm-ups."""
         return next((r for r in self.list(limit) if r.get("key") == key), None)
 
-    def cancel(self, wid: str) -> dict[str, Any]:
-        """Cancel a queued warm-up (409 once it runs: its cost may already be charged)."""
+    def cancel(self, wid: str) -> tuple[dict[str, Any], bool]:
+        """Cancel a warm-up; returns ``(record, at_once)``. A queued one is cancelled at once (nothing
+        was charged); a running one is asked to stop (``cancel_requested``): its generator stops
+        before its next token and its charge stays. 409 once it is finished."""
         rec = self.get(wid)
         new = self.store.update_warmup(wid, expect=(QUEUED,), state=CANCELLED, finished_at=time.time())
-        if new is None:
-            current = self.store.get_warmup(wid) or rec
-            raise APIError(409, f"warm-up {wid} is {current.get('state')}; only queued warm-ups can be cancelled",
-                           "warmup_not_queued")
-        log_event("warmup.cancelled", warmup_id=wid, task=new.get("task"))
-        return new
+        if new is not None:
+            log_event("warmup.cancelled", warmup_id=wid, task=new.get("task"))
+            return new, True
+        new = self.store.update_warmup(wid, expect=(RUNNING,), cancel_requested=True, cancel_requested_at=time.time())
+        if new is not None:
+            log_event("warmup.cancel_requested", warmup_id=wid, task=new.get("task"))
+            return new, False
+        current = self.store.get_warmup(wid) or rec
+        raise APIError(409, f"warm-up {wid} is {current.get('state')}; only queued or running warm-ups can be "
+                            f"cancelled", "warmup_finished")
+
+
+def recover_warmups(store: Store, owner: Owner, adopt: Callable[[dict[str, Any]], Any] | None) -> dict[str, int]:
+    """Settle the active warm-ups of our previous incarnation (and of certainly dead processes):
+    running ones are marked lost, queued in-process ones are given to ``adopt`` (or left to a
+    server when None). Returns how many of each; RQ-queued ones wait on Redis, untouched."""
+    counts = {"lost": 0, "requeued": 0}
+    for rec in store.list_warmups(RECOVER_SCAN):
+        state = rec.get("state")
+        if state not in (QUEUED, RUNNING) or not (previous_incarnation(rec, owner) or owner_dead(rec, owner)):
+            continue
+        if state == QUEUED:
+            if rec.get("runner") == "inprocess" and adopt is not None and adopt(rec) is not None:
+                counts["requeued"] += 1
+            continue
+        err = lost_error(rec, "the process running the warm-up died (its instance restarted)")
+        if store.update_warmup(rec["id"], expect=(RUNNING,), state=LOST, finished_at=time.time(), error=err):
+            counts["lost"] += 1
+            log_event("warmup.lost", warmup_id=rec["id"], task=rec.get("task"), was=RUNNING)
+    if counts["lost"] or counts["requeued"]:
+        log_event("warmup.recovered", owner=owner.name, **counts)
+    return counts
 
 
 def raise_failure(rec: dict[str, Any]) -> None:
@@ -335,6 +335,8 @@ def raise_failure(rec: dict[str, Any]) -> None:
     if rec.get("state") == FAILED:
         raise APIError(int(err.get("status") or 500), str(err.get("message") or "the warm-up failed"),
                        err.get("code") or "warmup_failed", err.get("type"))
+    if rec.get("state") == LOST:
+        raise APIError(500, str(err.get("message") or f"warm-up {rec['id']} was lost"), "warmup_lost", "server_error")
     if rec.get("state") == CANCELLED:
         raise APIError(409, f"warm-up {rec['id']} was cancelled", "warmup_cancelled")
 

@@ -5,7 +5,7 @@
 "use strict";
 
 const KEY_STORE = "dpicl-admin-key";
-const FINISHED = new Set(["done", "failed", "cancelled", "succeeded"]);
+const FINISHED = new Set(["done", "failed", "cancelled", "lost", "succeeded"]);
 let timer = null;           // the current page's refresh timer
 let charts = [];            // uPlot instances of the current page
 
@@ -212,13 +212,18 @@ const pages = {
     if (!data) { page.append(el("p", { class: "muted" }, "This server runs warm-ups within the request (no list).")); return; }
     const list = data.data;
     page.append(table([
-      ["id", (w) => w.id], ["task", (w) => w.task], ["state", (w) => el("span", { dataset: { state: w.state } }, w.state)],
+      ["id", (w) => w.id], ["task", (w) => w.task],
+      // A running warm-up asked to stop says so until its generator reaches the next token.
+      ["state", (w) => el("span", { dataset: { state: w.state, cancel: w.cancel_requested ? "requested" : "" } },
+        w.state === "running" && w.cancel_requested ? "running (cancel requested)" : w.state)],
       ["progress", (w) => el("span", {}, bar(w.tokens_done || 0, w.tokens_total || 0), `${w.tokens_done || 0} / ${w.tokens_total || "?"} tokens`)],
       ["elapsed", (w) => w.seconds_elapsed === null || w.seconds_elapsed === undefined ? "-" : `${fmt(w.seconds_elapsed, 1)} s`],
       ["eta", (w) => w.eta_seconds === null || w.eta_seconds === undefined ? "-" : `${fmt(w.eta_seconds, 0)} s`],
       ["ε cost", (w) => eps(w.epsilon_cost)], ["started", (w) => when(w.created_at)],
-      ["", (w) => w.error ? el("span", { class: "error" }, w.error.message) : (FINISHED.has(w.state) ? "" :
-        el("button", { class: "danger", type: "button", onclick: guarded(async () => {
+      // A cancelled or lost warm-up keeps its charge (it may have read rows): the note says so.
+      ["cost", (w) => w.note ? el("span", { class: w.charged ? "error" : "muted", dataset: { note: w.id } }, w.note) : ""],
+      ["", (w) => w.error ? el("span", { class: "error" }, w.error.message) : (FINISHED.has(w.state) || w.cancel_requested ? "" :
+        el("button", { class: "danger", type: "button", dataset: { cancel: w.id }, onclick: guarded(async () => {
           await api("POST", `/admin/warmups/${encodeURIComponent(w.id)}/cancel`); await show("warmups");
         }) }, "Cancel"))],
     ], list, "No warm-ups yet: warm a task on the Tasks page."));
