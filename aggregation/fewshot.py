@@ -104,10 +104,11 @@ def generate_demonstration(
     # On a batched, KV-cached backend the public prompt rides in row 0 of the private batch (one
     # forward per step instead of two). That is sound only because every row is padded to the
     # public width (``max_prompt_tokens`` plus the tokens generated so far): the batch shape then
-    # carries nothing private.
+    # carries nothing private, and only on a source whose rows are computed independently (not
+    # dynamic int8, whose activation scale spans the batch).
     prior = config.mechanism == "public_prior"
     needs_public = config.top_k is not None or prior or public_only
-    shared = not public_only and source.caches_state and needs_public
+    shared = not public_only and source.caches_state and source.rows_independent and needs_public
 
     def private_prompts() -> list[str]:
         return [_fit_prompt(source, prompt, rows, label, width, prefix)

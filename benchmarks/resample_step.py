@@ -10,15 +10,19 @@ generated]`` at a public width; the instruction is the public prefix. Variants, 
   * resample+pc re-open the M rows reusing the instruction's cached KV state (prefix cache),
 
 at the public width ``--width`` and, for comparison, at the tightest width of the batch (what
-padding to a public width costs). Wall seconds and this process's CPU seconds are printed (CPU
+padding to a public width costs). ``--precisions float32,bfloat16,int8`` adds, for each other
+precision, its decode step and its resample step (prefix cache, public width), so precisions are
+compared in the same run (int8 runs one row per forward: see docs/sources.md). Wall seconds and this process's CPU seconds are printed (CPU
 time is steadier on a shared machine), with the load average at start and end.
 
 Usage: python benchmarks/resample_step.py [--rows long|trec] [--rounds 5] [--threads N] [--model NAME]
+       [--precisions float32,bfloat16,int8]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -30,7 +34,7 @@ import torch
 from aggregation.datasets import TREC_PROMPT, load_trec
 from aggregation.fewshot import pools_by_label
 from aggregation.prompts import Example
-from aggregation.sources.local import LocalSource
+from aggregation.sources.local import LocalSource, with_precision
 
 
 def instruction(source: LocalSource, tokens: int) -> str:
@@ -83,7 +87,10 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--model", default=None)
+    ap.add_argument("--precisions", default="float32",
+                    help="comma-separated: float32 (the reference, always run), bfloat16, int8")
     args = ap.parse_args()
+    others = [p for p in args.precisions.split(",") if p and p != "float32"]
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
 
@@ -102,12 +109,14 @@ def main() -> None:
           f"prefix={cached.count_tokens('', prefix=prefix)} tokens, suffix={len(suffix)}, public width={width}, "
           f"threads={args.threads}, load average at start {tuple(round(x, 2) for x in load_start)}")
 
-    def decode() -> None:
-        state = cached.open([public, *rests], keep_state=True, width=width, prefix=prefix)
+    def decode(src: LocalSource = cached, key: str = "decode") -> None:
+        # A source whose rows are not independent (int8) decodes the public row on its own.
+        rows = [public, *rests] if src.rows_independent else rests
+        state = src.open(rows, keep_state=True, width=width, prefix=prefix)
         tok = suffix[-1]
         state.advance(tok)
         for _ in range(args.decode_steps):
-            results["decode"].append(timed(lambda: state.advance(tok)))
+            results[key].append(timed(lambda: state.advance(tok)))
 
     def resample(src: LocalSource, w: int) -> None:
         src.open(rests, suffix=suffix, keep_state=False, width=w, prefix=prefix).probs(candidates)
@@ -118,10 +127,17 @@ def main() -> None:
         "resample, no prefix cache, tight width": lambda: resample(plain, tight),
         "resample, prefix cache, tight width": lambda: resample(cached, tight),
     }
-    results: dict[str, list[tuple[float, float]]] = {"decode": [], **{k: [] for k in variants}}
-    resample(cached, width)  # warm-up (and the prefix's one-time encoding)
+    sources = {p: LocalSource(with_precision(copy.deepcopy(cached.model), p), cached.tokenizer) for p in others}
+    for p, src in sources.items():
+        variants[f"resample, prefix cache, public width, {p}"] = lambda src=src: resample(src, width)
+    results: dict[str, list[tuple[float, float]]] = {"decode": [], **{f"decode, {p}": [] for p in others},
+                                                     **{k: [] for k in variants}}
+    for src in (cached, *sources.values()):
+        resample(src, width)  # warm-up (and the prefix's one-time encoding)
     for _ in range(args.rounds):
         decode()
+        for p, src in sources.items():
+            decode(src, f"decode, {p}")
         for name, fn in variants.items():
             results[name].append(timed(fn))
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in results.items()}

@@ -7,7 +7,8 @@ variant's ``mode`` / ``block_tokens`` / ``max_prompt_tokens``, then ``POST .../d
 A first, unmeasured warm-up loads the model and releases the DP pool sizes, so every measured row
 pays only its own generation (plus planning and the ledger write).
 
-Per row: wall seconds of the POST, CPU seconds the server process used meanwhile (all threads,
+Per row: the server's own split of the warm-up's seconds (model forward, sampling and noise,
+accounting and the ledger write, store reads and writes, the rest), wall seconds of the POST, CPU seconds the server process used meanwhile (all threads,
 from /proc), CPU/2 (a floor for the wall time on 2 idle cores if generation used both fully),
 the charged epsilon, tokens generated, and the load average before and after. Variants run in
 rounds (order rotated) and the median over rounds is printed. On a shared machine wall time
@@ -39,12 +40,16 @@ import yaml  # noqa: E402
 from proxy.devtools.fake_upstream import free_port  # noqa: E402
 
 ADMIN_KEY = "bench-admin-key"
+#: Parts of a warm-up's time, as the warm-up view's ``result.timings`` reports them.
+PARTS = ("forward", "sampling", "accounting", "store", "other")
 #: name -> generation overrides of the example task.
 VARIANTS = {
     "fixed": {"mode": "fixed"},
     "fixed-w128": {"mode": "fixed", "max_prompt_tokens": 128},
     "block4": {"mode": "block", "block_tokens": 4},
     "block4-w128": {"mode": "block", "block_tokens": 4, "max_prompt_tokens": 128},
+    "block2-w128": {"mode": "block", "block_tokens": 2, "max_prompt_tokens": 128},
+    "block8-w128": {"mode": "block", "block_tokens": 8, "max_prompt_tokens": 128},
     "resample": {"mode": "resample"},
     "resample-w128": {"mode": "resample", "max_prompt_tokens": 128},
 }
@@ -77,6 +82,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--variants", default="fixed,fixed-w128,block4,block4-w128,resample-w128,resample")
     ap.add_argument("--model", default=None, help="local model directory (default: the built-in SmolLM2)")
+    ap.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "int8"],
+                    help="server.local_precision of the generator model")
     args = ap.parse_args()
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     base_task = example_task()
@@ -84,7 +91,8 @@ def main() -> None:
     print(f"example task: {len(base_task['label_words'])} labels, shots {base_task['shots']}, epsilon "
           f"{base_task['epsilon']}, generation {base_task['generation']}")
     tmp = Path(tempfile.mkdtemp(prefix="dpicl-warm-e2e-"))
-    cfg = {"store": {"url": f"sqlite:///{tmp}/store.db"}, "server": {"local_model": args.model}}
+    cfg = {"store": {"url": f"sqlite:///{tmp}/store.db"}, "server": {"local_model": args.model,
+                                                                    "local_precision": args.precision}}
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
     port = free_port()
     env = {**os.environ, "DPICL_ADMIN_KEY": ADMIN_KEY}
@@ -131,11 +139,15 @@ def main() -> None:
                     assert r.status_code == 200, r.text
                     view = r.json()
                     demos = view["result"]["demonstrations"]
+                    parts = view["result"].get("timings") or {}
                     rows[name].append({"wall": wall, "cpu": cpu, "eps": view["epsilon_cost"],
                                        "tokens": view["tokens_total"], "demos": len(demos),
-                                       "load": f"{before_load} -> {loadavg()}"})
+                                       "load": f"{before_load} -> {loadavg()}",
+                                       **{p: parts.get(p, 0.0) for p in PARTS}})
                     print(f"  round {rnd + 1} {name:<14} wall {wall:7.1f} s  cpu {cpu:7.1f} s  "
                           f"epsilon {view['epsilon_cost']:.3f}  load {before_load} -> {loadavg()}", flush=True)
+                    print("    where the time went: " + "  ".join(f"{p} {parts.get(p, 0.0):.1f} s" for p in PARTS),
+                          flush=True)
                     print("    " + " | ".join(f"{d['label']}: {d['text'][:40]!r}" for d in demos[:3]), flush=True)
         print(f"\n{'variant':<15}{'mode':<9}{'k':>4}{'width':>7}{'wall s':>9}{'cpu s':>9}{'cpu/2 s':>9}"
               f"{'epsilon':>9}{'T total':>9}")
@@ -147,6 +159,11 @@ def main() -> None:
             k = gen.get("block_tokens") or (1 if gen["mode"] == "resample" else gen["max_tokens"])
             print(f"{name:<15}{gen['mode']:<9}{k:>4}{gen.get('max_prompt_tokens', 256):>7}{med['wall']:>9.1f}"
                   f"{med['cpu']:>9.1f}{med['cpu'] / 2:>9.1f}{med['eps']:>9.3f}{rows[name][0]['tokens']:>9}")
+        print(f"\nmedian seconds by part (server side; 'other' is the warm-up's own rest):\n{'variant':<15}"
+              + "".join(f"{p:>12}" for p in PARTS))
+        for name in names:
+            if rows[name]:
+                print(f"{name:<15}" + "".join(f"{statistics.median(r[p] for r in rows[name]):>12.2f}" for p in PARTS))
         print(f"\ngoal: the example task's set ready in <= 60 s on 2 idle cores.  load average at end: {loadavg()}")
     finally:
         if server.poll() is None:

@@ -49,12 +49,13 @@ def _local_source_factory(app: FastAPI, config: Config):
     def factory() -> Any:
         from aggregation.sources.local import LocalSource, load_model
 
+        precision = config.server.local_precision
         upstream = app.state.upstreams.get(LOCAL_MODEL_NAME)
         getter = getattr(upstream, "model_and_tokenizer", None) or getattr(upstream, "_load", None)
-        if callable(getter):
+        if callable(getter) and precision == "float32":
             model, tok = getter()
-        else:
-            model, tok = load_model(config.server.local_model)
+        else:  # another precision is a model of its own (the upstream answers in float32)
+            model, tok = load_model(config.server.local_model, precision)
         return LocalSource(model, tok)
 
     return factory

@@ -207,6 +207,10 @@ class ServerSettings(_Strict):
     access_log: bool = True
     #: Directory of a local Hugging Face model to use instead of SmolLM2 (``DPICL_LOCAL_MODEL``).
     local_model: str | None = None
+    #: Numeric precision of the local model when it generates demonstrations (``DPICL_LOCAL_PRECISION``):
+    #: ``float32``, ``bfloat16`` or ``int8`` (run one row per forward; docs/sources.md). Serving
+    #: answers with the local upstream stay in float32.
+    local_precision: Literal["float32", "bfloat16", "int8"] = "float32"
 
 
 #: RQ queue of offline jobs, unless ``jobs.queue_name`` says otherwise.
@@ -345,6 +349,11 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = No
         cfg.store.url = env["DPICL_STORE_URL"]
     if env.get("DPICL_LOCAL_MODEL") and not cfg.server.local_model:
         cfg.server.local_model = env["DPICL_LOCAL_MODEL"]
+    if env.get("DPICL_LOCAL_PRECISION"):
+        precision = env["DPICL_LOCAL_PRECISION"]
+        if precision not in ("float32", "bfloat16", "int8"):
+            raise ConfigError(f"{source}: DPICL_LOCAL_PRECISION must be float32, bfloat16 or int8, not {precision!r}")
+        cfg.server.local_precision = precision  # type: ignore[assignment]
     hashes: dict[str, ClientKey] = {}
     for ck in cfg.client_keys:
         if ck.key_env is not None:

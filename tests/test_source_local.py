@@ -283,3 +283,63 @@ def test_gemma_prefix_cache_matches_plain_encoding(gemma: LocalSource) -> None:
         state.advance(tok)
         tail.append(tok)
     _close(state.probs(None), _reference(gemma, rests, tail, prefix))
+
+
+# -- numeric precision ---------------------------------------------------------------------------
+
+OTHER = "Answer type: location\nQuestion: Name a city in Norway that has many old wooden houses ?\n\n" \
+        "Answer type: location\nQuestion:"
+
+
+@functools.lru_cache(maxsize=None)
+def _precision_source(precision: str) -> LocalSource:
+    import copy
+
+    from aggregation.sources.models import with_precision
+
+    return LocalSource(with_precision(copy.deepcopy(_sharp_model()), precision), _tokenizer())
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("keep_state", [False, True])
+def test_every_precision_computes_each_row_from_that_row_alone(precision, keep_state) -> None:
+    """Row 0 (the public prompt) and an unchanged private row give the same numbers, bit for bit,
+    whatever another private row holds: the public row stays public and one record moves one row."""
+    source = _precision_source(precision)
+    assert source.precision == precision
+    runs = []
+    for changed in (PROMPTS[1], OTHER):
+        state = source.open([PROMPTS[0], changed, PROMPTS[2]], suffix=SUFFIX, keep_state=keep_state, width=120,
+                            prefix=PREFIX)
+        out = [state.probs(None)]
+        for tok in STEPS:
+            state.advance(tok)
+            out.append(state.probs(None))
+        runs.append(np.stack(out))
+    a, b = runs
+    assert np.array_equal(a[:, 0], b[:, 0]) and np.array_equal(a[:, 2], b[:, 2])
+    assert not np.array_equal(a[:, 1], b[:, 1])  # the changed row did change
+
+
+def test_int8_is_run_one_row_per_forward_because_its_scale_spans_the_batch() -> None:
+    """Dynamic int8 batched naively would let one row move another: the reason for the row-wise path."""
+    source = _precision_source("int8")
+    assert not source.rows_independent
+    naive = LocalSource(source.model, source.tokenizer)
+    naive.rows_independent = True  # what a batched int8 forward would do
+    rows = [naive.open([PROMPTS[0], changed], width=120, prefix=PREFIX).probs(None)[0] for changed in (PROMPTS[1], OTHER)]
+    assert not np.array_equal(rows[0], rows[1])
+
+
+def test_bfloat16_stays_close_to_float32() -> None:
+    full, half = _precision_source("float32"), _precision_source("bfloat16")
+    a = full.open(PROMPTS, suffix=SUFFIX, width=120, prefix=PREFIX).probs(None)
+    b = half.open(PROMPTS, suffix=SUFFIX, width=120, prefix=PREFIX).probs(None)
+    assert np.abs(a - b).sum(axis=1).max() < 0.5  # total variation well under its maximum of 2
+
+
+def test_unknown_precision_is_refused() -> None:
+    from aggregation.sources.models import with_precision
+
+    with pytest.raises(ValueError, match="precision"):
+        with_precision(_sharp_model(), "float8")

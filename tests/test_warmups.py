@@ -254,3 +254,18 @@ def test_a_warmup_whose_process_died_is_shown_lost(store):
     assert "nothing was charged" in q["error"]["message"] and "stays spent" in r["error"]["message"]
     assert public_view(r)["note"].startswith("its epsilon cost stays spent")
     assert svc.get("rq")["state"] == "queued" and svc.get("fresh")["state"] == "running"
+
+
+def test_a_finished_warmup_says_where_its_time_went(live):
+    """Admin-only split of the warm-up's seconds (benchmarks/warm_e2e.py prints it)."""
+    app, http = live
+    upload(http, "t", jsonl_bytes(dataset_rows(100)), epsilon=50)
+    http.post("/admin/tasks", json=task_spec("t1", "t", generation=FAST))
+    view = http.post("/admin/tasks/t1/demos", json={"wait": True}).json()
+    assert view["state"] == "done"
+    parts = view["result"]["timings"]
+    assert set(parts) == {"forward", "sampling", "accounting", "store", "other", "total"}
+    assert all(v >= 0 for v in parts.values())
+    assert parts["forward"] > 0 and parts["accounting"] > 0  # the model ran; the plan was priced and charged
+    named = sum(v for k, v in parts.items() if k != "total")
+    assert named == pytest.approx(parts["total"], abs=0.01)

@@ -214,6 +214,7 @@ def load_finished(out_dir: Path, settings: EvalSettings, dataset: str) -> tuple[
     wanted = settings_record(settings, dataset)
     for key in _ADDABLE:  # files written before these could be added hold them; they do not matter
         stored.pop(key, None)
+    stored.setdefault("precision", "float32")  # files written before the option were float32
     differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
     if differ:
         raise ResumeError(f"{out_dir} was made with different settings ({', '.join(differ)}); "

@@ -47,6 +47,8 @@ class EvalSettings:
     fidelity_demos: int = 4
     #: Records taken out of the pool (never private, never tested) to train the fidelity evaluator.
     evaluator_records: int = 1200
+    #: Numeric precision of the local model that generates the demonstrations (ICL scoring stays float32).
+    precision: str = "float32"
 
     def generation(self, mode: str, epsilon: float) -> GenerationConfig:
         return GenerationConfig(mode=mode, mechanism=self.mechanism,  # type: ignore[arg-type]

@@ -39,6 +39,9 @@ class NextTokenSource(ABC):
 
     #: Whether :meth:`open` with ``keep_state=True`` avoids re-encoding on :meth:`DecodeState.advance`.
     caches_state: bool = False
+    #: Whether each row of a batch is computed from that row alone. The public prompt may ride in
+    #: the private rows' batch only then (dynamic int8 quantisation scales by the whole batch).
+    rows_independent: bool = True
 
     @abstractmethod
     def open(self, prompts: Sequence[str], suffix: Sequence[Token] = (), keep_state: bool = False,

@@ -33,7 +33,10 @@ from aggregation.sources.models import (  # noqa: F401 - re-exported: callers im
     ensure_gemma3,
     ensure_smollm2,
     load_model,
+    model_precision,
+    rows_independent,
     smollm2_gguf_path,
+    with_precision,
 )
 
 #: Prefix KV states kept per source (public text only; a few MB each for the offline models).
@@ -108,17 +111,20 @@ class LocalSource(NextTokenSource):
         ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         ends = list(ends) if isinstance(ends, (list, tuple)) else [ends]
         self._end_ids = {int(i) for i in (tokenizer.eos_token_id, *ends) if i is not None}
-        self._vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        # (The input embeddings: a dynamically quantised output layer has no plain weight tensor.)
+        self._vocab_size = int(model.get_input_embeddings().weight.shape[0])
         self.bos = leading_bos(tokenizer)
         self.window = _sliding_window(model.config)
         # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns until 5.40).
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.prefixes = _PrefixCache(prefix_cache_size)
+        self.precision = model_precision(model)
+        self.rows_independent = rows_independent(self.precision)
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str | None = None) -> "LocalSource":
-        """Load SmolLM2 (default), ``"gemma3-270m"``, or a local model directory."""
-        model, tok = load_model(name_or_dir)
+    def from_pretrained(cls, name_or_dir: str | None = None, precision: str = "float32") -> "LocalSource":
+        """Load SmolLM2 (default), ``"gemma3-270m"``, or a local model directory, at ``precision``."""
+        model, tok = load_model(name_or_dir, precision)
         return cls(model, tok)
 
     def encode(self, text: str) -> list[int]:
@@ -229,7 +235,15 @@ class LocalState(DecodeState):
                 ids[i, width - len(seg):] = torch.tensor(seg, dtype=torch.long)
                 mask[i, width - len(seg):] = 1
         self._mask = mask
-        self._past = source.prefix_cache(head[:cached], n) if cached else None
+        # A source whose rows are not computed independently runs one row per forward, each
+        # with its own cache (see ``aggregation.sources.models.rows_independent``).
+        self._rowwise = not source.rows_independent
+        if not cached:
+            self._past: Any = [None] * n if self._rowwise else None
+        elif self._rowwise:
+            self._past = [source.prefix_cache(head[:cached], 1) for _ in range(n)]
+        else:
+            self._past = source.prefix_cache(head[:cached], n)
         self._logits = self._forward(ids[:, cached:], mask)
 
     def _forward(self, ids: Any, mask: Any) -> np.ndarray:
@@ -238,11 +252,18 @@ class LocalState(DecodeState):
         # Contiguous over real tokens: padding slots repeat their left neighbour's position.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         with torch.inference_mode():
-            out = self.source.forward(ids, mask, positions, self._past, self.keep_state)
-            logits = out.logits[:, -1, :].double()
+            if self._rowwise:
+                outs = [self.source.forward(ids[i:i + 1], mask[i:i + 1], positions[i:i + 1], self._past[i],
+                                            self.keep_state) for i in range(ids.shape[0])]
+                logits = torch.cat([o.logits[:, -1, :] for o in outs]).double()
+                past: Any = [_cache_of(o) for o in outs] if self.keep_state else [None] * len(outs)
+            else:
+                out = self.source.forward(ids, mask, positions, self._past, self.keep_state)
+                logits = out.logits[:, -1, :].double()
+                past = _cache_of(out) if self.keep_state else None
             probs = torch.softmax(logits, dim=-1).numpy()
         self.calls += 1
-        self._past = _cache_of(out) if self.keep_state else None
+        self._past = past
         return probs
 
     def probs(self, candidates: Sequence[Token] | None) -> np.ndarray:

@@ -166,13 +166,55 @@ def model_dir(name_or_dir: str | None) -> Path:
     return path
 
 
-def load_model(name_or_dir: str | None = None, dtype: str = "float32") -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)``: SmolLM2 by default, ``"gemma3-270m"``, or a local HF model directory."""
+#: Numeric precisions :func:`load_model` offers for the local model on a CPU.
+PRECISIONS = ("float32", "bfloat16", "int8")
+
+
+def load_model(name_or_dir: str | None = None, precision: str = "float32") -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)``: SmolLM2 by default, ``"gemma3-270m"``, or a local HF model directory.
+
+    ``precision``: ``float32`` (default), ``bfloat16`` (weights and activations), or ``int8``
+    (dynamic quantisation of the linear layers' weights; activations are quantised per call).
+    Whether a precision keeps batch rows independent of each other is :func:`rows_independent`.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = model_dir(name_or_dir)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    model.eval()
-    return model, tok
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return with_precision(model.eval(), precision), tok
+
+
+def with_precision(model: Any, precision: str) -> Any:
+    """``model`` (float32, in eval mode) converted to ``precision`` and tagged with it."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+    if precision == "bfloat16":
+        model = model.to(torch.bfloat16)
+    elif precision == "int8":
+        from torch.ao.quantization import quantize_dynamic
+
+        model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    model.dpicl_precision = precision
+    return model
+
+
+def model_precision(model: Any) -> str:
+    """The precision a model was loaded with by :func:`load_model` (``float32`` for any other model)."""
+    return str(getattr(model, "dpicl_precision", "float32"))
+
+
+def rows_independent(precision: str) -> bool:
+    """Whether one row's output of a batched forward is a function of that row alone.
+
+    float32 and bfloat16 compute every row with the same kernels whatever the other rows hold (the
+    batch shape is public). Dynamic int8 quantisation scales the activations by the range of the
+    *whole* input tensor, so one row's numbers move with the other rows': a public row batched with
+    private rows would carry private information into what is treated as public, and one record
+    would move every private row's distribution instead of its own subset's (the sensitivity
+    argument of every mechanism needs the latter). Such a model is run one row per forward.
+    """
+    return precision != "int8"

@@ -18,6 +18,12 @@ class MechanismOpt(str, Enum):
     public_prior = "public_prior"
 
 
+class PrecisionOpt(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    int8 = "int8"
+
+
 def fail(message: str) -> None:
     """Print ``error: message`` on stderr and exit with status 2 (bad input)."""
     typer.echo(f"error: {message}", err=True)

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 
-from proxy.cli.common import MechanismOpt, ModeOpt, fail as _fail
+from proxy.cli.common import MechanismOpt, ModeOpt, PrecisionOpt, fail as _fail
 
 
 def account(
@@ -78,6 +78,7 @@ def generate(
     input_prefix: str = typer.Option("Text:", help="Prefix of the text field."),
     label_prefix: str = typer.Option("Label:", help="Prefix of the label field."),
     model: Optional[str] = typer.Option(None, help="Local HF model directory (default: SmolLM2-135M-Instruct)."),
+    precision: PrecisionOpt = typer.Option(PrecisionOpt.float32, help="Local model precision: float32, bfloat16, or int8 (one row per forward)."),
     api_base: Optional[str] = typer.Option(None, help="Use an OpenAI-compatible server's logprobs instead of a local model."),
     api_model: Optional[str] = typer.Option(None, help="Model name on --api-base (litellm form, e.g. openai/name)."),
     seed: Optional[int] = typer.Option(None, help="Seed for reproducible noise and sampling (default: OS CSPRNG); needs --public-data."),
@@ -144,7 +145,7 @@ def generate(
         from aggregation.sources.local import LocalSource
 
         try:
-            source = LocalSource.from_pretrained(model)
+            source = LocalSource.from_pretrained(model, precision.value)
         except FileNotFoundError as exc:
             _fail(str(exc))
     prompt = TaskPrompt(instruction, input_prefix, label_prefix)

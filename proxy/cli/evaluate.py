@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from proxy.cli.common import MechanismOpt, fail as _fail
+from proxy.cli.common import MechanismOpt, PrecisionOpt, fail as _fail
 
 
 def eval_command(
@@ -29,6 +30,7 @@ def eval_command(
     top_k: int = typer.Option(100, "--top-k", min=0, help="Public candidate tokens per step (0 = full vocabulary)."),
     calibrate: bool = typer.Option(False, "--calibrate", help="Plot calibrated accuracy (the table always shows both)."),
     model: Optional[str] = typer.Option(None, help="Local model: smollm2 (default, SmolLM2-135M-Instruct), gemma3-270m, or a model directory."),
+    precision: PrecisionOpt = typer.Option(PrecisionOpt.float32, help="Numeric precision of the model that generates demonstrations: float32, bfloat16, or int8 (one row per forward); ICL scoring stays float32."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Test queries per forward pass."),
     dp: bool = typer.Option(True, "--dp/--no-dp", help="DP rows (--no-dp: zero-shot, epsilon 0 and real examples only, e.g. to compare local models)."),
     audit: bool = typer.Option(False, "--audit", help="Also run the canary audit (audit.csv, audit.md)."),
@@ -70,6 +72,7 @@ def eval_command(
         block_tokens=block_tokens if "block" in mode_list else None,
         calibrate=calibrate,
         fidelity_demos=preset.fidelity_demos if fidelity_demos is None else fidelity_demos,
+        precision=precision.value,
     )
     try:
         task = evaluation.load_task(dataset)
@@ -83,14 +86,16 @@ def eval_command(
         except evaluation.ResumeError as exc:
             _fail(str(exc))
 
-    from aggregation.sources.local import LocalSource, load_model
+    from aggregation.sources.local import LocalSource, load_model, with_precision
 
     started = time.perf_counter()
     try:
         lm, tok = load_model(model)
     except FileNotFoundError as exc:
         _fail(str(exc))
-    source = LocalSource(lm, tok)
+    # The generator at its precision; the ICL scorer keeps the float32 model.
+    gen = lm if precision is PrecisionOpt.float32 else with_precision(copy.deepcopy(lm), precision.value)
+    source = LocalSource(gen, tok)
     if accuracy:
         scorer = evaluation.ModelScorer(lm, tok, task.words(), batch_size=batch_size, progress=progress)
         result = evaluation.run_eval(task, source, scorer, settings, out_dir, progress=progress, log=typer.echo,

@@ -25,7 +25,10 @@ class Generators:
         """Identity of the generator model (part of the cache key)."""
         gen = task.generator
         if gen is None or gen in LOCAL_ALIASES:
-            return "local:" + (self.config.server.local_model or LOCAL_MODEL_NAME)
+            precision = self.config.server.local_precision
+            # float32 keeps the identity it always had (cached sets stay valid).
+            tail = "" if precision == "float32" else f"@{precision}"
+            return "local:" + (self.config.server.local_model or LOCAL_MODEL_NAME) + tail
         entry = self.config.model_entry(gen)
         params = entry.litellm_params if entry is not None else {}
         return f"openai:{params.get('model')}@{params.get('api_base')}:{task.generation.top_logprobs}"
@@ -43,7 +46,8 @@ class Generators:
                 else:
                     from aggregation.sources.local import LocalSource
 
-                    src = LocalSource.from_pretrained(self.config.server.local_model)
+                    src = LocalSource.from_pretrained(self.config.server.local_model,
+                                                      self.config.server.local_precision)
             else:
                 src = self._openai_source(task)
             self._sources[gid] = src

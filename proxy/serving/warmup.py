@@ -23,6 +23,7 @@ from aggregation.accounting import WHOLE_DATASET
 from aggregation.fewshot import COUNT_SIGMA, Plan, generate_demonstration, plan_demonstrations
 from aggregation.mechanisms import Noise
 from aggregation.prompts import Example
+from aggregation.sources.timing import TimedSource
 from aggregation.units import unit_pools
 from proxy.budget import BudgetService
 from proxy.config import TaskConfig
@@ -142,6 +143,7 @@ class Warmup:
         meta, labels = prep.meta, prep.labels
         reason = f"task {task.name} demos {prep.key[:12]}"
         config = generation_config(task)
+        entered = time.perf_counter()
         # epsilon_cost is the increase of the name's spent epsilon, the one-time count release
         # included (a charge by another process at the same moment is counted too: over-reports).
         if should_stop is not None and should_stop():
@@ -180,7 +182,11 @@ class Warmup:
                   spent=_num(res.spent_after), actor=actor)
         if reserved is not None:
             reserved(max(res.epsilon, res.spent_after - spent_before))
-        source = self.generators.source(task)
+        # Where the time went (admin-only: how long generation takes depends on the data).
+        accounting_s = time.perf_counter() - entered
+        store_s = 0.0
+        generating_s = 0.0
+        source = TimedSource(self.generators.source(task))
         prompt = task_prompt(task)
         noise = Noise(None)  # CSPRNG: the noise must not be reproducible from the seed
         started = time.perf_counter()
@@ -189,7 +195,9 @@ class Warmup:
                 pools_rows: dict[str, list[Example]] = {}
             else:
                 try:
+                    loading = time.perf_counter()
                     rows = self.store.load_rows(meta.id, units=True)
+                    store_s += time.perf_counter() - loading
                 except NotFound:
                     raise APIError(409, f"dataset {meta.id} was deleted during the warm-up (its charge "
                                         f"stays in the ledger)", "dataset_missing") from None
@@ -212,9 +220,11 @@ class Warmup:
                     done += task.shots * config.max_tokens
                     continue  # decided from the noisy count and public settings (see "decisions")
                 for _ in range(task.shots):
+                    one = time.perf_counter()
                     d = generate_demonstration(source, prompt, pools_rows.get(label, []), label, config,
                                                plan.labels[label], noise, on_token=on_token,
                                                should_stop=should_stop)
+                    generating_s += time.perf_counter() - one
                     if d.stopped:
                         del pools_rows
                         raise Stopped(charged=True, tokens_done=done + d.tokens)
@@ -246,13 +256,26 @@ class Warmup:
             "tokens": tokens,
             "seconds": round(time.perf_counter() - started, 3),
         }
+        storing = time.perf_counter()
         self.store.put_demos(prep.key, meta.id, task.name, payload)
+        store_s += time.perf_counter() - storing
+        timings = _timings(time.perf_counter() - entered, source.seconds, generating_s - source.seconds,
+                           accounting_s, store_s)
         log_event("demos.generated", task=task.name, dataset_id=meta.id, demos=len(demos), tokens=tokens,
                   seconds=payload["seconds"])
-        return {"key": prep.key, "cached": False, "charged": True, "payload": payload,
+        return {"key": prep.key, "cached": False, "charged": True, "payload": payload, "timings": timings,
                 "epsilon_cost": _num(max(res.epsilon, res.spent_after - spent_before)),
                 "spent_epsilon": _num(res.spent_after),
                 "remaining_epsilon": _num(max(0.0, res.remaining))}
+
+
+def _timings(total: float, forward: float, sampling: float, accounting: float, store: float) -> dict[str, float]:
+    """Seconds of a warm-up by part: model forward, sampling and noise (the generator's own work
+    between forwards), planning with accounting and the ledger write, store reads and writes, rest."""
+    parts = {"forward": forward, "sampling": sampling, "accounting": accounting, "store": store}
+    parts["other"] = max(0.0, total - sum(parts.values()))
+    parts["total"] = total
+    return {k: round(v, 3) for k, v in parts.items()}
 
 
 def _decisions(plan: Plan) -> dict[str, dict[str, str]]:

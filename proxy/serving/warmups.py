@@ -74,7 +74,7 @@ def result_view(task: str, result: dict[str, Any]) -> dict[str, Any]:
         # Which rule applied to each label (private / public fallback / skip), from the DP count.
         "decisions": payload.get("decisions"),
     }
-    for k in ("epsilon_cost", "spent_epsilon", "remaining_epsilon"):
+    for k in ("epsilon_cost", "spent_epsilon", "remaining_epsilon", "timings"):
         if k in result:
             out[k] = result[k]
     return out
