@@ -197,7 +197,8 @@ async def upload_dataset(request: Request) -> Response:
     request.app.state.metrics.record_spend(meta.id, 0.0, meta.budget_epsilon)
     log_event("dataset.uploaded", dataset_id=meta.id, rows=meta.rows, labels=len(meta.labels))
     await audit(request, "dataset.upload", meta.name, dataset_id=meta.id, version=meta.version, rows=meta.rows,
-                units=meta.units, labels=len(meta.labels), public=meta.public, new_name=new_name)
+                units=meta.units, labels=len(meta.labels), public=meta.public, new_name=new_name,
+                budget_epsilon=meta.budget_epsilon, budget_delta=meta.budget_delta)  # the budget's history starts here
     # Told to the uploader only (who holds the file); not logged and not part of stored metadata.
     return json_response({**dataset_view(meta), "duplicates_removed": dropped}, 201)
 
