@@ -243,3 +243,37 @@ def test_names_or_ids_everywhere_and_confirmations(live):
     text = run(srv.url, "audit", "--action", "dataset.upload")
     assert text.exit_code == 0 and text.stdout.count("dataset.upload") == 2
     assert "--since" in one_error_line(run(srv.url, "audit", "--since", "soon"))
+
+
+def test_jobs_list_names_the_dataset(monkeypatch):
+    """``dpicl jobs list`` shows each job's dataset by name and version (an id only once deleted)."""
+    import proxy.cli.jobs as jobs_cli
+
+    answers = {
+        "/admin/jobs": {"data": [
+            {"id": "job_1", "kind": "pe", "state": "running", "progress": 50.0, "epsilon_charged": 1.0,
+             "dataset_id": "ds_aaaaaaaaaaaaaaaa", "step": "iteration 2"},
+            {"id": "job_2", "kind": "dpsgd", "state": "succeeded", "progress": 100.0, "epsilon_charged": 2.0,
+             "dataset_id": "ds_bbbbbbbbbbbbbbbb"}]},
+        "/admin/datasets": {"data": [{"id": "ds_aaaaaaaaaaaaaaaa", "name": "trec", "version": 2}]},
+    }
+
+    class FakeClient:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def get(self, path, **kwargs):
+            return answers[path]
+
+    monkeypatch.setattr(jobs_cli, "AdminClient", FakeClient)
+    result = CliRunner().invoke(cli, ["jobs", "list"])
+    assert result.exit_code == 0, result.stderr
+    first, second = result.stdout.splitlines()
+    assert "trec v2" in first and "ds_aaaa" not in first
+    assert "ds_bbbbbbbbbbbbbbbb (deleted)" in second
