@@ -53,8 +53,10 @@ function chart(name, ledger, budgets) {
   for (const e of entries) spentAt.set(e.time, e.kind === "reset" ? (e.epsilon_after ?? 0) : e.epsilon_after);
   const first = Math.min(...spentAt.keys());
   const now = Math.max(Date.now() / 1000, ...spentAt.keys());
-  const times = new Set([first - 1, ...spentAt.keys(), now]);
-  for (const [t] of budgets) if (t !== null && t > first - 1 && t < now) times.add(t);
+  // From the budget's first known value (the upload) or just before the first charge, to now.
+  const start = Math.min(first - 1, ...budgets.filter(([t]) => t !== null).map(([t]) => t));
+  const times = new Set([start, ...spentAt.keys(), now]);
+  for (const [t] of budgets) if (t !== null && t >= start && t < now) times.add(t);
   const xs = [...times].sort((a, b) => a - b);
   let spent = 0;
   const ys = xs.map((t) => (spent = spentAt.has(t) ? spentAt.get(t) : (t < first ? 0 : spent)));
