@@ -2,7 +2,9 @@
 
 A request line holds method, path, status, latency, and the model / task / client name the route
 recorded on ``request.state``. Paths are the raw request path (ids and task names, which are not
-private); query strings are dropped.
+private); query strings are dropped. Successful progress polls (``GET`` of the warm-up and job
+status routes, which ``dpicl tasks warm`` and the console repeat every second or two) are logged
+at debug level, so they do not bury the requests that change something.
 
 Access lines skip the logging machinery (a record, a queue hop and a flushed write per request cost
 more CPU than the rest of a cached-task request's bookkeeping): the event loop appends the line's
@@ -20,6 +22,7 @@ import logging
 import logging.handlers
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -162,10 +165,20 @@ def _batched() -> _AccessWriter | None:
     return _access_writer
 
 
+#: Status routes that progress displays poll: ``/admin/warmups[/{id}]``, ``/admin/jobs[/{id}]``.
+_POLL_PATH = re.compile(r"^/admin/(warmups|jobs)(/[^/]+)?/?$")
+
+
+def is_poll(method: str, path: str, status: int) -> bool:
+    """Whether a request is a successful progress poll (its access line is logged at debug level)."""
+    return method == "GET" and status < 400 and _POLL_PATH.match(path) is not None
+
+
 def log_request(method: str, path: str, status: int, started: float, state: dict[str, Any]) -> None:
-    """Emit the access line of one request."""
+    """Emit the access line of one request (at debug level for a progress poll)."""
     logger = logging.getLogger(ACCESS_LOGGER)
-    if not logger.isEnabledFor(logging.INFO):
+    level = logging.DEBUG if is_poll(method, path, status) else logging.INFO
+    if not logger.isEnabledFor(level):
         return
     fields: dict[str, Any] = {
         "event": "request",
@@ -180,9 +193,10 @@ def log_request(method: str, path: str, status: int, started: float, state: dict
             fields[key] = value
     writer = _batched()
     if writer is not None:
-        writer.add({"ts": round(time.time(), 3), "level": "info", "logger": ACCESS_LOGGER, **fields})
+        name = "debug" if level == logging.DEBUG else "info"
+        writer.add({"ts": round(time.time(), 3), "level": name, "logger": ACCESS_LOGGER, **fields})
         return
-    logger.info("request", extra={"fields": fields})
+    logger.log(level, "request", extra={"fields": fields})
 
 
 def log_event(name: str, **fields: Any) -> None:

@@ -2,7 +2,7 @@
 
 Starts ``dpicl serve`` (this checkout, defaults: SQLite in a temporary directory, the built-in
 SmolLM2) on a free port, uploads the TREC sample, warms a small task twice (two seeds, so the
-chart has several points), then opens /admin/ui in headless chromium (Playwright, the system's
+chart has several points) with a budget raise in between (the budget line steps), then opens /admin/ui in headless chromium (Playwright, the system's
 /usr/bin/chromium) and saves the budgets page. Takes a few minutes on 2 CPU cores.
 
     python scripts/console_screenshot.py [--out docs/img/console-budgets.png]
@@ -84,6 +84,8 @@ def main() -> None:
                 http.post("/admin/tasks", json=spec).raise_for_status()
                 print(f"warming trec-quick (seed {seed})", flush=True)
                 warm(http, "trec-quick")
+                if seed == 0:  # a budget change between the warm-ups: the chart's budget line steps
+                    http.put("/admin/budget/trec", json={"epsilon": 5}).raise_for_status()
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=args.chromium, headless=True, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1200, "height": 760}, device_scale_factor=1)

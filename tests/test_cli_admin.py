@@ -27,9 +27,9 @@ def live(tmp_path, fake_upstream, tiny_model_dir):
         yield srv, tmp_path
 
 
-def run(url: str, *args: str, key: str | None = ADMIN_KEY):
-    env = {"DPICL_URL": url, "DPICL_ADMIN_KEY": key or "", "COLUMNS": "200"}
-    result = CliRunner().invoke(cli, list(args), env=env)
+def run(url: str, *args: str, key: str | None = ADMIN_KEY, input: str | None = None, columns: int = 200):
+    env = {"DPICL_URL": url, "DPICL_ADMIN_KEY": key or "", "COLUMNS": str(columns)}
+    result = CliRunner().invoke(cli, list(args), env=env, input=input)
     assert "Traceback" not in result.output + result.stderr
     return result
 
@@ -88,6 +88,10 @@ def test_datasets_budget_tasks_round_trip(live):
     spent = ok_json(srv.url, "budget", "show", "qs")
     assert (spent.get("epsilon_spent", spent.get("spent_epsilon")) or 0) > 0
     assert CANARY not in warmed.stdout + run(srv.url, "tasks", "demos", "cli-task").stdout  # text from DP noise only
+    ledger = run(srv.url, "budget", "show", "qs").stdout
+    # Each entry names the label it charged and why (the task), not only an epsilon.
+    assert "label / partition" in ledger and "reason" in ledger
+    assert re.search(r"warmup\s+│\s+(LOC|NUM)\s+│", ledger) and "task cli-task demos" in ledger, ledger
 
     deleted = run(srv.url, "datasets", "delete", up["id"], "--yes")
     assert deleted.exit_code == 0
@@ -191,3 +195,85 @@ def test_warm_over_budget_is_one_line_and_reads_nothing(live):
     line = one_error_line(run(srv.url, "tasks", "warm", "big"))
     assert "402" in line and "budget" in line and CANARY not in line
     assert ok_json(srv.url, "tasks", "demos", "big")["cached"] is False
+
+
+def test_names_or_ids_everywhere_and_confirmations(live):
+    srv, tmp = live
+    data = tmp / "rows.jsonl"
+    data.write_bytes(jsonl_bytes(dataset_rows(10)))
+    labels = ",".join(LABELS)
+    v1 = ok_json(srv.url, "datasets", "upload", str(data), "--name", "qs", "--labels", labels)
+    v2 = ok_json(srv.url, "datasets", "upload", str(data), "--name", "qs", "--labels", labels)
+    assert ok_json(srv.url, "datasets", "show", "qs")["id"] == v2["id"]  # a name: its newest version
+    assert ok_json(srv.url, "datasets", "show", v1["id"])["version"] == 1
+    assert ok_json(srv.url, "budget", "show", v1["id"])["name"] == "qs"  # an id: its name's budget
+    with httpx.Client(base_url=srv.url, timeout=30, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as http:
+        assert http.get("/admin/datasets/qs").json()["id"] == v2["id"]  # the API takes names too
+        assert http.get(f"/admin/budget/{v2['id']}").json()["name"] == "qs"
+        assert "dpicl datasets list" in http.get("/admin/datasets/nope").json()["error"]["message"]
+
+    narrow = run(srv.url, "datasets", "list", columns=70)
+    assert v1["id"] in narrow.stdout and v2["id"] in narrow.stdout, narrow.stdout  # ids are never cut
+
+    missing = run(srv.url, "datasets", "delete", "nope", input="y\n")
+    assert "no dataset" in one_error_line(missing) and "delete dataset" not in missing.stdout  # not asked
+    kept = run(srv.url, "datasets", "delete", "qs", input="n\n")
+    assert kept.exit_code == 1 and "qs v2" in kept.stdout
+    assert len(ok_json(srv.url, "datasets", "list")["data"]) == 2
+    gone = run(srv.url, "datasets", "delete", "qs", input="y\n")
+    assert gone.exit_code == 0 and v2["id"] in gone.stdout
+    assert [d["id"] for d in ok_json(srv.url, "datasets", "list")["data"]] == [v1["id"]]
+
+    shown = run(srv.url, "budget", "set", "qs", "--epsilon", "6.123456789")
+    assert "budget epsilon 6.123," in shown.stdout and "6.123456789" not in shown.stdout  # rounded
+
+    declined = run(srv.url, "budget", "reset", "qs", "--reason", "new quarter", input="n\n")
+    assert declined.exit_code == 1 and "reset the budget of qs" in declined.stdout
+    assert "404" in one_error_line(run(srv.url, "budget", "reset", "nope", "--reason", "x", input="y\n"))
+    assert ok_json(srv.url, "audit", "--action", "budget.reset")["data"] == []
+    assert run(srv.url, "budget", "reset", "qs", "--reason", "new quarter", "--yes").exit_code == 0
+
+    budget_records = ok_json(srv.url, "audit", "--action", "budget")["data"]
+    assert [r["action"] for r in budget_records] == ["budget.reset", "budget.set"]  # newest first
+    assert budget_records[0]["details"]["reason"] == "new quarter"
+    assert {r["action"] for r in ok_json(srv.url, "audit", "--target", "qs")["data"]} >= {
+        "dataset.upload", "dataset.delete", "budget.set", "budget.reset"}
+    assert len(ok_json(srv.url, "audit", "--target", "qs", "-n", "2")["data"]) == 2
+    assert ok_json(srv.url, "audit", "--actor", "someone-else")["data"] == []
+    text = run(srv.url, "audit", "--action", "dataset.upload")
+    assert text.exit_code == 0 and text.stdout.count("dataset.upload") == 2
+    assert "--since" in one_error_line(run(srv.url, "audit", "--since", "soon"))
+
+
+def test_jobs_list_names_the_dataset(monkeypatch):
+    """``dpicl jobs list`` shows each job's dataset by name and version (an id only once deleted)."""
+    import proxy.cli.jobs as jobs_cli
+
+    answers = {
+        "/admin/jobs": {"data": [
+            {"id": "job_1", "kind": "pe", "state": "running", "progress": 50.0, "epsilon_charged": 1.0,
+             "dataset_id": "ds_aaaaaaaaaaaaaaaa", "step": "iteration 2"},
+            {"id": "job_2", "kind": "dpsgd", "state": "succeeded", "progress": 100.0, "epsilon_charged": 2.0,
+             "dataset_id": "ds_bbbbbbbbbbbbbbbb"}]},
+        "/admin/datasets": {"data": [{"id": "ds_aaaaaaaaaaaaaaaa", "name": "trec", "version": 2}]},
+    }
+
+    class FakeClient:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def get(self, path, **kwargs):
+            return answers[path]
+
+    monkeypatch.setattr(jobs_cli, "AdminClient", FakeClient)
+    result = CliRunner().invoke(cli, ["jobs", "list"])
+    assert result.exit_code == 0, result.stderr
+    first, second = result.stdout.splitlines()
+    assert "trec v2" in first and "ds_aaaa" not in first
+    assert "ds_bbbbbbbbbbbbbbbb (deleted)" in second

@@ -7,6 +7,7 @@ reports no console errors. Skipped when chromium or the playwright package is mi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -130,3 +131,69 @@ def test_console_sign_in_upload_budget_warm_and_chart(live, browser_page):
     page.click("#signout")
     assert page.evaluate("sessionStorage.getItem('dpicl-admin-key')") is None
     assert page.is_visible("#signin")
+
+
+def test_console_partial_pages_budget_history_steps_names_and_defaults(live, browser_page):
+    """Issue 21 section 4: a task whose dataset is gone is a warning on its row (the page still
+    renders); the chart's budget line follows the budget's history and one warm-up's charges (one
+    timestamp) still draw a visible point; jobs show dataset names; the task form's defaults are
+    the API's."""
+    import httpx
+
+    from proxy.config import GenerationSettings, TaskConfig
+    from tests.test_app_support import admin_headers, task_spec, upload
+
+    srv, _ = live
+    page, errors = browser_page
+    with httpx.Client(base_url=srv.url, timeout=120, headers=admin_headers()) as http:
+        qs = upload(http, "qs", jsonl_bytes(dataset_rows(10)), epsilon="5").json()
+        assert http.put("/admin/budget/qs", json={"epsilon": 7}).status_code == 200  # budget history: 5, then 7
+        gone = upload(http, "gone", jsonl_bytes(dataset_rows(5))).json()
+        assert http.post("/admin/tasks", json=task_spec("ok-task", "qs")).status_code == 201
+        assert http.post("/admin/tasks", json=task_spec("broken", "gone")).status_code == 201
+        assert http.delete(f"/admin/datasets/{gone['id']}").status_code == 200  # its task now points at nothing
+        warmed = http.post("/admin/tasks/ok-task/demos", json={"wait": True})
+        assert warmed.status_code == 200 and warmed.json()["state"] == "done", warmed.text
+
+    page.goto(f"{srv.url}/admin/ui")
+    page.fill("#admin-key", ADMIN_KEY)
+    page.click("#signin-form button")
+    page.wait_for_selector('#page[data-page="datasets"]')
+
+    _go(page, srv.url, "tasks")  # the datasets page must not stay on screen
+    assert page.is_visible("[data-warning='broken']")  # the bad row is a warning on that row
+    rows = page.inner_text("#page table")
+    assert "ok-task" in rows and "broken" in rows and page.query_selector("[data-page-error]") is None
+    assert page.query_selector("[data-warning='ok-task']") is None
+
+    task, gen = TaskConfig.model_fields, GenerationSettings.model_fields
+    form = "#task-form "
+    assert page.input_value(form + "input[name=input_prefix]") == task["input_prefix"].default
+    assert page.input_value(form + "input[name=label_prefix]") == task["label_prefix"].default
+    assert float(page.input_value(form + "input[name=epsilon]")) == task["epsilon"].default
+    assert page.input_value(form + "select[name=mode]") == gen["mode"].default
+    assert int(page.input_value(form + "input[name=max_tokens]")) == gen["max_tokens"].default
+    assert int(page.input_value(form + "input[name=num_subsets]")) == gen["num_subsets"].default
+
+    _go(page, srv.url, "budgets")
+    page.wait_for_selector('[data-chart="qs"] canvas')
+    box = '[data-chart="qs"]'
+    assert page.get_attribute(box, "data-budgets") == "5.0,7.0" or page.get_attribute(box, "data-budgets") == "5,7"
+    assert page.get_attribute(box, "data-shape") == "steps"
+    drawn = page.evaluate("""() => charts.map((u) => ({ span: u.scales.x.max - u.scales.x.min,
+        spent: u.data[1], budget: u.data[2] }))""")
+    assert len(drawn) == 1 and drawn[0]["span"] > 0  # not an empty box
+    assert max(drawn[0]["spent"]) > 0 and drawn[0]["spent"][0] == 0  # from zero up to the warm-up's charge
+    assert drawn[0]["budget"][-1] == 7 and 5 in drawn[0]["budget"]  # the budget line steps from 5 to 7
+
+    # Jobs show dataset names (a job list answered by the route, as a server with jobs would).
+    job = {"id": "job_1", "kind": "pe", "state": "succeeded", "progress": 100, "dataset_id": qs["id"],
+           "epsilon_charged": 1.0, "rows": 10, "created_at": 1.0}
+    old = dict(job, id="job_2", dataset_id="ds_0000000000000000")
+    page.route("**/admin/jobs", lambda route: route.fulfill(
+        status=200, content_type="application/json", body=json.dumps({"object": "list", "data": [job, old]})))
+    _go(page, srv.url, "jobs")
+    assert page.inner_text("[data-job-dataset='job_1']") == "qs v1"
+    assert "deleted" in page.inner_text("[data-job-dataset='job_2']")
+    # The broken task's 409 is the expected answer the row's warning shows; nothing else failed.
+    assert [e for e in errors if "/admin/tasks/broken/demos" not in e] == [], errors

@@ -120,3 +120,35 @@ def test_admin_key_only_in_the_authorization_header(live: Any) -> None:
     # /v1 keeps accepting the alternative headers some OpenAI-compatible clients send.
     body = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]}
     assert http.post("/v1/chat/completions", json=body, headers={"api-key": CLIENT_KEY}).status_code == 200
+
+
+def test_progress_polls_are_logged_at_debug_not_info(live: Any) -> None:
+    """``dpicl tasks warm`` and the console poll the warm-up and job status every second or two:
+    those successful GETs go to debug level, so the info log keeps the requests that change things."""
+    _, http = live
+    http.headers.update(admin_headers())
+    with capture_logs() as logs:
+        for _ in range(3):
+            assert http.get("/admin/warmups").status_code == 200
+            assert http.get("/admin/jobs").status_code == 200
+        assert http.get("/admin/jobs/nope").status_code == 404  # an error is still worth a line
+        assert http.get("/admin/datasets").status_code == 200
+        from proxy.logs import flush_access_log
+
+        flush_access_log()
+        time.sleep(0.3)  # the access writer batches lines (at most ACCESS_FLUSH_SECONDS late)
+    info = [r for r in (json.loads(line) for line in logs.lines if line.startswith("{"))
+            if r.get("event") == "request" and r.get("level") == "info"]
+    paths = [r["path"] for r in info]
+    assert "/admin/datasets" in paths and "/admin/jobs/nope" in paths
+    assert "/admin/warmups" not in paths and "/admin/jobs" not in paths, paths
+
+
+def test_poll_routes() -> None:
+    from proxy.logs import is_poll
+
+    assert is_poll("GET", "/admin/warmups/w_1", 200) and is_poll("GET", "/admin/jobs/j_1", 200)
+    assert not is_poll("POST", "/admin/warmups/w_1/cancel", 200)
+    assert not is_poll("GET", "/admin/jobs/j_1/result", 200)  # a download, not a poll
+    assert not is_poll("GET", "/admin/warmups/w_1", 404)
+    assert not is_poll("GET", "/admin/datasets", 200)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import warnings
 from typing import Any, AsyncIterator, Iterator
@@ -14,6 +15,7 @@ import pytest
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("DPICL_CACHE_DIR", "/tmp/dpicl-cache")
 
+from tests.test_app_support import tiny_model_dir  # noqa: E402,F401 - fixture
 from proxy.devtools.fake_upstream import FakeOptions, FakeUpstream, answer_text, free_port  # noqa: E402
 from proxy.upstreams import (  # noqa: E402
     AiohttpOpenAIUpstream,
@@ -349,3 +351,36 @@ def test_real_smollm2_answers_sensibly() -> None:
             "temperature": 0, "max_tokens": 16}
     answer = run(call(up, up.chat(body)))
     assert "paris" in answer["choices"][0]["message"]["content"].lower()
+
+
+def test_first_request_logs_that_it_loads_the_local_model(tiny_model_dir: str) -> None:
+    """A first request that has to load (or convert) the local model says so in the log, once,
+    instead of waiting silently; later requests add no such line."""
+    from aggregation.sources.local import load_model
+    from proxy.upstreams.local import LocalChatUpstream
+    from tests.test_app_support import capture_logs
+
+    up = LocalChatUpstream("tiny", tiny_model_dir, loader=load_model, max_tokens_cap=4)
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    models_log = logging.getLogger("dpicl.models")
+    saved = models_log.level
+    models_log.setLevel(logging.INFO)  # what the server's setup_logging gives the dpicl loggers
+    def lines(logs: Any) -> list[dict]:
+        # capture_logs listens on "dpicl" and on the root logger: a propagated record comes twice.
+        return [json.loads(line) for line in dict.fromkeys(logs.lines) if line.startswith("{")]
+
+    with capture_logs() as logs:
+        async def twice() -> list[dict]:
+            await up.chat(body)
+            seen = lines(logs)
+            await up.chat(body)
+            return seen
+
+        first = run(call(up, twice()))
+        later = lines(logs)[len(first):]
+    models_log.setLevel(saved)
+    events = [r.get("event") for r in first]
+    assert events.count("model.loading") == 1 and events.count("model.loaded") == 1, first
+    loaded = next(r for r in first if r.get("event") == "model.loaded")
+    assert loaded["level"] == "info" and loaded["seconds"] >= 0 and loaded["model"] == tiny_model_dir
+    assert not any(str(r.get("event", "")).startswith("model.") for r in later)

@@ -11,16 +11,21 @@ Two causal LMs ship as GGUF files inside PyPI packages (no model hub is reachabl
 transformers dequantises a GGUF on load (~20 s), so each model is converted once into a safetensors
 directory under :func:`cache_dir` and reloaded from there in well under a second. The packages are
 located with ``importlib.util.find_spec`` and never imported.
+
+Loading and converting are logged (``dpicl.models``, one JSON line each when the server's logging is
+set up): a server's first request that loads the model would otherwise wait many seconds silently.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -38,6 +43,12 @@ SMOLLM2_ALIASES = frozenset({"", "smollm2", SMOLLM2_NAME.lower(), "local"})
 GEMMA3_ALIASES = frozenset({"gemma3-270m", "gemma-3-270m", "gemma3", "gemma"})
 
 _load_lock = threading.Lock()
+_log = logging.getLogger("dpicl.models")
+
+
+def _event(name: str, **fields: Any) -> None:
+    # The fields become the JSON line's keys under the dpicl log formatter (proxy.logs).
+    _log.info(name, extra={"fields": {"event": name, **fields}})
 
 
 def cache_dir() -> Path:
@@ -117,6 +128,8 @@ def _convert_once(name: str, gguf: Callable[[Path], Any]) -> Path:
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        _event("model.converting", model=name, target=str(target),
+               note="first use: converting the GGUF to safetensors once (tens of seconds)")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
         try:
@@ -180,10 +193,15 @@ def load_model(name_or_dir: str | None = None, precision: str = "float32") -> tu
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    started = time.perf_counter()
+    _event("model.loading", model=name_or_dir or SMOLLM2_NAME)
     path = model_dir(name_or_dir)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return with_precision(model.eval(), precision), tok
+    model = with_precision(model.eval(), precision)
+    _event("model.loaded", model=name_or_dir or SMOLLM2_NAME, path=str(path), precision=precision,
+           seconds=round(time.perf_counter() - started, 1))
+    return model, tok
 
 
 def with_precision(model: Any, precision: str) -> Any:

@@ -28,7 +28,23 @@ def _gauge(request: Request, dataset_ids: list[str], spent: float | None, budget
 
 
 def _not_found(name: str) -> APIError:
-    return APIError(404, f"dataset name {name!r} not found", "dataset_not_found")
+    return APIError(404, f"dataset name {name!r} not found (see dpicl datasets list)", "dataset_not_found")
+
+
+def _name_or_id(store: Any, ref: str) -> str:
+    """The dataset name ``ref`` names: itself when it is a name, else the name of the version with id ``ref``."""
+    try:
+        store.get_population(ref)
+        return ref
+    except NotFound:
+        try:
+            return store.get_dataset(ref).name
+        except NotFound:
+            raise _not_found(ref) from None
+
+
+async def _resolve(request: Request, ref: str) -> str:
+    return await anyio.to_thread.run_sync(_name_or_id, request.app.state.store, ref)
 
 
 @router.get("/budget")
@@ -42,6 +58,8 @@ async def all_budgets(request: Request) -> Response:
 
 @router.get("/budget/{name}")
 async def name_budget(request: Request, name: str) -> Response:
+    """A name's budget and ledger; ``name`` may also be the id of one of its versions."""
+    name = await _resolve(request, name)
     try:
         view = await anyio.to_thread.run_sync(request.app.state.budget.population, name)
     except NotFound:
@@ -67,7 +85,7 @@ async def _set(request: Request, name: str, update: BudgetUpdate) -> dict[str, A
 @router.put("/budget/{name}")
 async def set_name_budget(request: Request, name: str) -> Response:
     update: BudgetUpdate = validate_body(BudgetUpdate, await read_json(request))
-    return json_response(await _set(request, name, update))
+    return json_response(await _set(request, await _resolve(request, name), update))
 
 
 @router.post("/budget/{name}/reset")
@@ -75,6 +93,7 @@ async def reset_budget(request: Request, name: str) -> Response:
     """Restart a name's accounting: an explicit admin action with a required reason (audited).
     The ledger keeps every entry; only the composition restarts after the reset marker."""
     body: BudgetReset = validate_body(BudgetReset, await read_json(request))
+    name = await _resolve(request, name)
     budget = request.app.state.budget
     actor = str(getattr(request.state, "client", None) or "admin")
     try:
@@ -94,7 +113,7 @@ async def _name_of(request: Request, dataset_id: str) -> str:
         meta = await anyio.to_thread.run_sync(request.app.state.store.get_dataset, dataset_id)
     except NotFound:
         raise APIError(404, f"dataset {dataset_id!r} not found (a deleted version's spend stays in its name's "
-                            f"ledger: GET /admin/budget/{{name}})", "dataset_not_found") from None
+                            f"ledger: dpicl budget show NAME)", "dataset_not_found") from None
     return meta.name
 
 

@@ -106,11 +106,13 @@ def _outside(rows: list[Example], domain: list[str]) -> list[int]:
     return [i for i, r in enumerate(rows, start=1) if r.label not in allowed]
 
 
-async def _dataset_or_404(request: Request, dataset_id: str) -> DatasetMeta:
+async def _dataset_or_404(request: Request, ref: str) -> DatasetMeta:
+    """A dataset version by id, else the newest version of the name ``ref`` (as tasks and jobs take it)."""
     try:
-        return await anyio.to_thread.run_sync(request.app.state.store.get_dataset, dataset_id)
+        return await anyio.to_thread.run_sync(request.app.state.store.resolve_dataset, ref)
     except NotFound:
-        raise APIError(404, f"dataset {dataset_id!r} not found", "dataset_not_found") from None
+        raise APIError(404, f"no dataset with the id or name {ref!r} (see dpicl datasets list)",
+                       "dataset_not_found") from None
 
 
 @router.post("/datasets")
@@ -191,7 +193,8 @@ async def upload_dataset(request: Request) -> Response:
         if pop is not None and ((epsilon is not None and epsilon != pop.budget_epsilon)
                                 or (delta is not None and delta != pop.budget_delta)):
             raise APIError(409, f"dataset name {name!r} already has a budget (epsilon {pop.budget_epsilon:g}, delta "
-                                f"{pop.budget_delta:g}) shared by its versions; change it with PUT /admin/budget/{name}",
+                                f"{pop.budget_delta:g}) shared by its versions; change it with dpicl budget set "
+                                f"{name} (PUT /admin/budget/{name})",
                            "budget_exists", param="epsilon")
         return store.begin_upload(name, eps, dlt, public, labels), pop is None
 
@@ -262,7 +265,8 @@ async def _stage_and_publish(request: Request, upload: StagedUpload, rows: list[
         try:
             await audit(request, "dataset.upload", meta.name, dataset_id=meta.id, version=meta.version,
                         rows=meta.rows, units=meta.units, labels=len(meta.labels), public=meta.public,
-                        new_name=new_name)
+                        new_name=new_name, budget_epsilon=meta.budget_epsilon,
+                        budget_delta=meta.budget_delta)  # the budget's history starts here
         except BaseException:
             with contextlib.suppress(Exception):  # best effort: the store is failing already
                 await anyio.to_thread.run_sync(request.app.state.store.delete_dataset, meta.id)
@@ -278,12 +282,15 @@ async def list_datasets(request: Request) -> Response:
 
 @router.get("/datasets/{dataset_id}")
 async def get_dataset(request: Request, dataset_id: str) -> Response:
+    """One version's metadata; ``dataset_id`` may be a name (its newest version)."""
     return json_response(dataset_view(await _dataset_or_404(request, dataset_id)))
 
 
 @router.delete("/datasets/{dataset_id}")
 async def delete_dataset(request: Request, dataset_id: str) -> Response:
+    """Delete one version's rows; ``dataset_id`` may be a name (its newest version)."""
     meta = await _dataset_or_404(request, dataset_id)
+    dataset_id = meta.id
     state = request.app.state
     try:
         await anyio.to_thread.run_sync(state.store.delete_dataset, dataset_id)

@@ -1,5 +1,5 @@
 """The ``dpicl`` command line: the typer app and ``main``; one module per command group (serve, engine,
-evaluate, data, datasets, budget, tasks, keys, jobs), ``http`` (the admin API client) and ``output``.
+evaluate, data, datasets, budget, audit, tasks, keys, jobs), ``http`` (the admin API client) and ``output``.
 May import any proxy or aggregation module, lazily inside commands so that ``--help`` stays fast."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from proxy.cli import budget, data, datasets, engine, evaluate, jobs, keys, serve, tasks  # noqa: E402
+from proxy.cli import audit, budget, data, datasets, engine, evaluate, jobs, keys, serve, tasks  # noqa: E402
 
-for _module in (engine, serve, data, datasets, budget, tasks, keys, jobs, evaluate):
+for _module in (engine, serve, data, datasets, budget, audit, tasks, keys, jobs, evaluate):
     _module.register(app)
 
 

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import typer
 
 from proxy.cli.http import JSON_OPTION, KEY_OPTION, URL_OPTION, AdminClient, die
-from proxy.cli.output import fields, print_json, table, when
+from proxy.cli.output import cell, fields, print_json, table, when
 
 budget_app = typer.Typer(help="Privacy budgets: show, set, reset.", no_args_is_help=True)
 
@@ -38,10 +38,19 @@ _COLUMNS = [
     ("events", lambda r: r.get("events")),
 ]
 
+def _partition(e: dict[str, Any]) -> Any:
+    part = e.get("partition")
+    return "whole dataset" if part == "*" else part
+
+
 _LEDGER = [
+    ("seq", lambda e: e.get("seq")),
     ("time", lambda e: when(e.get("time", e.get("created_at")))),
-    ("kind", lambda e: e.get("kind", e.get("partition"))),
-    ("ref", lambda e: e.get("ref", e.get("reason"))),
+    ("kind", lambda e: e.get("kind")),
+    ("label / partition", _partition),
+    ("version", lambda e: e.get("dataset_id"), True),
+    ("reason", lambda e: e.get("reason") or e.get("ref")),
+    ("by", lambda e: e.get("actor")),
     ("epsilon after", lambda e: e.get("epsilon_after")),
 ]
 
@@ -56,7 +65,7 @@ def _legacy_path(api: AdminClient, name: str) -> str:
 
 
 @budget_app.command("show")
-def show(name: Optional[str] = typer.Argument(None, help="Dataset name (default: every dataset)."),
+def show(name: Optional[str] = typer.Argument(None, help="Dataset name or a version's id (default: every dataset)."),
          url: Optional[str] = URL_OPTION, admin_key: Optional[str] = KEY_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Budget, spent and remaining epsilon; with a name also its ledger."""
     with AdminClient(url, admin_key) as api:
@@ -81,7 +90,7 @@ def show(name: Optional[str] = typer.Argument(None, help="Dataset name (default:
 
 
 @budget_app.command("set")
-def set_budget(name: str = typer.Argument(..., help="Dataset name."),
+def set_budget(name: str = typer.Argument(..., help="Dataset name (or a version's id)."),
                epsilon: float = typer.Option(..., "--epsilon", help="New epsilon budget (not below what is spent)."),
                delta: Optional[float] = typer.Option(None, "--delta", help="New delta budget."),
                url: Optional[str] = URL_OPTION, admin_key: Optional[str] = KEY_OPTION,
@@ -99,23 +108,32 @@ def set_budget(name: str = typer.Argument(..., help="Dataset name."),
         print_json(rec)
     else:
         view = normalize(rec)
-        typer.echo(f"{view.get('name')}: budget epsilon {view.get('epsilon_budget')}, spent {view.get('epsilon_spent')}")
+        typer.echo(f"{view.get('name')}: budget epsilon {cell(view.get('epsilon_budget'))}, "
+                   f"spent {cell(view.get('epsilon_spent'))}")
 
 
 @budget_app.command("reset")
-def reset(name: str = typer.Argument(..., help="Dataset name."),
+def reset(name: str = typer.Argument(..., help="Dataset name (or a version's id)."),
           reason: str = typer.Option(..., "--reason", help="Why (kept in the audit log)."),
+          yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
           url: Optional[str] = URL_OPTION, admin_key: Optional[str] = KEY_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Start a new budget period for a dataset (the old ledger stays in the audit trail)."""
     if not reason.strip():
         die("--reason must not be empty", 2)
     with AdminClient(url, admin_key) as api:
-        rec = api.post(f"/admin/budget/{name}/reset", json={"reason": reason})
+        # Ask only about a name that exists, and say what is being forgotten.
+        now = normalize(api.get(f"/admin/budget/{name}"))
+        question = (f"reset the budget of {now.get('name')} (spent {cell(now.get('epsilon_spent'))} of "
+                    f"{cell(now.get('epsilon_budget'))})? the spending stays in the ledger and the audit log")
+        if not yes and not typer.confirm(question):
+            die("not reset", 1)
+        rec = api.post(f"/admin/budget/{now.get('name') or name}/reset", json={"reason": reason})
     if as_json:
         print_json(rec)
     else:
         view = normalize(rec)
-        typer.echo(f"{view.get('name')}: reset; spent {view.get('epsilon_spent')} of {view.get('epsilon_budget')}")
+        typer.echo(f"{view.get('name')}: reset; spent {cell(view.get('epsilon_spent'))} "
+                   f"of {cell(view.get('epsilon_budget'))}")
 
 
 def register(app: typer.Typer) -> None:

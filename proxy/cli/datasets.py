@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -13,8 +13,8 @@ from proxy.cli.output import fields, print_json, print_list, when
 datasets_app = typer.Typer(help="Private datasets: upload, list, show, delete.", no_args_is_help=True)
 
 _COLUMNS = [
-    ("id", lambda r: r.get("id")),
-    ("name", lambda r: r.get("name")),
+    ("id", lambda r: r.get("id"), True),  # never cut: it is copied into the next command
+    ("name", lambda r: r.get("name"), True),
     ("version", lambda r: r.get("version")),
     ("rows", lambda r: r.get("rows")),
     ("units", lambda r: r.get("units")),
@@ -62,12 +62,30 @@ def list_datasets(url: Optional[str] = URL_OPTION, admin_key: Optional[str] = KE
     print_list(data, _COLUMNS, as_json, empty="no datasets yet: dpicl datasets upload FILE --name NAME")
 
 
+_REF_HELP = "Dataset id, or a name (its newest version)."
+
+
+def resolve(api: AdminClient, ref: str) -> dict[str, Any]:
+    """The dataset version ``ref`` names: the version with that id, else the newest version of that name.
+
+    Resolved from the listing (metadata only), so servers that take only ids work too.
+    """
+    rows = api.get("/admin/datasets").get("data", [])
+    by_id = [d for d in rows if d.get("id") == ref]
+    if by_id:
+        return by_id[0]
+    versions = [d for d in rows if d.get("name") == ref]
+    if not versions:
+        die(f"no dataset with the id or name {ref!r}; see: dpicl datasets list")
+    return max(versions, key=lambda d: d.get("version") or 0)
+
+
 @datasets_app.command("show")
-def show(dataset: str = typer.Argument(..., help="Dataset id."), url: Optional[str] = URL_OPTION,
+def show(dataset: str = typer.Argument(..., help=_REF_HELP), url: Optional[str] = URL_OPTION,
          admin_key: Optional[str] = KEY_OPTION, as_json: bool = JSON_OPTION) -> None:
-    """One dataset's metadata."""
+    """One dataset version's metadata."""
     with AdminClient(url, admin_key) as api:
-        rec = api.get(f"/admin/datasets/{dataset}")
+        rec = api.get(f"/admin/datasets/{resolve(api, dataset)['id']}")
     if as_json:
         print_json(rec)
     else:
@@ -75,18 +93,20 @@ def show(dataset: str = typer.Argument(..., help="Dataset id."), url: Optional[s
 
 
 @datasets_app.command("delete")
-def delete(dataset: str = typer.Argument(..., help="Dataset id."),
+def delete(dataset: str = typer.Argument(..., help=_REF_HELP),
            yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
            url: Optional[str] = URL_OPTION, admin_key: Optional[str] = KEY_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Delete a dataset version's rows and cached demonstrations (its ledger is kept)."""
-    if not yes and not typer.confirm(f"delete dataset {dataset}?"):
-        die("not deleted", 1)
     with AdminClient(url, admin_key) as api:
-        rec = api.delete(f"/admin/datasets/{dataset}")
+        target = resolve(api, dataset)  # a missing target is an error before any question
+        what = f"{target.get('name')} v{target.get('version')} ({target['id']}, {target.get('rows')} rows)"
+        if not yes and not typer.confirm(f"delete dataset {what}? its budget ledger stays"):
+            die("not deleted", 1)
+        rec = api.delete(f"/admin/datasets/{target['id']}")
     if as_json:
         print_json(rec)
     else:
-        typer.echo(f"deleted {dataset} (its ledger stays)")
+        typer.echo(f"deleted {what} (its ledger stays)")
 
 
 def register(app: typer.Typer) -> None:

@@ -89,9 +89,12 @@ def list_jobs(url: Optional[str] = _URL, admin_key: Optional[str] = _KEY) -> Non
     """One line per job."""
     with AdminClient(url, admin_key) as http:
         data = http.get("/admin/jobs")["data"]
+        # Dataset names from the listing (metadata only); a deleted version keeps its id.
+        names = {d["id"]: f"{d['name']} v{d['version']}" for d in http.get("/admin/datasets").get("data", [])}
     for r in data:
+        dataset = names.get(r["dataset_id"], f"{r['dataset_id']} (deleted)")
         typer.echo(f"{r['id']}  {r['kind']:5}  {r['state']:9}  {r['progress']:5.1f}%  eps {_fmt_eps(r['epsilon_charged'])}"
-                   f"  {r['dataset_id']}  {r.get('step') or ''}")
+                   f"  {dataset}  {r.get('step') or ''}")
 
 
 @jobs_app.command("show")

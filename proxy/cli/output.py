@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-#: A column: (header, function of the row giving the cell).
-Column = tuple[str, Callable[[dict[str, Any]], Any]]
+#: A column: (header, function of the row giving the cell); a third element ``True`` marks a
+#: column whose cells are never cut or wrapped (ids a person copies into the next command).
+Column = tuple[Any, ...]
 
 
 def print_json(data: Any) -> None:
@@ -50,11 +51,15 @@ def table(rows: Iterable[dict[str, Any]], columns: Sequence[Column], title: str 
     if not rows:
         console.print(empty)
         return
+    cells = [[cell(col[1](row)) for col in columns] for row in rows]
     t = Table(title=title, header_style="bold")
-    for header, _ in columns:
-        t.add_column(header)
-    for row in rows:
-        t.add_row(*(Text(cell(fn(row))) for _, fn in columns))  # Text: no markup from data
+    for i, col in enumerate(columns):
+        if len(col) > 2 and col[2]:  # whole: as wide as its longest cell, other columns give way
+            t.add_column(col[0], no_wrap=True, min_width=max(len(r[i]) for r in cells))
+        else:
+            t.add_column(col[0])
+    for row_cells in cells:
+        t.add_row(*(Text(c) for c in row_cells))  # Text: no markup from data
     console.print(t)
 
 

@@ -98,7 +98,7 @@ def add(
     if as_json:
         print_json(rec)
     else:
-        typer.echo(f"task {rec.get('name')} created (dataset {rec.get('dataset')}, epsilon {rec.get('epsilon')} "
+        typer.echo(f"task {rec.get('name')} created (dataset {rec.get('dataset')}, epsilon {cell(rec.get('epsilon'))} "
                    f"per demonstration set); warm it with: dpicl tasks warm {rec.get('name')}")
 
 
@@ -265,7 +265,7 @@ def demos(name: str, url: Optional[str] = URL_OPTION, admin_key: Optional[str] =
         typer.echo(f"{name}: no demonstrations cached; run: dpicl tasks warm {name}")
         return
     typer.echo(f"{name}: dataset {payload.get('dataset_id')} v{payload.get('dataset_version')}, "
-               f"epsilon {cell(payload.get('epsilon'))}, {payload.get('tokens')} tokens in {payload.get('seconds')} s")
+               f"epsilon {cell(payload.get('epsilon'))}, {payload.get('tokens')} tokens in {cell(payload.get('seconds'))} s")
     _print_demos(rec)
 
 

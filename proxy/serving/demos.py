@@ -129,7 +129,8 @@ class DemoService:
         try:
             return self.store.resolve_dataset(ref)
         except NotFound:
-            raise APIError(409, f"dataset {ref!r} is not uploaded (POST /admin/datasets)", "dataset_missing") from None
+            raise APIError(409, f"dataset {ref!r} is not uploaded (upload it with dpicl datasets upload, "
+                                f"POST /admin/datasets)", "dataset_missing") from None
 
     def _prepare(self, task: TaskConfig) -> Prepared:
         meta = self.resolve_dataset(task.dataset)
@@ -203,7 +204,8 @@ class DemoService:
         self.metrics.demo_cache.labels(task.name, "miss").inc()
         if task.on_missing == "error":
             raise APIError(409, f"demonstrations for task {task.name} are not cached; an admin must warm them "
-                                f"up: POST /admin/tasks/{task.name}/demos", "demos_not_cached")
+                                f"up: dpicl tasks warm {task.name} (POST /admin/tasks/{task.name}/demos)",
+                           "demos_not_cached")
         # Never hold the connection for a generation: start one in the background (deduplicated
         # in the store) and answer 503 + Retry-After at once.
         admin = principal.kind == "admin"
@@ -241,9 +243,11 @@ class DemoService:
         if exc.status == 402:
             return APIError(402, f"demonstrations for task {task.name} are not cached and the privacy budget "
                                  f"does not allow generating them; an admin must raise the budget or warm "
-                                 f"them up: POST /admin/tasks/{task.name}/demos", "budget_exceeded")
+                                 f"them up: dpicl tasks warm {task.name} (POST /admin/tasks/{task.name}/demos)",
+                           "budget_exceeded")
         return APIError(409, f"demonstrations for task {task.name} are not available; an admin must warm them "
-                             f"up: POST /admin/tasks/{task.name}/demos", "demos_not_cached")
+                             f"up: dpicl tasks warm {task.name} (POST /admin/tasks/{task.name}/demos)",
+                           "demos_not_cached")
 
     # -- admin: cache --------------------------------------------------------------------------
     async def cached(self, task: TaskConfig) -> dict[str, Any]:

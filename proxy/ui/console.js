@@ -127,6 +127,7 @@ const pages = {
 
   async budgets(page) {
     const list = (await api("GET", "/admin/budget")).data.data;
+    const history = await auditRecords(["budget.set", "dataset.upload"]);
     page.append(el("h2", {}, "Budgets"));
     const names = list.map((b) => b.name || b.dataset_id);
     const form = el("form", { class: "inline", id: "budget-form" },
@@ -157,7 +158,7 @@ const pages = {
         el("p", { class: "muted" }, `remaining ${eps(b.epsilon_remaining ?? b.remaining_epsilon)}, δ ${sci(b.delta_budget ?? b.budget_delta)}, `,
           `${b.events ?? "-"} charges, versions: ${(b.versions || []).join(", ") || "-"}`)));
       page.append(el("h3", {}, `ε spent over time: ${name}`));
-      page.append(chart(name, (full && full.ledger) || [], budget));
+      page.append(chart(name, (full && full.ledger) || [], budgetSteps(name, history, budget)));
     }
     page.append(el("h3", {}, "Reset a budget"), resetForm(names));
   },
@@ -182,17 +183,23 @@ const pages = {
   },
 
   async tasks(page) {
+    page.append(el("h2", {}, "Tasks"), await taskForm());
     const tasks = (await api("GET", "/admin/tasks")).data.data;
-    page.append(el("h2", {}, "Tasks"), taskForm());
     const rows = [];
     for (const t of tasks) {
-      const demos = (await api("GET", `/admin/tasks/${encodeURIComponent(t.name)}/demos`)).data;
-      rows.push({ t, demos });
+      // One task whose dataset is missing (or not uploaded yet) must not hide the others.
+      let demos = { cached: false }, problem = taskProblem(t);
+      try { demos = (await api("GET", `/admin/tasks/${encodeURIComponent(t.name)}/demos`)).data || demos; }
+      catch (e) { if (e.status === 401 || e.status === 403) throw e; problem = problem || e.message; }
+      rows.push({ t, demos, problem });
     }
     page.append(table([
-      ["task", (r) => r.t.name], ["dataset", (r) => r.t.dataset], ["upstream", (r) => r.t.upstream],
+      ["task", (r) => r.problem ? el("span", { class: "warn", dataset: { warning: r.t.name }, title: r.problem },
+        "⚠ ", r.t.name) : r.t.name],
+      ["dataset", (r) => r.t.dataset], ["upstream", (r) => r.t.upstream],
       ["target ε", (r) => eps(r.t.epsilon)], ["mode", (r) => (r.t.generation || {}).mode], ["source", (r) => r.t.source],
-      ["cached set", (r) => r.demos.cached ? `ε ${eps((r.demos.demonstrations || {}).epsilon)}` : "none"],
+      ["cached set", (r) => r.problem ? el("span", { class: "warn" }, r.problem) :
+        (r.demos.cached ? `ε ${eps((r.demos.demonstrations || {}).epsilon)}` : "none")],
       ["", (r) => el("span", {},
         el("button", { type: "button", class: "secondary", onclick: guarded(() => price(r.t.name)) }, "Price"), " ",
         el("button", { type: "button", dataset: { warm: r.t.name }, onclick: guarded(() => warm(r.t.name)) }, "Warm"))],
@@ -233,8 +240,15 @@ const pages = {
   async jobs(page) {
     const list = (await api("GET", "/admin/jobs")).data.data;
     page.append(el("h2", {}, "Jobs"), el("p", { class: "muted" }, "DP synthetic datasets (submit with dpicl jobs submit)."));
+    // Dataset names from the listing (metadata only); a deleted version shows its id.
+    let names = new Map();
+    try { names = new Map((await api("GET", "/admin/datasets")).data.data.map((d) => [d.id, `${d.name} v${d.version}`])); }
+    catch (e) { if (e.status === 401 || e.status === 403) throw e; }
+    const datasetOf = (j) => j.dataset_name ? `${j.dataset_name}${j.dataset_version ? " v" + j.dataset_version : ""}` :
+      names.get(j.dataset_id) || `${j.dataset_id} (deleted)`;
     page.append(table([
-      ["id", (j) => j.id], ["kind", (j) => j.kind], ["dataset", (j) => j.dataset_id], ["state", (j) => j.state],
+      ["id", (j) => j.id], ["kind", (j) => j.kind],
+      ["dataset", (j) => el("span", { title: j.dataset_id, dataset: { jobDataset: j.id } }, datasetOf(j))], ["state", (j) => j.state],
       ["progress", (j) => el("span", {}, bar(j.progress || 0, 100), `${fmt(j.progress || 0, 0)}% ${j.step || ""}`)],
       ["ε charged", (j) => eps(j.epsilon_charged)], ["rows", (j) => j.rows], ["created", (j) => when(j.created_at)],
       ["", (j) => el("span", {},
@@ -278,23 +292,6 @@ const pages = {
 };
 
 // -- pieces of pages -----------------------------------------------------------------------------
-function chart(name, ledger, budget) {
-  const points = ledger.filter((e) => e.kind !== "reset" && typeof e.epsilon_after === "number");
-  const box = el("div", { class: "chart", dataset: { chart: name, points: String(points.length) } });
-  if (!points.length) { box.append(el("p", { class: "muted" }, "No spending yet.")); return box; }
-  const xs = points.map((e) => e.time), ys = points.map((e) => e.epsilon_after);
-  if (xs.length === 1) { xs.unshift(xs[0] - 60); ys.unshift(0); }   // a line needs two points
-  const opts = {
-    width: Math.min(1100, (document.getElementById("page").clientWidth || 900) - 20), height: 240,
-    scales: { y: { range: (u, lo, hi) => [0, Math.max(hi, budget || 0) * 1.1] } },
-    series: [{}, { label: "ε spent", stroke: "#2357a6", width: 2, points: { show: true } },
-             { label: "budget", stroke: "#b3261e", dash: [6, 4], width: 1, points: { show: false } }],
-    axes: [{}, { label: "ε" }],
-  };
-  requestAnimationFrame(() => charts.push(new uPlot(opts, [xs, ys, xs.map(() => budget)], box)));
-  return box;
-}
-
 function resetForm(names) {
   const form = el("form", { class: "inline", id: "reset-form" },
     el("label", {}, "Dataset", el("select", { name: "name" }, names.map((n) => el("option", { value: n }, n)))),
@@ -309,18 +306,35 @@ function resetForm(names) {
   return form;
 }
 
-function taskForm() {
+// The task form's defaults are the API's: read from the server's OpenAPI document (TaskConfig and
+// GenerationSettings), with the values of this version as the fallback for servers without it.
+const TASK_DEFAULTS = { input_prefix: "Text:", label_prefix: "Label:", epsilon: 1, mode: "resample",
+  max_tokens: 30, num_subsets: 10 };
+
+async function taskDefaults() {
+  const doc = await optional("/admin/openapi.json").catch(() => null);
+  const schemas = (doc && doc.components && doc.components.schemas) || {};
+  const task = (schemas.TaskConfig || {}).properties || {}, gen = (schemas.GenerationSettings || {}).properties || {};
+  const out = { ...TASK_DEFAULTS };
+  for (const k of ["input_prefix", "label_prefix", "epsilon"]) if (task[k] && task[k].default !== undefined) out[k] = task[k].default;
+  for (const k of ["mode", "max_tokens", "num_subsets"]) if (gen[k] && gen[k].default !== undefined) out[k] = gen[k].default;
+  return out;
+}
+
+async function taskForm() {
+  const d = await taskDefaults();
+  const modes = ["resample", "fixed", "block"].filter((m) => m !== "block" || d.mode === "block");
   const form = el("form", { class: "inline", id: "task-form" },
     el("label", {}, "Task name", el("input", { name: "name", required: true })),
-    el("label", {}, "Dataset", el("input", { name: "dataset", required: true })),
+    el("label", {}, "Dataset (name or id)", el("input", { name: "dataset", required: true })),
     el("label", {}, "Instruction", el("input", { name: "instruction", required: true, size: 40 })),
-    el("label", {}, "Input prefix", el("input", { name: "input_prefix", value: "Text:" })),
-    el("label", {}, "Label prefix", el("input", { name: "label_prefix", value: "Label:" })),
+    el("label", {}, "Input prefix", el("input", { name: "input_prefix", value: d.input_prefix })),
+    el("label", {}, "Label prefix", el("input", { name: "label_prefix", value: d.label_prefix })),
     el("label", {}, "Labels (optional)", el("input", { name: "labels", placeholder: "all" })),
-    el("label", {}, "Target ε", el("input", { name: "epsilon", type: "number", step: "any", value: "1" })),
-    el("label", {}, "Mode", el("select", { name: "mode" }, el("option", {}, "fixed"), el("option", {}, "resample"))),
-    el("label", {}, "Tokens", el("input", { name: "max_tokens", type: "number", value: "20", min: "1" })),
-    el("label", {}, "Subsets M", el("input", { name: "num_subsets", type: "number", value: "10", min: "1" })),
+    el("label", {}, "Target ε", el("input", { name: "epsilon", type: "number", step: "any", value: String(d.epsilon) })),
+    el("label", {}, "Mode", el("select", { name: "mode" }, modes.map((m) => el("option", { selected: m === d.mode }, m)))),
+    el("label", {}, "Tokens", el("input", { name: "max_tokens", type: "number", value: String(d.max_tokens), min: "1" })),
+    el("label", {}, "Subsets M", el("input", { name: "num_subsets", type: "number", value: String(d.num_subsets), min: "1" })),
     el("button", { type: "submit" }, "Create task"));
   form.addEventListener("submit", guarded(async () => {
     const fd = new FormData(form);
@@ -334,6 +348,15 @@ function taskForm() {
     await show("tasks");
   }));
   return form;
+}
+
+// Why a task cannot warm as it stands, from its own record (a server may mark a task that waits
+// for a dataset not uploaded yet); null when nothing is wrong.
+function taskProblem(t) {
+  const st = t.state || t.status;
+  if (st === "waiting" || t.waiting || t.dataset_missing) return `waiting for dataset ${t.dataset} (not uploaded yet)`;
+  if (st && st !== "ok" && st !== "ready" && st !== "active") return String(st);
+  return null;
 }
 
 async function price(name) {
@@ -372,13 +395,21 @@ async function show(name, quiet) {
   if (!pages[name]) name = "datasets";
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.getAttribute("href") === `#${name}`);
   const staging = el("section");
-  try {
-    await pages[name](staging);
-    const page = fresh();
-    page.append(...staging.childNodes);
-    page.dataset.page = name;
-    if (!quiet) status("");
-  } catch (e) { status(e.message, "error"); }
+  let failed = null;
+  try { await pages[name](staging); } catch (e) { failed = e; }
+  if (failed && (failed.status === 401 || failed.status === 403)) return;   // signed out: the sign-in form shows
+  if (failed && quiet && document.getElementById("page").dataset.page === name) {
+    status(failed.message, "error");   // a background refresh failed: keep what is on screen
+    return;
+  }
+  // Whatever the page drew before an error is shown (partial data), with the error on the page
+  // itself: never the previous page under a new tab.
+  const page = fresh();
+  page.append(...staging.childNodes);
+  if (failed) page.append(el("p", { class: "error", role: "alert", dataset: { pageError: "" } },
+    `Could not load everything on this page: ${failed.message}`));
+  page.dataset.page = name;
+  if (failed) status(failed.message, "error"); else if (!quiet) status("");
 }
 
 function signedIn(yes) {
