@@ -41,7 +41,7 @@ def _partial_request(port: int, path: str, declared: int, sent: bytes, auth: str
 
 def _metric(http: httpx.Client, status: str) -> float:
     total = 0.0
-    for line in http.get("/metrics").text.splitlines():
+    for line in http.get("/metrics", headers=admin_headers()).text.splitlines():
         if line.startswith("dpicl_requests_total{") and f'status="{status}"' in line:
             total += float(line.rsplit(" ", 1)[1])
     return total

@@ -93,7 +93,7 @@ def test_schemathesis_pass_against_the_live_app(live: Any) -> None:
     assert operations >= 20
     assert not failures, "\n\n".join(failures)
     # The pass really reached the server: count what the metrics recorded.
-    metrics = httpx.get(srv.url + "/metrics").text
+    metrics = httpx.get(srv.url + "/metrics", headers=admin_headers()).text
     served = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                  if line.startswith("dpicl_requests_total{"))
     assert served >= 2 * operations

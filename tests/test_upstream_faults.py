@@ -17,7 +17,7 @@ from proxy.upstreams import StreamError, UpstreamError, build_upstream
 from proxy.upstreams.base import parse_retry_after
 from proxy.upstreams.litellm import plain_message
 from proxy.upstreams.sse import SSEChecker
-from tests.test_app_support import CLIENT_KEY, FAKE_MODEL, LiveServer, assert_openai_error, make_config
+from tests.test_app_support import ADMIN_KEY, CLIENT_KEY, FAKE_MODEL, LiveServer, assert_openai_error, make_config
 from tests.test_upstreams import CHAT, KINDS, _FAST_PATH, collect, run
 
 CLIENT = {"Authorization": f"Bearer {CLIENT_KEY}"}
@@ -161,7 +161,7 @@ def test_app_reports_bad_streams_in_band(tmp_path: Any, fault: str) -> None:
         assert error["code"] == "upstream_error" and not INTERNALS.search(error["message"])
         # Nothing of the broken stream was relayed as if it were a completion.
         assert all("choices" not in json.loads(e) for e in events[:-1] if fault != "close_mid_stream")
-        metrics = httpx.get(srv.url + "/metrics").text
+        metrics = httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
         assert 'dpicl_upstream_errors_total{model="fake-model",status="502"} 1.0' in metrics
 
 

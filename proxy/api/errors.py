@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from proxy.config import format_validation_errors
 from proxy.errors import APIError, error_body
@@ -29,6 +30,18 @@ def not_found_model(model: str) -> APIError:
     shown = model if len(model) <= 128 else model[:128] + "..."
     return APIError(404, f"the model '{shown}' does not exist or you do not have access to it",
                     "model_not_found", param="model")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app answers on the request's path (HEAD with GET), sorted."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= set(route_methods)
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -54,11 +67,15 @@ def install_error_handlers(app: FastAPI) -> None:
         status = exc.status_code
         if status == 404:
             message = f"no route {request.method} {request.url.path[:200]}"
-        elif status == 405:
+        headers = getattr(exc, "headers", None)
+        if status == 405:
             message = f"method {request.method} is not allowed on {request.url.path[:200]}"
-        else:
+            # Starlette names the methods of the first route with this path only; every method
+            # of every route with this path is allowed (RFC 9110: Allow lists them all).
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        elif status != 404:
             message = str(exc.detail) if isinstance(exc.detail, str) else "request failed"
-        return error_response(status, message, code=str(status), headers=getattr(exc, "headers", None))
+        return error_response(status, message, code=str(status), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -39,13 +39,13 @@ async def _route(request: Request, model: str, principal: Principal) -> tuple[Up
             raise APIError(403, f"this key may not use the model '{model}'", "permission_denied", param="model")
         return upstream, None
     task = await state.tasks.get(model)
-    if task is None:
+    if task is None or not principal.may_use_task(model):
+        # A task this key may not use is answered exactly like one that does not exist: task names
+        # are admin configuration, and a 403 would confirm which ones exist.
         request.state.model = "unknown"
         raise not_found_model(model)
     request.state.model = model
     request.state.task = model
-    if not principal.may_use_task(model):
-        raise APIError(403, f"this key may not use the model '{model}'", "permission_denied", param="model")
     name = LOCAL_MODEL_NAME if task.upstream in LOCAL_ALIASES else task.upstream
     upstream = state.upstreams.get(name)
     if upstream is None:  # validated at task creation; the config may have changed since
