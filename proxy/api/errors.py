@@ -32,16 +32,22 @@ def not_found_model(model: str) -> APIError:
                     "model_not_found", param="model")
 
 
+#: Methods probed for a 405's ``Allow`` header.
+_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route of the app answers on the request's path (HEAD with GET), sorted."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        route_methods = getattr(route, "methods", None)
-        if route_methods and route.matches(request.scope)[0] is not Match.NONE:
-            methods |= set(route_methods)
-    if "GET" in methods:
-        methods.add("HEAD")
-    return sorted(methods)
+    """Every method some route of the app answers on the request's path, sorted.
+
+    Found by asking the router whether each method would fully match (FastAPI nests included
+    routers, so the flat route list does not show them all)."""
+    routes = request.app.router.routes
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in routes):
+            allowed.append(method)
+    return allowed
 
 
 def install_error_handlers(app: FastAPI) -> None:
