@@ -269,3 +269,22 @@ def test_query_bounds_are_enforced_as_documented(live: Any) -> None:
         err = assert_openai_error(http.get(f"/admin/audit?{query}"), 400)
         assert err["param"] == query.split("=")[0]
     assert http.get("/admin/audit?limit=1000&before=5").status_code == 200
+
+
+def test_an_upstream_answer_nested_too_deeply_is_502(live: Any) -> None:
+    srv, http = live
+
+    class Deep:
+        async def chat(self, body: dict) -> dict:
+            answer: Any = "leaf"
+            for _ in range(300):
+                answer = [answer]
+            return {"object": "chat.completion", "choices": answer}
+
+        chat_stream = None  # not called: the request does not stream
+
+    srv.app.state.upstreams[FAKE_MODEL] = Deep()
+    r = http.post("/v1/chat/completions", json={"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                  headers=CLIENT)
+    err = assert_openai_error(r, 502)
+    assert err["code"] == "upstream_error" and "nests too deeply" in err["message"]

@@ -70,7 +70,12 @@ async def _respond(request: Request, model: str, call: Any, stream_call: Any, bo
             result = await call(body)
         except UpstreamError as exc:
             raise _upstream_error(request, model, exc) from None
-        return Response(dumps(result), media_type="application/json")
+        try:
+            payload = dumps(result)
+        except TypeError:  # orjson encodes at most 254 levels: an upstream answer nested deeper
+            raise _upstream_error(request, model, UpstreamError(
+                502, "the upstream's answer nests too deeply to be relayed")) from None
+        return Response(payload, media_type="application/json")
     agen = stream_call(body)
     early: StreamError | None = None
     try:
