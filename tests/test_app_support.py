@@ -103,7 +103,7 @@ def make_config(store_url: str, fake_base_url: str, local_model: str | None, *, 
 class LiveServer:
     """A real uvicorn server for ``app`` on a free loopback port, in a background thread."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Any, http: Any = None):
         import uvicorn
 
         from proxy.httpguard import http_protocol
@@ -112,7 +112,8 @@ class LiveServer:
         self.port = free_port()
         # The HTTP protocol `dpicl serve` runs (with the request-head deadline of the app's config).
         config = getattr(getattr(app, "state", None), "config", None)
-        http = http_protocol(config.server.header_timeout) if config is not None else "auto"
+        if http is None:
+            http = http_protocol(config.server.header_timeout) if config is not None else "auto"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     access_log=False, lifespan="on", http=http))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -195,14 +195,20 @@ def _slow_header_client(port: int, interval: float, deadline: float) -> tuple[bo
         sock.close()
 
 
-@pytest.fixture
-def guarded(tmp_path: Any, fake_upstream: Any) -> Any:
-    from proxy.devtools.fake_upstream import FakeOptions, FakeUpstream
+@pytest.fixture(params=["httptools", "h11"])
+def guarded(request: Any, tmp_path: Any) -> Any:
+    """A live server with a 1 s header deadline on either of uvicorn's HTTP protocols, in front of an
+    upstream that takes 2 s to answer."""
+    import functools
 
+    from proxy.devtools.fake_upstream import FakeOptions, FakeUpstream
+    from proxy.httpguard import GuardedH11Protocol, GuardedHttpToolsProtocol
+
+    cls = GuardedHttpToolsProtocol if request.param == "httptools" else GuardedH11Protocol
     with FakeUpstream(FakeOptions(delay=2.0)) as slow:
         cfg = make_config(f"sqlite:///{tmp_path}/g.db", slow.base_url, None, client_tasks=["*"],
                           extra_server={"header_timeout": 1.0})
-        with LiveServer(create_app(cfg)) as srv:
+        with LiveServer(create_app(cfg), http=functools.partial(cls, header_timeout=1.0)) as srv:
             yield srv
 
 
