@@ -87,7 +87,7 @@ def parse_rows(data: bytes | str, filename: str = "data.jsonl") -> list[Example]
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: nested thousands of levels deep
                 raise DataError(f"line {i} is not valid JSON") from None
             if not isinstance(obj, dict):
                 raise DataError(f"line {i} is not a JSON object")

@@ -179,6 +179,7 @@ def create_app(config: Config | None = None, freeze_gc: bool = False) -> FastAPI
 
     app = FastAPI(title="dpicl proxy", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
+    app.state.config = config  # also before the lifespan: servers read their HTTP settings from it
     install_error_handlers(app)
     app.add_middleware(RequestMiddleware, limit=config.server.max_body_bytes, metrics=metrics,
                        access_log=config.server.access_log, body_timeout=config.server.body_timeout)

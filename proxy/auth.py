@@ -12,6 +12,9 @@ Rules (see docs/serving.md):
   stores only their SHA-256. Each replica keeps the stored keys in memory and re-reads them every
   ``server.cache_recheck_seconds`` (and at once after a change it made itself), so an unknown key
   never costs a store read and a key deleted on another replica stops working within that time.
+- ``GET /metrics`` needs the admin key or the scrape token (``server.metrics_token_env``): its
+  per-dataset budgets and per-route latencies (a warm-up's duration depends on private data) are
+  admin-only figures, so the scrape token is as confidential as the admin key's read access.
 - The admin key is read from ``Authorization: Bearer <key>`` only (the scheme name is
   case-insensitive, RFC 7235). ``/v1`` also accepts ``x-api-key`` / ``api-key`` headers, which some
   OpenAI-compatible clients send; the admin API does not (one documented form for the most
@@ -57,6 +60,7 @@ class Authenticator:
 
     def __init__(self, config: Config):
         self._admin_key = config.admin_key
+        self._metrics_token = config.metrics_token
         self._clients: dict[str, ClientKey] = dict(config.client_key_hashes)
         self._stored: dict[str, ClientKey] = {}  # SHA-256 -> key created through the admin API
         self.open = bool(config.server.open or (config.admin_key is None and not self._clients))
@@ -129,3 +133,20 @@ class Authenticator:
         if principal.kind != "admin":
             raise APIError(403, "this key is not allowed to use the admin API", "permission_denied")
         return principal
+
+    def metrics(self, request: Request) -> None:
+        """Allow ``GET /metrics`` for the admin key or the scrape token (401 otherwise, 403 for a client key)."""
+        if self._admin_key is None and self._metrics_token is None:
+            raise APIError(401, "/metrics is disabled: set DPICL_ADMIN_KEY or server.metrics_token_env",
+                           "metrics_disabled")
+        key = self._bearer(request, alternatives=False)
+        if not key:
+            raise APIError(401, "missing key: send 'Authorization: Bearer <scrape token or admin key>'",
+                           "missing_api_key")
+        if self._metrics_token is not None and hmac.compare_digest(key.encode(), self._metrics_token.encode()):
+            return
+        principal = self._lookup(key)
+        if principal is None:
+            raise APIError(401, "invalid API key", "invalid_api_key")
+        if principal.kind != "admin":
+            raise APIError(403, "this key is not allowed to read /metrics", "permission_denied")

@@ -175,6 +175,14 @@ class TaskConfig(_Strict):
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+#: Bounds of a dataset name's privacy budget (epsilon), the same on every way in (config default,
+#: upload form, ``PUT`` budget routes). An epsilon of 100 gives no meaningful protection and larger
+#: values are typos (or 1e308); below 0.001 no mechanism the service runs could be paid for, and
+#: subnormal values such as 5e-324 break the accountant's comparisons.
+MIN_BUDGET_EPSILON = 1e-3
+MAX_BUDGET_EPSILON = 100.0
+
+
 class StoreSettings(_Strict):
     #: ``sqlite:///path`` or ``redis://host:port/db``; None = SQLite file in the data directory.
     url: str | None = None
@@ -191,6 +199,13 @@ class ServerSettings(_Strict):
     #: Seconds from the start of a request by which its whole body must have arrived; a slower
     #: body is cut off with 408 (and the connection closed).
     body_timeout: float = Field(60.0, gt=0, le=3600)
+    #: Seconds a connection may take to send a request's headers (from its opening, or from the
+    #: end of the previous answer on a kept-alive connection); a slower one is closed
+    #: (:mod:`proxy.httpguard`): uvicorn has no such bound of its own.
+    header_timeout: float = Field(10.0, gt=0, le=600)
+    #: Environment variable holding a bearer token for ``GET /metrics`` (a Prometheus scrape
+    #: token); the admin key works too. Unset: only the admin key reads /metrics.
+    metrics_token_env: str | None = Field(None, min_length=1)
     #: Largest accepted request body (checked on Content-Length and on the streamed body).
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     #: Serve /v1 without a client key even when an admin key is set (local development).
@@ -201,7 +216,7 @@ class ServerSettings(_Strict):
     #: How often a replica re-reads the store for demonstrations / admin tasks it has in memory.
     cache_recheck_seconds: float = Field(5.0, ge=0)
     #: Budget of a newly uploaded dataset unless the upload names one.
-    default_budget_epsilon: float = Field(4.0, gt=0)
+    default_budget_epsilon: float = Field(4.0, ge=MIN_BUDGET_EPSILON, le=MAX_BUDGET_EPSILON)
     default_budget_delta: float = Field(1e-5, gt=0, lt=1)
     #: One JSON line per request on stderr (written by a background thread).
     access_log: bool = True
@@ -264,6 +279,8 @@ class Config(_Strict):
     client_keys: list[ClientKey] = Field(default_factory=list)
     #: From ``DPICL_ADMIN_KEY``; never read from the file.
     admin_key: str | None = Field(None, exclude=True, repr=False)
+    #: From the variable ``server.metrics_token_env`` names; never read from the file.
+    metrics_token: str | None = Field(None, exclude=True, repr=False)
     #: SHA-256 of each client key -> client, resolved from the environment at load time.
     client_key_hashes: dict[str, ClientKey] = Field(default_factory=dict, exclude=True, repr=False)
 
@@ -345,6 +362,12 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = No
     except ValidationError as exc:
         raise ConfigError(f"{source}: " + format_validation_errors(exc.errors())) from None
     cfg.admin_key = env.get("DPICL_ADMIN_KEY") or None
+    token_env = cfg.server.metrics_token_env
+    if token_env is not None:
+        cfg.metrics_token = env.get(token_env) or None
+        if cfg.metrics_token is None:
+            raise ConfigError(f"{source}: server.metrics_token_env: environment variable {token_env} is not set "
+                              f"(export {token_env}=<the scrape token>)")
     if env.get("DPICL_STORE_URL"):
         cfg.store.url = env["DPICL_STORE_URL"]
     if env.get("DPICL_LOCAL_MODEL") and not cfg.server.local_model:

@@ -1,7 +1,9 @@
 """Prometheus metrics on a per-app registry (no module-level collectors, so apps and tests don't clash).
 
 Labels carry only route templates, model/task names the server knows, statuses and dataset ids:
-never request content, dataset names' rows or label contents.
+never request content, dataset names' rows or label contents. The output is admin-only (``GET
+/metrics`` needs the admin key or the scrape token): per-dataset budgets and spend, and request
+latencies that include waited warm-ups, whose duration depends on private data.
 
 Several worker processes (``dpicl serve --workers N``) share one view through prometheus-client's
 multiprocess mode: ``serve`` points :data:`MULTIPROC_ENV` at a fresh directory before the workers

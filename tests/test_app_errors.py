@@ -120,7 +120,8 @@ def test_upstream_failures_map_to_502_and_504(tmp_path, tiny_model_dir):
             assert "secret prompt text" not in r.text
             r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": True}, headers=CLIENT)
             assert_openai_error(r, 502)
-            assert 'dpicl_upstream_errors_total{model="fake-model",status="502"} 2.0' in httpx.get(srv.url + "/metrics").text
+            assert 'dpicl_upstream_errors_total{model="fake-model",status="502"} 2.0' in httpx.get(srv.url + "/metrics",
+                                                                                          headers=admin_headers()).text
     with FakeUpstream(FakeOptions(hang=True)) as hanging:
         cfg = make_config(f"sqlite:///{tmp_path}/b.db", hanging.base_url, None, client_tasks=["*"],
                           extra_server={"timeout": 0.5, "retries": 0})
@@ -138,7 +139,7 @@ def test_health_and_metrics(server):
     assert upload(http, "qs", jsonl_bytes(dataset_rows(5))).status_code == 201
     http.post("/v1/chat/completions", json={"model": "trec", "messages": [{"role": "user", "content": "x"}]},
               headers=CLIENT)  # 409: not warmed (cache miss)
-    text = http.get("/metrics").text
+    text = http.get("/metrics", headers=admin_headers()).text
     assert 'dpicl_requests_total{model="fake-model",route="/v1/chat/completions",status="200"} 1.0' in text
     assert 'dpicl_requests_total{model="trec",route="/v1/chat/completions",status="409"} 1.0' in text
     assert 'dpicl_demo_cache_total{result="miss",task="trec"} 1.0' in text
@@ -188,7 +189,7 @@ def test_canary_never_leaves_the_proxy(server):
         rec(http.get("/v1/models", headers=CLIENT))
         rec(http.post("/admin/tasks", headers=adm, json=task_spec("t2", "qs", generation={**FAST, "sigma": 0.2})))
         rec(http.post("/admin/tasks/t2/demos", headers=adm, json={}))  # over budget
-        rec(http.get("/metrics"))
+        rec(http.get("/metrics", headers=adm))
         rec(http.delete("/admin/tasks/trec/demos", headers=adm))
         rec(http.delete(f"/admin/datasets/{ds['id']}", headers=adm))
         rec(http.get("/health/readiness"))

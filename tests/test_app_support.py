@@ -74,7 +74,7 @@ def task_spec(name: str, dataset: str, **over: Any) -> dict[str, Any]:
 
 def make_config(store_url: str, fake_base_url: str, local_model: str | None, *, tasks: list[dict] | None = None,
                 admin: bool = True, client_tasks: list[str] | None = None, open_mode: bool = False,
-                max_body: int | None = None, extra_server: dict | None = None):
+                max_body: int | None = None, extra_server: dict | None = None, extra_env: dict | None = None):
     from proxy.config import config_from_dict
 
     server: dict[str, Any] = {"timeout": 5.0, "retries": 1, "open": open_mode, "cache_recheck_seconds": 0.5}
@@ -96,19 +96,26 @@ def make_config(store_url: str, fake_base_url: str, local_model: str | None, *, 
     if client_tasks is not None:
         data["client_keys"] = [{"name": "app1", "key_env": "APP1_KEY", "tasks": client_tasks}]
         env["APP1_KEY"] = CLIENT_KEY
+    env.update(extra_env or {})
     return config_from_dict(data, env)
 
 
 class LiveServer:
     """A real uvicorn server for ``app`` on a free loopback port, in a background thread."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Any, http: Any = None):
         import uvicorn
+
+        from proxy.httpguard import http_protocol
 
         self.app = app
         self.port = free_port()
+        # The HTTP protocol `dpicl serve` runs (with the request-head deadline of the app's config).
+        config = getattr(getattr(app, "state", None), "config", None)
+        if http is None:
+            http = http_protocol(config.server.header_timeout) if config is not None else "auto"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False, lifespan="on"))
+                                                    access_log=False, lifespan="on", http=http))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -99,3 +99,36 @@ def test_bos_added_once_when_the_tokenizer_adds_one():
     assert _with_bos(_Tok(), [104, 105]) == [1, 104, 105]
     assert _with_bos(_Tok(), [1, 104]) == [1, 104]  # a template that already starts with BOS
     assert _with_bos(_NoBosTok(), [104, 105]) == [104, 105]  # SmolLM2's tokenizer adds none
+
+
+_SHOW_HTTP = """
+import sys, uvicorn
+from proxy.cli import app
+seen = {}
+uvicorn.run = lambda *args, **kw: seen.update(kw)
+try:
+    app(["serve", "--config", sys.argv[1], "--port", "1"] + sys.argv[2:])
+except SystemExit:
+    pass
+print(seen["http"].func.__name__, seen["http"].keywords["header_timeout"])
+"""
+
+
+def test_serve_runs_uvicorn_with_the_header_deadline(tmp_path):
+    """`dpicl serve` (one worker or several) hands uvicorn the protocol that closes slow-header clients."""
+    (tmp_path / "c.yaml").write_text("server: {header_timeout: 3.5}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("DPICL_CONFIG", "PROMETHEUS_MULTIPROC_DIR")}
+    env.update(PYTHONPATH=str(ROOT), DPICL_DATA_DIR=str(tmp_path))
+    for workers in ("1", "2"):
+        proc = subprocess.run([sys.executable, "-c", _SHOW_HTTP, str(tmp_path / "c.yaml"), "--workers", workers],
+                              env=env, capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split() == ["GuardedHttpToolsProtocol", "3.5"], proc.stdout
+
+
+def test_missing_scrape_token_variable_is_one_line(tmp_path):
+    (tmp_path / "c.yaml").write_text("server: {metrics_token_env: DPICL_SCRAPE_TOKEN}\n")
+    proc = _serve("--config", str(tmp_path / "c.yaml"), "--port", "1",
+                  env={"DPICL_ADMIN_KEY": "a", "DPICL_DATA_DIR": str(tmp_path)})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "DPICL_SCRAPE_TOKEN" in lines[0], proc.stderr

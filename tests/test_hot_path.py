@@ -35,11 +35,13 @@ def test_two_workers_share_metrics_and_write_whole_access_lines(tmp_path: Path, 
                                                                      "api_base": fake_upstream.base_url}}],
         "store": {"url": f"sqlite:///{tmp_path}/s.db"},
         "client_keys": [{"name": "app1", "key_env": "APP1_KEY", "tasks": ["*"]}],
+        "server": {"metrics_token_env": "SCRAPE_TOKEN"},  # a Prometheus scrape token (the admin key works too)
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DPICL_CONFIG", "PROMETHEUS_MULTIPROC_DIR")}
-    env.update(PYTHONPATH=str(ROOT), APP1_KEY=CLIENT_KEY, DPICL_ADMIN_KEY="adm", DPICL_DATA_DIR=str(tmp_path))
+    env.update(PYTHONPATH=str(ROOT), APP1_KEY=CLIENT_KEY, DPICL_ADMIN_KEY="adm", DPICL_DATA_DIR=str(tmp_path),
+               SCRAPE_TOKEN="scrape-secret")
     err = (tmp_path / "stderr.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(tmp_path / "c.yaml"),
                              "--port", str(port), "--workers", "2"], cwd=ROOT, env=env,
@@ -61,7 +63,8 @@ def test_two_workers_share_metrics_and_write_whole_access_lines(tmp_path: Path, 
                            headers={"Authorization": f"Bearer {CLIENT_KEY}", "Connection": "close"})
             assert r.status_code == 200, r.text
         for _ in range(4):  # whichever worker answers /metrics, it counts every worker's requests
-            text = httpx.get(url + "/metrics", headers={"Connection": "close"}).text
+            text = httpx.get(url + "/metrics", headers={"Connection": "close",
+                                                        "Authorization": "Bearer scrape-secret"}).text
             counted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                           if line.startswith("dpicl_requests_total{") and "/v1/chat/completions" in line
                           and 'status="200"' in line)

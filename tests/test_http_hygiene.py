@@ -41,7 +41,7 @@ def _partial_request(port: int, path: str, declared: int, sent: bytes, auth: str
 
 def _metric(http: httpx.Client, status: str) -> float:
     total = 0.0
-    for line in http.get("/metrics").text.splitlines():
+    for line in http.get("/metrics", headers=admin_headers()).text.splitlines():
         if line.startswith("dpicl_requests_total{") and f'status="{status}"' in line:
             total += float(line.rsplit(" ", 1)[1])
     return total
@@ -152,3 +152,177 @@ def test_poll_routes() -> None:
     assert not is_poll("GET", "/admin/jobs/j_1/result", 200)  # a download, not a poll
     assert not is_poll("GET", "/admin/warmups/w_1", 404)
     assert not is_poll("GET", "/admin/datasets", 200)
+
+
+# -- issue 20, section 4: inputs that broke something ---------------------------------------------------
+#: Where a test body gets its deeply nested value (the text is spliced in: json.dumps recurses).
+DEEP = "__deep__"
+
+
+def _deep_body(body: dict[str, Any], depth: int) -> str:
+    """``body`` as JSON text with the string DEEP replaced by arrays/objects nested ``depth`` deep."""
+    opens = "".join('{"k":' if i % 2 else "[" for i in range(depth))
+    closes = "".join("}" if i % 2 else "]" for i in reversed(range(depth)))
+    return json.dumps(body).replace(json.dumps(DEEP), opens + '"leaf"' + closes)
+
+
+@pytest.mark.parametrize("depth", [65, 300, 1000])
+def test_deeply_nested_json_is_400_everywhere(live: Any, depth: int) -> None:
+    _, http = live
+    chat = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        ("POST", "/v1/chat/completions", {**chat, "metadata": DEEP}, CLIENT),
+        ("POST", "/v1/completions", {"model": FAKE_MODEL, "prompt": "hi", "user": DEEP}, CLIENT),
+        ("POST", "/admin/tasks", {**task_spec("t", "d"), "label_words": DEEP}, admin_headers()),
+        ("POST", "/admin/keys", {"name": "k", "tasks": DEEP}, admin_headers()),
+        ("PUT", "/admin/budget/d", {"epsilon": 1, "delta": DEEP}, admin_headers()),
+        ("POST", "/admin/jobs", {"kind": "pe", "dataset": "d", "x": DEEP}, admin_headers()),
+    ]
+    for method, path, body, headers in cases:
+        r = http.request(method, path, content=_deep_body(body, depth),
+                         headers={**headers, "content-type": "application/json"})
+        err = assert_openai_error(r, 400)
+        assert err["code"] == "invalid_json" and "levels deep" in err["message"], (path, err)
+    # The limit leaves room for every real body: 60 levels in an extra field are forwarded as they are.
+    r = http.post("/v1/chat/completions", content=_deep_body({**chat, "metadata": DEEP}, 60),
+                  headers={**CLIENT, "content-type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+def test_deeply_nested_upload_fields_are_400(live: Any) -> None:
+    _, http = live
+    deep = "[" * 5000 + "]" * 5000
+    err = assert_openai_error(upload(http, "d", jsonl_bytes(dataset_rows(2)), labels=deep), 400)
+    assert err["code"] == "invalid_labels"
+    rows = jsonl_bytes(dataset_rows(2)) + ('{"text": ' + deep + ', "label": "LOC"}\n').encode()
+    err = assert_openai_error(upload(http, "d", rows, labels=["LOC", "NUM", "HUM"]), 400)
+    assert err["code"] == "invalid_dataset"
+
+
+def _slow_header_client(port: int, interval: float, deadline: float) -> tuple[bool, bytes]:
+    """Send a request head one byte at a time, never finishing it: (closed by the server, what it sent)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.settimeout(interval)
+    head = b"GET /health/liveness HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100_000
+    received = b""
+    try:
+        for byte in head:
+            if time.monotonic() > deadline:
+                return False, received
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:  # reset: the server closed it
+                return True, received
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return True, received
+            if not chunk:
+                return True, received
+            received += chunk
+        return False, received
+    finally:
+        sock.close()
+
+
+@pytest.fixture(params=["httptools", "h11"])
+def guarded(request: Any, tmp_path: Any) -> Any:
+    """A live server with a 1 s header deadline on either of uvicorn's HTTP protocols, in front of an
+    upstream that takes 2 s to answer."""
+    import functools
+
+    from proxy.devtools.fake_upstream import FakeOptions, FakeUpstream
+    from proxy.httpguard import GuardedH11Protocol, GuardedHttpToolsProtocol
+
+    cls = GuardedHttpToolsProtocol if request.param == "httptools" else GuardedH11Protocol
+    with FakeUpstream(FakeOptions(delay=2.0)) as slow:
+        cfg = make_config(f"sqlite:///{tmp_path}/g.db", slow.base_url, None, client_tasks=["*"],
+                          extra_server={"header_timeout": 1.0})
+        with LiveServer(create_app(cfg), http=functools.partial(cls, header_timeout=1.0)) as srv:
+            yield srv
+
+
+def test_slow_request_headers_are_cut_off(guarded: Any) -> None:
+    # A generous bound (the deadline is 1 s): the server must close the connection well before it.
+    closed, received = _slow_header_client(guarded.port, 0.1, time.monotonic() + 30)
+    assert closed, "the server kept a connection whose headers never finished"
+    assert received.startswith(b"HTTP/1.1 408"), received[:200]
+    assert b'"header_timeout"' in received
+    # A connection that sends nothing at all is closed too.
+    sock = socket.create_connection(("127.0.0.1", guarded.port), timeout=30)
+    try:
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 408") and sock.recv(65536) == b""
+    finally:
+        sock.close()
+
+
+def test_header_deadline_spares_slow_answers_and_kept_alive_connections(guarded: Any) -> None:
+    # The upstream takes 2 s, twice the header deadline: the request's headers arrived in time, so
+    # the answer is waited for; the next request on the same connection gets a fresh deadline.
+    body = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=guarded.url, timeout=30, headers=CLIENT) as http:
+        for stream in (False, True, False):
+            r = http.post("/v1/chat/completions", json={**body, "stream": stream})
+            assert r.status_code == 200, r.text
+        assert http.get("/health/liveness").status_code == 200
+
+
+@pytest.mark.parametrize(("path", "allowed"), [
+    ("/admin/tasks", "GET, POST"), ("/admin/tasks/t", "DELETE, GET"), ("/v1/models", "GET, HEAD"),
+    ("/v1/chat/completions", "POST"), ("/admin/keys", "GET, POST"),
+])
+def test_405_lists_every_allowed_method(live: Any, path: str, allowed: str) -> None:
+    _, http = live
+    for method in ("OPTIONS", "PATCH"):
+        r = http.request(method, path, headers=admin_headers())
+        assert_openai_error(r, 405)
+        assert r.headers["allow"] == allowed
+
+
+def test_one_budget_minimum_for_every_way_in(live: Any) -> None:
+    from proxy.api.schemas import MIN_BUDGET_EPSILON
+    from proxy.config import ConfigError
+
+    _, http = live
+    http.headers.update(admin_headers())
+    for tiny in ("1e-300", "5e-324", str(MIN_BUDGET_EPSILON / 2)):
+        err = assert_openai_error(upload(http, "tiny", jsonl_bytes(dataset_rows(2)), epsilon=tiny), 400)
+        assert err["code"] == "invalid_budget"
+    ds = upload(http, "d", jsonl_bytes(dataset_rows(2)), epsilon=MIN_BUDGET_EPSILON).json()
+    assert ds["budget_epsilon"] == MIN_BUDGET_EPSILON
+    for tiny in (5e-324, 1e-300, MIN_BUDGET_EPSILON / 2):
+        assert_openai_error(http.put("/admin/budget/d", json={"epsilon": tiny}), 400)
+        assert_openai_error(http.put(f"/admin/datasets/{ds['id']}/budget", json={"epsilon": tiny}), 400)
+    with pytest.raises(ConfigError, match="default_budget_epsilon"):
+        make_config("sqlite:///unused.db", "http://127.0.0.1:9", None, extra_server={"default_budget_epsilon": 1e-300})
+
+
+def test_query_bounds_are_enforced_as_documented(live: Any) -> None:
+    _, http = live
+    http.headers.update(admin_headers())
+    for query in ("limit=2122", "limit=0", "limit=x", "before=0", f"before={2**70}"):
+        err = assert_openai_error(http.get(f"/admin/audit?{query}"), 400)
+        assert err["param"] == query.split("=")[0]
+    assert http.get("/admin/audit?limit=1000&before=5").status_code == 200
+
+
+def test_an_upstream_answer_nested_too_deeply_is_502(live: Any) -> None:
+    srv, http = live
+
+    class Deep:
+        async def chat(self, body: dict) -> dict:
+            answer: Any = "leaf"
+            for _ in range(300):
+                answer = [answer]
+            return {"object": "chat.completion", "choices": answer}
+
+        chat_stream = None  # not called: the request does not stream
+
+    srv.app.state.upstreams[FAKE_MODEL] = Deep()
+    r = http.post("/v1/chat/completions", json={"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                  headers=CLIENT)
+    err = assert_openai_error(r, 502)
+    assert err["code"] == "upstream_error" and "nests too deeply" in err["message"]

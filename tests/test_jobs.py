@@ -121,7 +121,7 @@ def test_pe_job_end_to_end_in_process(tmp_path):
         assert app.state.budget.spent(ds) <= 4.0
         # The spend gauge follows the reservation (the dataset was made without the API).
         gauge = f'dpicl_epsilon_spent{{dataset_id="{ds}"}} '
-        line = next(x for x in c.get("/metrics").text.splitlines() if x.startswith(gauge))
+        line = next(x for x in c.get("/metrics", headers=AUTH).text.splitlines() if x.startswith(gauge))
         assert float(line[len(gauge):]) == pytest.approx(app.state.budget.spent(ds))
         done = wait_for(c, job, {"succeeded", "failed"})
         assert done["state"] == "succeeded", done["error"]

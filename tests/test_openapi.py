@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from proxy.api.openapi import NO_BODY
+from proxy.api.schemas import MAX_BUDGET_EPSILON, MIN_BUDGET_EPSILON
 from proxy.app import create_app
 from tests.test_app_support import (  # noqa: F401 - fixtures
     ADMIN_KEY, CLIENT_KEY, LiveServer, admin_headers, assert_openai_error, fake_upstream, make_config,
@@ -18,8 +19,9 @@ from tests.test_app_support import (  # noqa: F401 - fixtures
 
 schemathesis = pytest.importorskip("schemathesis")
 
-#: Examples per operation: small on purpose, so the whole pass takes about a minute on 2 cores.
-EXAMPLES = 6
+#: Examples per operation and key: small on purpose, so the whole pass (every operation with the
+#: admin key, then with a client key) stays well under two minutes on 2 busy cores.
+EXAMPLES = {"admin": 6, "client": 3}
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +63,27 @@ def test_every_route_is_documented_with_its_body(live: Any) -> None:
     chat = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert chat == {"$ref": "#/components/schemas/ChatRequest"}
     budget = doc["components"]["schemas"]["BudgetUpdate"]["properties"]["epsilon"]
-    assert budget["maximum"] == 100
+    assert budget["maximum"] == MAX_BUDGET_EPSILON and budget["minimum"] == MIN_BUDGET_EPSILON
+
+
+def test_the_document_states_the_real_bounds_and_statuses(live: Any) -> None:
+    _, doc = live
+    paths = doc["paths"]
+    # 201 (and 202) answers are documented with their JSON bodies, not left to the error schema.
+    for path in ("/admin/jobs", "/admin/keys", "/admin/tasks", "/admin/datasets"):
+        assert "201" in paths[path]["post"]["responses"], path
+    assert {"200", "202"} <= set(paths["/admin/tasks/{name}/demos"]["post"]["responses"])
+    # The bounds the server enforces are in the schema: the audit page size, the upload's budget.
+    limit = next(p for p in paths["/admin/audit"]["get"]["parameters"] if p["name"] == "limit")
+    assert (limit["schema"]["minimum"], limit["schema"]["maximum"]) == (1, 1000)
+    form = paths["/admin/datasets"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    epsilon = form["properties"]["epsilon"]
+    assert (epsilon["minimum"], epsilon["maximum"]) == (MIN_BUDGET_EPSILON, MAX_BUDGET_EPSILON)
 
 
 def test_schemathesis_pass_against_the_live_app(live: Any) -> None:
+    """Every operation, with the admin key and with a client key: no 5xx, and every answer (status,
+    content type, body) conforms to the document."""
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import (
         content_type_conformance, response_schema_conformance, status_code_conformance,
@@ -73,27 +92,27 @@ def test_schemathesis_pass_against_the_live_app(live: Any) -> None:
     srv, doc = live
     schema = schemathesis.openapi.from_dict(doc)
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-    headers = admin_headers()
     failures: list[str] = []
     operations = 0
-    for result in schema.get_all_operations():
-        operation = result.ok()
-        operations += 1
+    for who, headers in (("admin", admin_headers()), ("client", {"Authorization": f"Bearer {CLIENT_KEY}"})):
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            operations += 1
 
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy())
-        def run(case: Any) -> None:
-            case.call_and_validate(base_url=srv.url, headers=headers, checks=checks, timeout=30)
+            @settings(max_examples=EXAMPLES[who], deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy())
+            def run(case: Any) -> None:
+                case.call_and_validate(base_url=srv.url, headers=headers, checks=checks, timeout=30)
 
-        try:
-            run()
-        except Exception as exc:  # noqa: BLE001 - collect every operation's failure, then report
-            failures.append(f"{operation.method.upper()} {operation.path}: {str(exc)[:600]}")
-    assert operations >= 20
+            try:
+                run()
+            except Exception as exc:  # noqa: BLE001 - collect every operation's failure, then report
+                failures.append(f"{who}: {operation.method.upper()} {operation.path}: {str(exc)[:600]}")
+    assert operations >= 40
     assert not failures, "\n\n".join(failures)
     # The pass really reached the server: count what the metrics recorded.
-    metrics = httpx.get(srv.url + "/metrics").text
+    metrics = httpx.get(srv.url + "/metrics", headers=admin_headers()).text
     served = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                  if line.startswith("dpicl_requests_total{"))
     assert served >= 2 * operations

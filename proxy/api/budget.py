@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
 from proxy.api.common import audit, json_response, read_json, require_admin, validate_body
@@ -160,10 +160,12 @@ async def set_dataset_budget(request: Request, dataset_id: str) -> Response:
 
 
 @router.get("/audit")
-async def audit_log(request: Request, limit: int = 100, before: int | None = None) -> Response:
-    """Newest-first admin audit records; page with ``before`` = the smallest ``seq`` seen."""
-    if not 1 <= limit <= 1000:
-        raise APIError(400, "limit must be between 1 and 1000", "invalid_request", param="limit")
+async def audit_log(request: Request, limit: int = Query(100, ge=1, le=1000),
+                    before: int | None = Query(None, ge=1, le=2**62)) -> Response:
+    """Newest-first admin audit records; page with ``before`` = the smallest ``seq`` seen.
+
+    The bounds are declared on the parameters, so the OpenAPI document states them and a value
+    outside them is a 400 (``invalid_request``, naming the parameter)."""
     entries = await anyio.to_thread.run_sync(lambda: request.app.state.store.audit(limit, before))
     return json_response({"object": "list", "data": [
         {"seq": e.seq, "time": e.time, "actor": e.actor, "action": e.action, "target": e.target,

@@ -16,6 +16,28 @@ from proxy.config import format_validation_errors
 from proxy.errors import APIError, JSONDecodeError, dumps, loads
 
 
+#: Deepest nesting of arrays and objects accepted in a JSON body. orjson encodes at most 254
+#: levels (a deeper body would fail later, when it is forwarded or stored, as a 500); no OpenAI or
+#: admin body comes close to this.
+MAX_JSON_DEPTH = 64
+
+
+def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``value`` (parsed JSON) nests arrays/objects more than ``limit`` levels deep.
+
+    Iterative (a recursive walk would itself hit Python's recursion limit) and visits containers
+    only, so a normal chat body costs a few microseconds.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
 async def read_json(request: Request) -> dict[str, Any]:
     """The request body as a JSON object (415 / 400 / 413 on bad input; never echoes the body)."""
     ctype = request.headers.get("content-type")
@@ -30,6 +52,9 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", "invalid_json")
+    if too_deep(body):
+        raise APIError(400, f"the request body nests arrays/objects more than {MAX_JSON_DEPTH} levels deep",
+                       "invalid_json")
     return body
 
 

@@ -85,7 +85,7 @@ def _labels_field(form: Any) -> list[str] | None:
     if len(raw) == 1 and raw[0].lstrip().startswith("["):
         try:
             parsed = json.loads(raw[0])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested thousands of levels deep
             raise APIError(400, "'labels' is not a valid JSON list", "invalid_labels", param="labels") from None
         if not isinstance(parsed, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool)
                                                    for x in parsed):
@@ -142,7 +142,7 @@ async def upload_dataset(request: Request) -> Response:
             raise APIError(400, "'name' is required: 1-128 letters, digits and ._-", "invalid_name", param="name")
         epsilon = _float_field(form, "epsilon", None)
         delta = _float_field(form, "delta", None)
-        try:  # the same limits as PUT /admin/budget/{name} (finite, at most MAX_BUDGET_EPSILON)
+        try:  # the same bounds as PUT /admin/budget/{name} (MIN_BUDGET_EPSILON..MAX_BUDGET_EPSILON)
             check_budget(epsilon if epsilon is not None else server.default_budget_epsilon, delta)
         except ValueError as exc:
             raise APIError(400, str(exc), "invalid_budget", param="delta" if "delta" in str(exc) else "epsilon") from None

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from proxy.config import format_validation_errors
 from proxy.errors import APIError, error_body
@@ -46,6 +47,24 @@ def not_found_model(model: str) -> APIError:
                     "model_not_found", param="model")
 
 
+#: Methods probed for a 405's ``Allow`` header.
+_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app answers on the request's path, sorted.
+
+    Found by asking the router whether each method would fully match (FastAPI nests included
+    routers, so the flat route list does not show them all)."""
+    routes = request.app.router.routes
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in routes):
+            allowed.append(method)
+    return allowed
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register handlers that turn every exception into an OpenAI-style body."""
 
@@ -69,11 +88,15 @@ def install_error_handlers(app: FastAPI) -> None:
         status = exc.status_code
         if status == 404:
             message = f"no route {request.method} {request.url.path[:200]}"
-        elif status == 405:
+        headers = getattr(exc, "headers", None)
+        if status == 405:
             message = f"method {request.method} is not allowed on {request.url.path[:200]}"
-        else:
+            # Starlette names the methods of the first route with this path only; every method
+            # of every route with this path is allowed (RFC 9110: Allow lists them all).
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        elif status != 404:
             message = str(exc.detail) if isinstance(exc.detail, str) else "request failed"
-        return error_response(status, message, code=str(status), headers=getattr(exc, "headers", None))
+        return error_response(status, message, code=str(status), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

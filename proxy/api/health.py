@@ -1,5 +1,6 @@
-"""Operations routes: liveness, readiness (the store answers) and Prometheus metrics. No key needed;
-nothing here depends on private data.
+"""Operations routes: liveness and readiness (the store answers), public and independent of private
+data; Prometheus metrics, which need the admin key or the scrape token (per-dataset budgets and
+route latencies, such as a warm-up's duration, are admin-only: see docs/serving.md).
 """
 
 from __future__ import annotations
@@ -32,4 +33,6 @@ async def readiness(request: Request) -> Response:
 
 @router.get("/metrics")
 async def prometheus(request: Request) -> Response:
+    """Prometheus text format (``Authorization: Bearer`` the scrape token or the admin key)."""
+    request.app.state.auth.metrics(request)
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -39,13 +39,13 @@ async def _route(request: Request, model: str, principal: Principal) -> tuple[Up
             raise APIError(403, f"this key may not use the model '{model}'", "permission_denied", param="model")
         return upstream, None
     task = await state.tasks.get(model)
-    if task is None:
+    if task is None or not principal.may_use_task(model):
+        # A task this key may not use is answered exactly like one that does not exist: task names
+        # are admin configuration, and a 403 would confirm which ones exist.
         request.state.model = "unknown"
         raise not_found_model(model)
     request.state.model = model
     request.state.task = model
-    if not principal.may_use_task(model):
-        raise APIError(403, f"this key may not use the model '{model}'", "permission_denied", param="model")
     name = LOCAL_MODEL_NAME if task.upstream in LOCAL_ALIASES else task.upstream
     upstream = state.upstreams.get(name)
     if upstream is None:  # validated at task creation; the config may have changed since
@@ -70,7 +70,12 @@ async def _respond(request: Request, model: str, call: Any, stream_call: Any, bo
             result = await call(body)
         except UpstreamError as exc:
             raise _upstream_error(request, model, exc) from None
-        return Response(dumps(result), media_type="application/json")
+        try:
+            payload = dumps(result)
+        except TypeError:  # orjson encodes at most 254 levels: an upstream answer nested deeper
+            raise _upstream_error(request, model, UpstreamError(
+                502, "the upstream's answer nests too deeply to be relayed")) from None
+        return Response(payload, media_type="application/json")
     agen = stream_call(body)
     early: StreamError | None = None
     try:

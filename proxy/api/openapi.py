@@ -21,7 +21,9 @@ from starlette.routing import Route
 
 from proxy.api.common import json_response, require_admin
 from proxy.api.keys import KeyCreate
-from proxy.api.schemas import BudgetReset, BudgetUpdate, ChatRequest, CompletionRequest, WarmRequest
+from proxy.api.schemas import (
+    MAX_BUDGET_EPSILON, MIN_BUDGET_EPSILON, BudgetReset, BudgetUpdate, ChatRequest, CompletionRequest, WarmRequest,
+)
 from proxy.config import TaskConfig
 from proxy.jobs.requests import JobRequest
 
@@ -51,8 +53,11 @@ FORMS: dict[tuple[str, str], dict[str, Any]] = {
         "properties": {
             "file": {"type": "string", "format": "binary", "description": "JSONL or CSV with text,label"},
             "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
-            "epsilon": {"type": "string", "description": "the dataset's budget (a number)"},
-            "delta": {"type": "string", "description": "a number in (0, 1)"},
+            "labels": {"type": "string", "description": "the label domain: a JSON list or comma-separated "
+                                                        "(required unless public)"},
+            "epsilon": {"type": "number", "minimum": MIN_BUDGET_EPSILON, "maximum": MAX_BUDGET_EPSILON,
+                        "description": "the dataset name's budget (its first upload sets it)"},
+            "delta": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
             "public": {"type": "string", "enum": ["true", "false"]},
             "deduplicate": {"type": "string", "enum": ["true", "false"]},
         },
@@ -64,6 +69,14 @@ CONTENT: dict[tuple[str, str], list[str]] = {
     ("POST", "/v1/completions"): ["application/json", "text/event-stream"],
     ("GET", "/metrics"): ["text/plain"],
     ("GET", "/admin/jobs/{job_id}/result"): ["application/jsonl", "application/zip", "application/octet-stream"],
+}
+#: Success statuses other than 200: (method, path) -> statuses (their bodies are JSON objects).
+SUCCESS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("POST", "/admin/datasets"): (201,),
+    ("POST", "/admin/tasks"): (201,),
+    ("POST", "/admin/keys"): (201,),
+    ("POST", "/admin/jobs"): (201,),
+    ("POST", "/admin/tasks/{name}/demos"): (200, 202),  # 200: priced (dry run) or finished (wait)
 }
 ERROR_SCHEMA = {
     "type": "object", "required": ["error"],
@@ -107,11 +120,14 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             # Our error handler answers 400 for every invalid input; FastAPI's 422 never happens.
             op.get("responses", {}).pop("422", None)
             content = {ct: {} for ct in CONTENT.get(key, ["application/json"])}
-            op["responses"] = {
-                "200": {"description": "success", "content": content},
-                "default": {"description": "an OpenAI-style error",
-                            "content": {"application/json": {"schema": {"$ref": _REF.format(model="Error")}}}},
-            }
+            responses: dict[str, Any] = {}
+            for status in SUCCESS.get(key, (200,)):
+                described = {200: "success", 201: "created", 202: "accepted (queued)"}[status]
+                body = {"application/json": {"schema": {"type": "object"}}} if key in SUCCESS else content
+                responses[str(status)] = {"description": described, "content": body}
+            responses["default"] = {"description": "an OpenAI-style error",
+                                    "content": {"application/json": {"schema": {"$ref": _REF.format(model="Error")}}}}
+            op["responses"] = responses
             if path.startswith("/admin") or path.startswith("/v1"):
                 op["security"] = [{"bearer": []}]
             if key in FORMS:

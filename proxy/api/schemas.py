@@ -13,16 +13,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
-#: Largest privacy budget (epsilon) the admin API accepts for a dataset. An epsilon of 100 already
-#: gives no meaningful protection; anything larger is a typo (or 1e308), and a finite cap keeps
-#: every figure the accountant compares against finite.
-MAX_BUDGET_EPSILON = 100.0
+from proxy.config import MAX_BUDGET_EPSILON, MIN_BUDGET_EPSILON
+
+__all__ = ["MAX_BUDGET_EPSILON", "MIN_BUDGET_EPSILON", "check_budget"]
 
 
 def check_budget(epsilon: float, delta: float | None) -> None:
-    """Raise ValueError unless ``0 < epsilon <= MAX_BUDGET_EPSILON`` (finite) and ``0 < delta < 1``."""
-    if not (math.isfinite(epsilon) and 0 < epsilon <= MAX_BUDGET_EPSILON):
-        raise ValueError(f"epsilon must be a finite number in (0, {MAX_BUDGET_EPSILON:g}]")
+    """Raise ValueError unless ``MIN_BUDGET_EPSILON <= epsilon <= MAX_BUDGET_EPSILON`` and ``0 < delta < 1``
+    (the bounds :class:`BudgetUpdate` states in the OpenAPI document)."""
+    if not (math.isfinite(epsilon) and MIN_BUDGET_EPSILON <= epsilon <= MAX_BUDGET_EPSILON):
+        raise ValueError(f"epsilon must be a number in [{MIN_BUDGET_EPSILON:g}, {MAX_BUDGET_EPSILON:g}]")
     if delta is not None and not (math.isfinite(delta) and 0 < delta < 1):
         raise ValueError("delta must be in (0, 1)")
 
@@ -55,7 +55,7 @@ class BudgetUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    epsilon: float = Field(gt=0, le=MAX_BUDGET_EPSILON, allow_inf_nan=False)
+    epsilon: float = Field(ge=MIN_BUDGET_EPSILON, le=MAX_BUDGET_EPSILON, allow_inf_nan=False)
     delta: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False)
 
 

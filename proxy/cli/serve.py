@@ -44,10 +44,14 @@ def serve(
         typer.echo(f"error: store.url (or DPICL_STORE_URL): {exc}", err=True)
         raise typer.Exit(code=2)
     log_config = server_logging()  # before the app (and transformers) are imported
+    from proxy.httpguard import http_protocol
+
+    # uvicorn's HTTP protocol with a deadline for request headers (slow-header clients are closed).
     # timeout_graceful_shutdown: after SIGTERM, requests still running after the grace period are
     # cancelled (an upload between two chunks discards its staged rows), so shutdown is bounded.
     common = dict(host=host, port=port, log_level=log_level, access_log=False, proxy_headers=False,
-                  log_config=log_config, timeout_graceful_shutdown=cfg.server.shutdown_grace_seconds)
+                  log_config=log_config, http=http_protocol(cfg.server.header_timeout),
+                  timeout_graceful_shutdown=cfg.server.shutdown_grace_seconds)
     if workers == 1:
         from proxy.app import create_app
 

@@ -79,8 +79,14 @@ class FakeOptions:
 #: Fault modes: ``bad_json`` 200 with a body (or stream events) that is not JSON; ``non_object`` 200
 #: with the JSON array ``[1,2,3]`` (as the body or as stream events); ``not_sse`` a 200 event stream
 #: whose body is plain text; ``close`` closes the connection without answering; ``close_mid_stream``
-#: sends the first stream event, then closes the connection.
-FAULTS = ("bad_json", "non_object", "not_sse", "close", "close_mid_stream")
+#: sends the first stream event, then closes the connection; ``html_error`` answers ``fail_status``
+#: with an HTML page quoting a server-side traceback (:data:`HTML_TRACEBACK`).
+FAULTS = ("bad_json", "non_object", "not_sse", "close", "close_mid_stream", "html_error")
+#: The body of the ``html_error`` fault: what a crashed web framework's debug page sends.
+HTML_TRACEBACK = (b"<html><head><title>500 Internal Server Error</title></head><body><pre>"
+                  b"Traceback (most recent call last):\n  File \"/srv/app/handlers.py\", line 42, in chat\n"
+                  b"    secret_config = load('/etc/upstream/credentials.yaml')\nKeyError: 'db_password'"
+                  b"</pre></body></html>")
 
 
 @dataclass
@@ -246,6 +252,9 @@ class _Server:
         """Answer with ``fault`` (True) or leave the request to the normal path (False)."""
         if fault == "close":
             self._abort(writer)
+        if fault == "html_error":
+            self._write(writer, self.options.fail_status, HTML_TRACEBACK, "text/html")
+            return True
         if fault in ("bad_json", "non_object") and not stream:
             self._write(writer, 200, b"{this is not json" if fault == "bad_json" else b"[1,2,3]")
             return True

@@ -16,6 +16,9 @@ Contract for callers (the FastAPI app):
   the upstream's own 4xx). Its message never contains prompt text: upstream messages are truncated
   and withheld entirely when they quote any part of the request (:func:`safe_upstream_message`),
   because the request carries our injected DP demonstrations and the client's private input.
+  Only the ``message`` of a 4xx JSON error is passed on: a 5xx's text, a body that is not a JSON
+  error (an HTML error page, a traceback) and anything that looks like markup or a traceback are
+  withheld on every upstream kind (they describe the upstream's internals, not the request).
 - Secrets come only from the environment: ``api_key: os.environ/NAME`` (any ``litellm_params`` value
   of that form is resolved); a literal ``api_key`` in the config is refused.
 """
@@ -29,6 +32,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from abc import ABC, abstractmethod
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
@@ -55,6 +59,8 @@ DONE = b"data: [DONE]\n\n"
 MAX_ERROR_CHARS = 300
 #: A run of this many characters shared by an error message and the request counts as quoting it.
 _QUOTE_WINDOW = 16
+#: Upstream "messages" that are really internals: markup (an HTML error page) or a traceback.
+_INTERNALS = re.compile(r"<\s*[A-Za-z!/?]|Traceback \(most recent call|^\s*File \"|\n\s+at \S+\(", re.M)
 
 
 # -- errors --------------------------------------------------------------------------------------------
@@ -171,7 +177,10 @@ def safe_upstream_message(message: str, body: dict | None, status: int) -> str:
     short request text) withholds the message. Conservative on purpose: a false positive only costs
     detail in an error message.
     """
-    message = (message or "").strip()[:MAX_ERROR_CHARS]
+    message = (message or "").strip()
+    if _INTERNALS.search(message):
+        return f"upstream returned HTTP {status}; its message was withheld"
+    message = message[:MAX_ERROR_CHARS]
     texts = _request_texts(body)
     if texts and message:
         joined = "\x00".join(texts)
@@ -199,14 +208,14 @@ def status_error(status: int, content: bytes, headers: Mapping[str, str] | None,
         elif isinstance(err, str):
             message = err
     except ValueError:
-        message = content[:MAX_ERROR_CHARS].decode("utf-8", "replace")
+        pass  # not a JSON error (an HTML page, a traceback): withheld, only the status is reported
     message = safe_upstream_message(message, body, status)
     if status == 429:
         return Transient(429, f"upstream {name!r} rate-limited the request: {message}", "rate_limit_error",
                           _retry_after(headers))
     if status >= 500:
-        return Transient(502, f"upstream {name!r} failed (HTTP {status}): {message}", "upstream_error",
-                         _retry_after(headers))
+        # A server error's text describes the upstream's internals: report the status only.
+        return Transient(502, f"upstream {name!r} failed (HTTP {status})", "upstream_error", _retry_after(headers))
     if status in (401, 403):
         # The proxy's own upstream credentials were refused: a proxy misconfiguration, not the
         # client's fault, so it is a 502 rather than the client-facing 401/403.
