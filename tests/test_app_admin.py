@@ -182,6 +182,9 @@ def test_tasks_are_validated_at_the_door(server):
     r = http.post("/admin/tasks?allow_missing_dataset=true", json=task_spec("t-wait", "later"))
     assert r.status_code == 201 and r.json()["status"] == "waiting", r.text
     assert http.get("/admin/tasks/t-wait").json()["status_detail"] == "dataset 'later' is not uploaded yet"
+    # Nothing is cached for it, which is an answer, not an error (the console's Tasks page reads this).
+    demos = http.get("/admin/tasks/t-wait/demos")
+    assert demos.status_code == 200 and demos.json()["cached"] is False and demos.json()["status"] == "waiting"
     upload(http, "later", jsonl_bytes(dataset_rows(10)))
     assert http.get("/admin/tasks/t-wait").json()["status"] == "ready"
 

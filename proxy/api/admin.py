@@ -178,8 +178,15 @@ async def cancel_warmup(request: Request, wid: str) -> Response:
 
 @router.get("/tasks/{name}/demos")
 async def get_demos(request: Request, name: str) -> Response:
+    """What is cached for a task. A task waiting for its dataset has nothing cached (200, not an
+    error: the console and ``dpicl tasks demos`` list it as waiting)."""
     task = await _task_or_404(request, name)
-    return json_response(await request.app.state.demos.cached(task))
+    state = request.app.state
+    if await anyio.to_thread.run_sync(_dataset_or_none, state.store, task.dataset) is None:
+        status, detail = task_status(task, None)
+        return json_response({"task": name, "key": None, "dataset_id": None, "cached": False, "status": status,
+                              "status_detail": detail})
+    return json_response(await state.demos.cached(task))
 
 
 @router.delete("/tasks/{name}/demos")

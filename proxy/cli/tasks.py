@@ -29,8 +29,6 @@ _COLUMNS = [
     ("shots", lambda t: t.get("shots")),
     ("mode", lambda t: (t.get("generation") or {}).get("mode")),
     ("source", lambda t: t.get("source")),
-    # ready / waiting (dataset not uploaded yet) / invalid: why, so a waiting task is not taken for broken.
-    ("status", lambda t: t.get("status") if not t.get("status_detail") else f"{t['status']}: {t['status_detail']}"),
 ]
 
 FINISHED = ("done", "failed", "cancelled")
@@ -122,6 +120,12 @@ def list_tasks(url: Optional[str] = URL_OPTION, admin_key: Optional[str] = KEY_O
     with AdminClient(url, admin_key) as api:
         data = api.get("/admin/tasks")
     print_list(data, _COLUMNS, as_json, empty="no tasks yet: dpicl tasks add NAME --dataset ... --instruction ...")
+    if not as_json:
+        # A task that cannot be warmed yet says why under the table: waiting (its dataset is not
+        # uploaded yet, normal for a config task) is not broken; invalid names what to fix.
+        for t in data.get("data") or []:
+            if t.get("status") not in (None, "ready"):
+                typer.echo(f"{t.get('name')}: {t.get('status')}: {t.get('status_detail')}")
 
 
 @tasks_app.command("show")
