@@ -191,7 +191,9 @@ def test_non_finite_numbers_are_one_line_errors(tmp_path, value):
                  ["jobs", "submit", "--kind", "pe", "--dataset", "d", "--epsilon", value],
                  ["budget", "set", "d", "--epsilon", value],
                  ["budget", "set", "d", "--epsilon", "1", "--delta", value],
-                 ["datasets", "upload", str(data), "--name", "d", "--epsilon", value]):
+                 ["datasets", "upload", str(data), "--name", "d", "--epsilon", value],
+                 ["account", "--mode", "fixed", "--sample-size", "20", "--pool-size", "300", "--tokens", "10",
+                  "--delta", "1e-5", "--sigma", value]):
         result = run(url, *args)
         assert result.exception is None or isinstance(result.exception, SystemExit), (args, result.exception)
         line = one_error_line(result)
