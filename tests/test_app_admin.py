@@ -189,6 +189,23 @@ def test_tasks_are_validated_at_the_door(server):
     assert http.get("/admin/tasks/t-wait").json()["status"] == "ready"
 
 
+def test_a_generator_that_cannot_load_charges_nothing(sqlite_server):
+    """A server without the model's extra used to charge the warm-up, then fail loading the model."""
+    app, http = sqlite_server
+    upload(http, "nomodel", jsonl_bytes(dataset_rows(10)))
+    assert http.post("/admin/tasks", json=task_spec("nm", "nomodel", generation=FAST)).status_code == 201
+
+    def missing(task):
+        raise ModuleNotFoundError(f"No module named 'torch' {CANARY}", name="torch")
+
+    app.state.demos.generators.source = missing
+    r = http.post("/admin/tasks/nm/demos", json={"wait": True})
+    text = r.text if r.status_code >= 400 else str(r.json().get("error"))
+    assert "torch" in text and "dpicl[local]" in text and "nothing was charged" in text, r.text
+    _no_canary(r)
+    assert app.state.store.ledger("nomodel") == []
+
+
 def test_client_keys_name_existing_tasks(server):
     app, http = server
     upload(http, "kd", jsonl_bytes(dataset_rows(5)))
