@@ -155,6 +155,70 @@ def test_tasks_crud(sqlite_server):
     assert_openai_error(http.delete("/admin/tasks/mytask"), 404)
 
 
+def test_tasks_are_validated_at_the_door(server):
+    """What used to be accepted and fail only at warm-up is refused at creation with a 400 one-liner."""
+    app, http = server
+    upload(http, "door", jsonl_bytes(dataset_rows(10)), epsilon=2.0)
+
+    def refused(spec: dict, code: str, *words: str, query: str = "") -> None:
+        r = http.post("/admin/tasks" + query, json=spec)
+        err = assert_openai_error(r, 400)
+        assert err["code"] == code and "\n" not in err["message"], err
+        assert all(w in err["message"] for w in words), err["message"]
+        assert spec["name"] not in {t["name"] for t in http.get("/admin/tasks").json()["data"]}
+
+    refused(task_spec("t-missing", "never-uploaded"), "dataset_not_found", "never-uploaded", "allow_missing_dataset")
+    refused(task_spec("t-labels", "door", labels=["LOC", "COLOUR"]), "invalid_task", "COLOUR", "door")
+    refused(task_spec("t-eps", "door", epsilon=2.5), "invalid_task", "2.5", "whole budget 2")
+    refused(task_spec("a/b", "door"), "invalid_task", "'/'")
+    # Within the dataset's domain and budget: created and ready.
+    ok = http.post("/admin/tasks", json=task_spec("t-ok", "door", epsilon=2.0, labels=["LOC"]))
+    assert ok.status_code == 201 and ok.json()["status"] == "ready", ok.text
+    # A later budget change is the admin's right; the task then shows why it cannot be warmed.
+    assert http.put("/admin/budget/door", json={"epsilon": 1.5}).status_code == 200
+    listed = {t["name"]: t for t in http.get("/admin/tasks").json()["data"]}
+    assert listed["t-ok"]["status"] == "invalid" and "whole budget" in listed["t-ok"]["status_detail"]
+    # A task may name a dataset uploaded later when it says so: it waits, it is not broken.
+    r = http.post("/admin/tasks?allow_missing_dataset=true", json=task_spec("t-wait", "later"))
+    assert r.status_code == 201 and r.json()["status"] == "waiting", r.text
+    assert http.get("/admin/tasks/t-wait").json()["status_detail"] == "dataset 'later' is not uploaded yet"
+    # Nothing is cached for it, which is an answer, not an error (the console's Tasks page reads this).
+    demos = http.get("/admin/tasks/t-wait/demos")
+    assert demos.status_code == 200 and demos.json()["cached"] is False and demos.json()["status"] == "waiting"
+    upload(http, "later", jsonl_bytes(dataset_rows(10)))
+    assert http.get("/admin/tasks/t-wait").json()["status"] == "ready"
+
+
+def test_a_generator_that_cannot_load_charges_nothing(sqlite_server):
+    """A server without the model's extra used to charge the warm-up, then fail loading the model."""
+    app, http = sqlite_server
+    upload(http, "nomodel", jsonl_bytes(dataset_rows(10)))
+    assert http.post("/admin/tasks", json=task_spec("nm", "nomodel", generation=FAST)).status_code == 201
+
+    def missing(task):
+        raise ModuleNotFoundError(f"No module named 'torch' {CANARY}", name="torch")
+
+    app.state.demos.generators.source = missing
+    r = http.post("/admin/tasks/nm/demos", json={"wait": True})
+    text = r.text if r.status_code >= 400 else str(r.json().get("error"))
+    assert "torch" in text and "dpicl[local]" in text and "nothing was charged" in text, r.text
+    _no_canary(r)
+    assert app.state.store.ledger("nomodel") == []
+
+
+def test_client_keys_name_existing_tasks(server):
+    app, http = server
+    upload(http, "kd", jsonl_bytes(dataset_rows(5)))
+    assert http.post("/admin/tasks", json=task_spec("kt", "kd")).status_code == 201
+    r = http.post("/admin/keys", json={"name": "k-bad", "tasks": ["kt", "no-such-task"]})
+    err = assert_openai_error(r, 400)
+    assert err["code"] == "task_not_found" and "no-such-task" in err["message"] and "kt'" not in err["message"]
+    assert "k-bad" not in {k["name"] for k in http.get("/admin/keys").json()["data"]}
+    for i, tasks in enumerate((["kt"], ["*"], [])):
+        made = http.post("/admin/keys", json={"name": f"k{i}", "tasks": tasks})
+        assert made.status_code == 201, made.text
+
+
 def test_warm_dry_run_then_real_then_cache(sqlite_server):
     app, http = sqlite_server
     ds = upload(http, "w", jsonl_bytes(dataset_rows(100)), epsilon=10).json()

@@ -132,8 +132,11 @@ def test_key_api_validates_and_hides_secrets(live):
         assert bad.status_code == 400 and "name" in bad.json()["error"]["message"]
         assert http.post("/admin/keys", json={"name": "x", "extra": 1}).status_code == 400
         assert http.post("/admin/keys", json={"name": "x", "passthrough": "yes"}).status_code == 400  # strict
-        made = http.post("/admin/keys", json={"name": "k1", "tasks": ["a", "a", "b"]}).json()
-        assert made["tasks"] == ["a", "b"] and made["key"].startswith(made["key_prefix"])
+        made = http.post("/admin/keys", json={"name": "k1", "tasks": ["*", "*"]}).json()
+        assert made["tasks"] == ["*"] and made["key"].startswith(made["key_prefix"])
+    # A key for a task that does not exist would only fail at the client's first request.
+    line = one_error_line(run(srv.url, "keys", "create", "k2", "--task", "no-such-task"))
+    assert "400" in line and "no-such-task" in line
 
 
 @pytest.mark.parametrize("args", [["jobs", "list"], ["datasets", "list"], ["budget", "show"], ["keys", "list"],
@@ -166,6 +169,45 @@ def test_job_validation_names_only_the_asked_kind(live):
     assert "population" in line and "dpsgd" not in line.lower()
 
 
+def test_tasks_wait_for_their_dataset_only_when_told(live):
+    srv, tmp = live
+    task = ["--instruction", "Classify.", "--upstream", "fake-model"]
+    line = one_error_line(run(srv.url, "tasks", "add", "early", "--dataset", "later", *task))
+    assert "400" in line and "later" in line and "--allow-missing-dataset" in line
+    added = run(srv.url, "tasks", "add", "early", "--dataset", "later", *task, "--allow-missing-dataset")
+    assert added.exit_code == 0 and "waiting" in added.stdout, added.stderr
+    listing = run(srv.url, "tasks", "list")
+    assert "early" in listing.stdout  # in the table, and below it why it cannot be warmed yet
+    assert "early: waiting: dataset 'later' is not uploaded yet" in listing.stdout.splitlines()
+    data = tmp / "rows.jsonl"
+    data.write_bytes(jsonl_bytes(dataset_rows(5)))
+    assert run(srv.url, "datasets", "upload", str(data), "--name", "later", "--labels", ",".join(LABELS)).exit_code == 0
+    assert ok_json(srv.url, "tasks", "show", "early")["status"] == "ready"
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_non_finite_numbers_are_one_line_errors(tmp_path, value):
+    """These used to end in a 40-line traceback from the JSON encoder; nothing is sent now."""
+    url = f"http://127.0.0.1:{free_port()}"  # never reached: the check comes first
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(jsonl_bytes(dataset_rows(2)))
+    for args in (["tasks", "add", "t", "--dataset", "d", "--instruction", "x", "--epsilon", value],
+                 ["jobs", "submit", "--kind", "pe", "--dataset", "d", "--epsilon", value],
+                 ["budget", "set", "d", "--epsilon", value],
+                 ["budget", "set", "d", "--epsilon", "1", "--delta", value],
+                 ["datasets", "upload", str(data), "--name", "d", "--epsilon", value],
+                 ["account", "--mode", "fixed", "--sample-size", "20", "--pool-size", "300", "--tokens", "10",
+                  "--delta", "1e-5", "--sigma", value]):
+        result = run(url, *args)
+        assert result.exception is None or isinstance(result.exception, SystemExit), (args, result.exception)
+        line = one_error_line(result)
+        assert "finite" in line and "cannot reach" not in line, (args, line)
+    for args in (["jobs", "submit", "--kind", "pe", "--dataset", "d", "-p", "sigma=NaN"],
+                 ["tasks", "add", "t", "--dataset", "d", "--instruction", "x", "-g", "clip=Infinity"]):
+        line = one_error_line(run(url, *args))
+        assert "finite" in line and ("sigma" in line or "generation.clip" in line), (args, line)
+
+
 def test_data_command_writes_a_sample(tmp_path: Path):
     out = tmp_path / "trec.jsonl"
     result = CliRunner().invoke(cli, ["data", "trec", "-o", str(out), "--rows", "40"])
@@ -187,11 +229,18 @@ def test_warm_over_budget_is_one_line_and_reads_nothing(live):
     srv, tmp = live
     data = tmp / "rows.jsonl"
     data.write_bytes(jsonl_bytes(dataset_rows(10)))
-    assert run(srv.url, "datasets", "upload", str(data), "--name", "small", "--epsilon", "0.05",
+    assert run(srv.url, "datasets", "upload", str(data), "--name", "small", "--epsilon", "2",
                "--labels", ",".join(LABELS)).exit_code == 0
     gen = [f"-g{k}={v}" for k, v in TINY_GENERATION.items()]
-    assert run(srv.url, "tasks", "add", "big", "--dataset", "small", "--instruction", "Classify.",
-               "--upstream", "fake-model", "--epsilon", "2", *gen).exit_code == 0
+    task = ["--dataset", "small", "--instruction", "Classify.", "--upstream", "fake-model", *gen]
+    # A task epsilon above the dataset's whole budget is refused at creation, not at warm-up.
+    line = one_error_line(run(srv.url, "tasks", "add", "big", *task, "--epsilon", "2.5"))
+    assert "400" in line and "whole budget" in line
+    assert run(srv.url, "tasks", "add", "big", *task, "--epsilon", "2").exit_code == 0
+    assert run(srv.url, "budget", "set", "small", "--epsilon", "0.05").exit_code == 0  # later: the admin's right
+    # The dry run prints the price and exits 1: a script can test it before warming.
+    dry = run(srv.url, "tasks", "warm", "big", "--dry-run")
+    assert dry.exit_code == 1 and "fits" in dry.stdout and "does not fit" in one_error_line(dry)
     line = one_error_line(run(srv.url, "tasks", "warm", "big"))
     assert "402" in line and "budget" in line and CANARY not in line
     assert ok_json(srv.url, "tasks", "demos", "big")["cached"] is False

@@ -12,13 +12,15 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from proxy.cli import app as cli
+from proxy.cli.serve import is_loopback
 from proxy.upstreams.local import DEFAULT_TEMPERATURE, _with_bos, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _serve(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    full = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "APP1_KEY", "DPICL_CONFIG")}
+    drop = ("OPENAI_API_KEY", "APP1_KEY", "DPICL_CONFIG", "DPICL_ADMIN_KEY")
+    full = {k: v for k, v in os.environ.items() if k not in drop}
     full.update(env, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "proxy.cli", "serve", *args], env=full, capture_output=True,
                           text=True, timeout=120, cwd=str(ROOT))
@@ -46,6 +48,16 @@ def test_bad_store_url_is_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "store.url" in lines[0], proc.stderr
     assert "hunter2" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_no_admin_key_means_loopback_only(tmp_path):
+    """The image used to start open (no key needed on /v1) on 0.0.0.0 when DPICL_ADMIN_KEY was unset."""
+    for host in ("0.0.0.0", "::", "example.org"):
+        proc = _serve("--host", host, "--port", "1", env={"DPICL_DATA_DIR": str(tmp_path)})
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "DPICL_ADMIN_KEY" in lines[0], proc.stderr
+    assert all(map(is_loopback, ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost")))
+    assert not any(map(is_loopback, ("0.0.0.0", "::", "10.0.0.1", "example.org", "")))
 
 
 def test_serve_help_has_no_raw_markup():

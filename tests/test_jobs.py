@@ -338,3 +338,37 @@ def test_seed_only_on_public_data_and_never_shown(tmp_path):
         assert all(v["decision"] in ("private", "skip") for v in plain["label_decisions"].values())
         wait_for(c, ok.json()["id"], {"succeeded", "failed"})
         wait_for(c, plain["id"], {"succeeded", "failed"})
+
+
+# -- what this install can run --------------------------------------------------------------------
+
+
+def test_a_kind_this_install_cannot_run_is_refused_before_anything_is_charged(tmp_path, monkeypatch):
+    """An image without the 'train' extra used to reserve the job's cost, then fail with
+    ModuleNotFoundError: now 501 names the extra and the ledger stays empty (not even the counts)."""
+    from proxy.jobs import requirements
+
+    monkeypatch.setattr(requirements, "module_available", lambda name: name not in ("opacus", "sentence_transformers"))
+    with running_app(f"sqlite:///{tmp_path / 's.db'}") as (c, app):  # the default PE backend
+        ds = make_dataset(app)
+        for body in ({"kind": "dpsgd", "dataset": ds}, {**PE_BODY, "dataset": ds}):
+            r = c.post("/admin/jobs", json=body, headers=AUTH)
+            assert r.status_code == 501, r.text
+            err = r.json()["error"]
+            assert err["code"] == "missing_extra" and "dpicl[train]" in err["message"], err
+            assert "nothing was charged" in err["message"] and "\n" not in err["message"]
+        assert app.state.store.ledger("words") == []
+        assert c.get("/admin/jobs", headers=AUTH).json()["data"] == []
+    # A custom PE backend brings its own dependencies: nothing to check, the job is accepted.
+    with running_app(f"sqlite:///{tmp_path / 't.db'}", pe_backend=tiny_pe_backend) as (c, app):
+        ok = c.post("/admin/jobs", json={**PE_BODY, "dataset": make_dataset(app)}, headers=AUTH)
+        assert ok.status_code == 201, ok.text
+
+
+def test_a_missing_module_is_named_in_the_job_error():
+    from proxy.jobs.execute import _safe_error
+
+    msg = _safe_error(ModuleNotFoundError(f"No module named 'opacus' ({CANARY})", name="opacus"))
+    assert "module opacus is not installed" in msg and CANARY not in msg
+    # Only a module-shaped name is echoed; anything else stays withheld.
+    assert CANARY not in _safe_error(ImportError("x", name=f"{CANARY} and more"))

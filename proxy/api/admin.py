@@ -18,8 +18,9 @@ from proxy.auth import Principal
 from proxy.config import TaskConfig
 from proxy.errors import APIError
 from proxy.logs import log_event
+from proxy.serving.tasks import task_problem, task_status
 from proxy.serving.warmups import public_view as warmup_view
-from proxy.store.base import NotFound
+from proxy.store.base import DatasetMeta, NotFound, Store
 
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -35,12 +36,45 @@ async def _task_or_404(request: Request, name: str) -> TaskConfig:
     return task
 
 
-def _task_view(task: TaskConfig, static: bool) -> dict[str, Any]:
-    return {**task.model_dump(mode="json"), "source": "config" if static else "admin"}
+def _dataset_or_none(store: Store, ref: str) -> DatasetMeta | None:
+    try:
+        return store.resolve_dataset(ref)
+    except NotFound:
+        return None
+
+
+async def _task_view(request: Request, task: TaskConfig) -> dict[str, Any]:
+    """The task's settings, where it comes from, and whether it can be warmed now (``status``:
+    ready, waiting for its dataset's upload, or invalid with the reason in ``status_detail``)."""
+    meta = await anyio.to_thread.run_sync(_dataset_or_none, request.app.state.store, task.dataset)
+    status, detail = task_status(task, meta)
+    source = "config" if request.app.state.tasks.is_static(task.name) else "admin"
+    return {**task.model_dump(mode="json"), "source": source, "status": status, "status_detail": detail}
+
+
+async def _check_new_task(request: Request, task: TaskConfig, allow_missing_dataset: bool) -> None:
+    """Refuse at creation what would only fail at warm-up (admin-facing one-liners)."""
+    if "/" in task.name:
+        # Task names are path segments of /admin/tasks/{name}: a '/' makes the task unreachable.
+        raise APIError(400, "name must not contain '/' (letters, digits and ._:- only)", "invalid_task",
+                       param="name")
+    meta = await anyio.to_thread.run_sync(_dataset_or_none, request.app.state.store, task.dataset)
+    if meta is None:
+        if allow_missing_dataset:
+            return  # listed as waiting until the dataset is uploaded
+        raise APIError(400, f"dataset {task.dataset!r} is not uploaded; upload it first, or create the task with "
+                            "allow_missing_dataset=true (dpicl tasks add --allow-missing-dataset) to wait for it",
+                       "dataset_not_found", param="dataset")
+    problem = task_problem(task, meta)
+    if problem:
+        raise APIError(400, f"task {task.name!r}: {problem}", "invalid_task")
 
 
 @router.post("/tasks")
-async def create_task(request: Request) -> Response:
+async def create_task(request: Request, allow_missing_dataset: bool = False) -> Response:
+    """Create (or replace) a task. Its dataset must be uploaded unless ``allow_missing_dataset``
+    (the task is then ``waiting``), its labels must be in the dataset's domain and its epsilon
+    within the dataset's whole budget."""
     state = request.app.state
     task: TaskConfig = validate_body(TaskConfig, await read_json(request))
     if state.tasks.is_static(task.name):
@@ -52,11 +86,12 @@ async def create_task(request: Request) -> Response:
         state.config.check_task_models(task)
     except ValueError as exc:
         raise APIError(400, str(exc), "invalid_task") from None
+    await _check_new_task(request, task, allow_missing_dataset)
     await state.tasks.put(task)
     state.demos.forget(task=task.name)
     log_event("task.created", task=task.name)
     await audit(request, "task.create", task.name, dataset=task.dataset)
-    return json_response(_task_view(task, False), 201)
+    return json_response(await _task_view(request, task), 201)
 
 
 @router.get("/tasks")
@@ -64,14 +99,14 @@ async def list_tasks(request: Request) -> Response:
     state = request.app.state
     await state.tasks.refresh(force=True)
     tasks = await state.tasks.all()
-    return json_response({"object": "list", "data": [_task_view(t, state.tasks.is_static(n)) for n, t in sorted(tasks.items())]})
+    return json_response({"object": "list", "data": [await _task_view(request, t) for _, t in sorted(tasks.items())]})
 
 
 @router.get("/tasks/{name}")
 async def get_task(request: Request, name: str) -> Response:
     await request.app.state.tasks.refresh(force=True)
     task = await _task_or_404(request, name)
-    return json_response(_task_view(task, request.app.state.tasks.is_static(name)))
+    return json_response(await _task_view(request, task))
 
 
 @router.delete("/tasks/{name}")
@@ -147,8 +182,15 @@ async def cancel_warmup(request: Request, wid: str) -> Response:
 
 @router.get("/tasks/{name}/demos")
 async def get_demos(request: Request, name: str) -> Response:
+    """What is cached for a task. A task waiting for its dataset has nothing cached (200, not an
+    error: the console and ``dpicl tasks demos`` list it as waiting)."""
     task = await _task_or_404(request, name)
-    return json_response(await request.app.state.demos.cached(task))
+    state = request.app.state
+    if await anyio.to_thread.run_sync(_dataset_or_none, state.store, task.dataset) is None:
+        status, detail = task_status(task, None)
+        return json_response({"task": name, "key": None, "dataset_id": None, "cached": False, "status": status,
+                              "status_detail": detail})
+    return json_response(await state.demos.cached(task))
 
 
 @router.delete("/tasks/{name}/demos")

@@ -3,7 +3,7 @@
 ``POST /admin/jobs`` reserves the job's full privacy cost before it is enqueued; the other routes
 read records, request cancellation and download results. Every answer is free of private text.
 Errors are OpenAI-style: 400 bad parameters, 402 over budget, 404 unknown job/dataset, 409 wrong
-job state.
+job state, 501 a job kind this install cannot run (the missing extra is named; nothing charged).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from starlette.responses import Response
 from proxy.api.common import audit, json_response, read_json, require_admin, validate_body
 from proxy.errors import APIError
 from proxy.jobs.manager import JobManager
+from proxy.jobs.requirements import MissingExtra
 from proxy.jobs.requests import JobConflict, JobRequest, JobRequestError, public_view
 from proxy.store.base import BudgetExceeded, NotFound
 
@@ -44,6 +45,9 @@ async def _call(fn: Any, *args: Any) -> Any:
         raise APIError(400, str(exc), "invalid_request") from None
     except JobConflict as exc:
         raise APIError(409, str(exc), "invalid_job_state") from None
+    except MissingExtra as exc:
+        # This install cannot run the job kind: refused before anything is charged.
+        raise APIError(501, str(exc), "missing_extra") from None
 
 
 @router.post("")

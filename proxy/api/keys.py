@@ -81,6 +81,14 @@ async def create_key(request: Request) -> Response:
     req: KeyCreate = validate_body(KeyCreate, await read_json(request))
     if any(k.name == req.name for k in state.auth.config_keys()):
         raise APIError(409, f"client key {req.name!r} is defined in the config file", "key_exists", param="name")
+    await state.tasks.refresh(force=True)  # tasks created on another replica count too
+    known = await state.tasks.all()
+    unknown = [t for t in req.tasks if t != "*" and t not in known]
+    if unknown:
+        # A key for a task that does not exist would only fail at the client's first request.
+        raise APIError(400, f"no task named {', '.join(repr(t) for t in unknown[:5])}"
+                            f"{f' (+{len(unknown) - 5} more)' if len(unknown) > 5 else ''}: create the task first, "
+                            "or give '*' for every task", "task_not_found", param="tasks")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     record = {"key_hash": sha256_hex(secret), "tasks": req.tasks, "passthrough": req.passthrough,
               "created_at": time.time(), "key_prefix": secret[:len(KEY_PREFIX) + 4]}

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import typer
 
+from proxy.cli.common import require_finite
 from proxy.cli.http import JSON_OPTION, KEY_OPTION, URL_OPTION, AdminClient, die
 from proxy.cli.output import cell, fields, print_json, table, when
 
@@ -96,6 +97,8 @@ def set_budget(name: str = typer.Argument(..., help="Dataset name (or a version'
                url: Optional[str] = URL_OPTION, admin_key: Optional[str] = KEY_OPTION,
                as_json: bool = JSON_OPTION) -> None:
     """Set a dataset's privacy budget."""
+    require_finite("--epsilon", epsilon)
+    require_finite("--delta", delta)
     body: dict[str, Any] = {"epsilon": epsilon}
     if delta is not None:
         body["delta"] = delta

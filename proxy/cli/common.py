@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 
 import typer
@@ -28,3 +29,9 @@ def fail(message: str) -> None:
     """Print ``error: message`` on stderr and exit with status 2 (bad input)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
+
+
+def require_finite(option: str, value: float | None) -> None:
+    """One-line error (exit 2) when an option's number is inf or nan, instead of a traceback later."""
+    if value is not None and not math.isfinite(value):
+        fail(f"{option} must be a finite number, not {value}")

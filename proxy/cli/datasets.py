@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import typer
 
+from proxy.cli.common import require_finite
 from proxy.cli.http import JSON_OPTION, KEY_OPTION, URL_OPTION, AdminClient, die
 from proxy.cli.output import fields, print_json, print_list, when
 
@@ -37,6 +38,8 @@ def upload(
     url: Optional[str] = URL_OPTION, admin_key: Optional[str] = KEY_OPTION, as_json: bool = JSON_OPTION,
 ) -> None:
     """Upload a dataset (its rows stay on the server; only counts come back)."""
+    require_finite("--epsilon", epsilon)
+    require_finite("--delta", delta)
     form = {"name": name, "public": str(public).lower(), "deduplicate": str(deduplicate).lower()}
     if labels is not None:
         form["labels"] = labels

@@ -53,8 +53,8 @@ def account(
             _fail("--epsilon must be a positive finite number")
         sigma = accounting.calibrate_sigma(event, epsilon, delta)
         out["target_epsilon"] = epsilon
-    elif sigma is not None and sigma <= 0:
-        _fail("--sigma must be positive")
+    elif sigma is not None and not 0 < sigma < math.inf:  # nan too: one line, not an accountant traceback
+        _fail("--sigma must be a positive finite number")
     assert sigma is not None
     out["sigma"] = sigma
     out["epsilon"] = accounting.epsilon_of([event(sigma)], delta, accountant=accountant)

@@ -7,6 +7,7 @@ unreachable server, a refused key or an error answer always ends the same way: o
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, NoReturn, Optional
 
@@ -43,6 +44,18 @@ def error_line(resp: httpx.Response) -> str:
     return line
 
 
+def non_finite_field(value: Any, where: str = "") -> str | None:
+    """The path of the first inf/nan number in a JSON body (JSON cannot carry them), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "the body"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = non_finite_field(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
 class AdminClient:
     """A small synchronous client of the admin API (use as a context manager)."""
 
@@ -64,6 +77,9 @@ class AdminClient:
 
         ``ok_missing``: hand back a 404/405 answer instead of exiting (to fall back to older routes).
         """
+        bad = non_finite_field(kwargs.get("json"))
+        if bad:  # from --file specs and --param/--gen values: one line, not an encoder traceback
+            die(f"{bad} must be a finite number (inf and nan cannot be sent)", 2)
         try:
             resp = self._http.request(method, path, **kwargs)
         except httpx.TimeoutException:

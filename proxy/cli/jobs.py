@@ -17,7 +17,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from proxy.cli.common import fail
+from proxy.cli.common import fail, require_finite
 from proxy.cli.http import KEY_OPTION, URL_OPTION, AdminClient
 from proxy.config import DEFAULT_JOB_QUEUE
 
@@ -49,6 +49,7 @@ def submit(
     url: Optional[str] = _URL, admin_key: Optional[str] = _KEY,
 ) -> None:
     """Submit a job; its full privacy cost is reserved before it is queued."""
+    require_finite("--epsilon", epsilon)
     body: dict[str, Any] = {"kind": kind, "dataset": dataset, "epsilon": epsilon}
     for item in param:
         key, sep, value = item.partition("=")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import tempfile
@@ -9,6 +10,16 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+
+def is_loopback(host: str) -> bool:
+    """Does binding ``host`` keep the server reachable from this machine only?"""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # any other host name may resolve to a public interface
 
 
 def serve(
@@ -22,7 +33,8 @@ def serve(
     """Serve the OpenAI-compatible proxy, the admin API and the admin console (/admin/ui).
 
     With no config it starts on SQLite (in $DPICL_DATA_DIR) with the built-in local model,
-    exposed as local/smollm2. The admin API needs DPICL_ADMIN_KEY.
+    exposed as local/smollm2. The admin API needs DPICL_ADMIN_KEY, and so does any --host other
+    than a loopback address (without an admin key the server runs open).
     """
     import uvicorn
 
@@ -35,6 +47,11 @@ def serve(
         cfg = load_config()  # validate now so errors are one clear line, not a traceback
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2)
+    if cfg.admin_key is None and not is_loopback(host):
+        # Without an admin key /v1 needs no client key: never expose that beyond this machine.
+        typer.echo(f"error: refusing to listen on {host} without an admin key: set DPICL_ADMIN_KEY "
+                   "(or serve on 127.0.0.1)", err=True)
         raise typer.Exit(code=2)
     try:  # a store that cannot be opened (bad URL scheme, unwritable path, old schema): one line too
         from proxy.store import open_store

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import tarfile
 import tempfile
@@ -36,6 +37,7 @@ from proxy.upstreams.base import UpstreamError
 
 log = logging.getLogger("dpicl.jobs")
 
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,99}")
 #: Exception types whose messages we write into job records (ours, known to hold no data).
 _SAFE_ERRORS = (JobError, JobRequestError)
 
@@ -78,6 +80,9 @@ def _safe_error(exc: BaseException) -> str:
         return str(exc)[:500]
     if isinstance(exc, UpstreamError):
         return f"upstream error {exc.status}"
+    if isinstance(exc, ImportError) and isinstance(exc.name, str) and _MODULE.fullmatch(exc.name):
+        # A module name is code, not data: say what is missing (the submission check should have caught it).
+        return f"job failed with {type(exc).__name__}: module {exc.name} is not installed (details withheld)"
     # Anything else may quote data (tokenizers, model errors, litellm): the type name only.
     return f"job failed with {type(exc).__name__} (details withheld: messages could contain data)"
 

@@ -39,6 +39,7 @@ from proxy.budget import finite_or_none
 from proxy.config import LOCAL_ALIASES, Config, JobSettings
 from proxy.jobs.backends import PEBackendFactory, default_pe_backend
 from proxy.jobs.execute import WorkerContext
+from proxy.jobs.requirements import check_job_requirements
 from proxy.jobs.requests import CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, DPSGDJobRequest, \
     JobConflict, JobRequest, JobRequestError, PEJobRequest, PromptSpec, dpsgd_config, pe_config
 from proxy.jobs.runners import InProcessRunner, RQRunner
@@ -51,13 +52,15 @@ class JobManager:
     """Submission, queries, cancellation and results of jobs; owns the runner."""
 
     def __init__(self, store: Store, budget: Any, config: Config | None, runner: Any,
-                 stale_after: float = 60.0, metrics: Any = None):
+                 stale_after: float = 60.0, metrics: Any = None, default_backend: bool = True):
         self.store = store
         self.budget = budget
         self.config = config
         self.runner = runner
         self.stale_after = stale_after
         self.metrics = metrics  # proxy.metrics.Metrics: the spend gauges follow job reservations
+        #: False when PE runs through a custom backend factory, which brings its own dependencies.
+        self.default_backend = default_backend
 
     @classmethod
     def create(cls, store: Store, budget: Any, config: Config | None, redis_url: str | None = None,
@@ -77,7 +80,9 @@ class JobManager:
             ctx = WorkerContext(store=store, config=config, pe_backend=pe_backend or default_pe_backend,
                                 heartbeat_interval=beat)
             runner = InProcessRunner(ctx, workers or settings.workers)
-        return cls(store, budget, config, runner, stale, metrics)
+        # An RQ worker's backend is chosen on the worker (--pe-backend); the server checks the default's needs.
+        return cls(store, budget, config, runner, stale, metrics,
+                   default_backend=bool(redis_url) or pe_backend in (None, default_pe_backend))
 
     def close(self) -> None:
         self.runner.close()
@@ -103,7 +108,8 @@ class JobManager:
     def submit(self, req: JobRequest, actor: str = "admin") -> dict:
         """Plan, reserve the full cost, record and enqueue a job. Returns the record.
 
-        Raises NotFound (unknown dataset), JobRequestError (bad parameters) or BudgetExceeded
+        Raises NotFound (unknown dataset), JobRequestError (bad parameters), MissingExtra (this
+        install cannot run the kind: nothing charged, not even the label counts) or BudgetExceeded
         (nothing reserved for the job itself; see ``BudgetService.noisy_counts`` for the counts).
         """
         from aggregation.dpsgd import plan_dpsgd
@@ -126,6 +132,9 @@ class JobManager:
             if not listed:
                 raise JobRequestError("model must be 'local', a model_list name or a local model directory")
         prompt = self._prompt(req)
+        # The default backend generates with the local model unless the model is a model_list entry.
+        local = self.config is None or self.config.model_entry(req.model or "local") is None
+        check_job_requirements(req.kind, local_generation=local, default_backend=self.default_backend)
         job_id = "job-" + uuid.uuid4().hex[:16]
         delta = meta.budget_delta
         try:

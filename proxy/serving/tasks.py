@@ -86,6 +86,39 @@ def generation_config(task: TaskConfig) -> GenerationConfig:
                             clip=g.clip, temperature=g.temperature)
 
 
+#: A task's state as the admin sees it: its dataset is uploaded and fits it, is not uploaded yet,
+#: or was uploaded (or re-budgeted) so that the task cannot be warmed as it stands.
+READY, WAITING, INVALID = "ready", "waiting", "invalid"
+
+
+def task_problem(task: TaskConfig, meta: DatasetMeta) -> str | None:
+    """Why ``task`` cannot be warmed on dataset ``meta`` (one line, admin-facing), or None.
+
+    Checks the declared labels against the dataset's public label domain and the task's epsilon
+    against the dataset's whole budget; both are public configuration, so saying so leaks nothing."""
+    if task.labels is not None:
+        missing = [lab for lab in task.labels if lab not in meta.labels]
+        if missing:
+            return f"labels {missing} are not labels of dataset {meta.name!r}"
+    if task.generation.public_only:
+        return None  # reads no private data and costs nothing
+    if math.isinf(task.epsilon):
+        if not meta.public:
+            return f"infinite epsilon (no noise) is only allowed on datasets marked public; {meta.name!r} is not"
+    elif task.epsilon > meta.budget_epsilon:
+        return (f"epsilon {task.epsilon:g} per demonstration set is above the whole budget "
+                f"{meta.budget_epsilon:g} of dataset {meta.name!r}")
+    return None
+
+
+def task_status(task: TaskConfig, meta: DatasetMeta | None) -> tuple[str, str | None]:
+    """``(status, detail)``: READY, WAITING (dataset not uploaded yet) or INVALID (with the reason)."""
+    if meta is None:
+        return WAITING, f"dataset {task.dataset!r} is not uploaded yet"
+    problem = task_problem(task, meta)
+    return (INVALID, problem) if problem else (READY, None)
+
+
 def task_labels(task: TaskConfig, meta: DatasetMeta) -> list[str]:
     """The labels a task generates demonstrations for (400 if the dataset lacks one)."""
     if task.labels is None:

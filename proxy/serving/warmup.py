@@ -122,6 +122,17 @@ class Warmup:
             "decisions": _decisions(plan),
         }
 
+    def _load_source(self, task: TaskConfig) -> None:
+        """Load the generator (cached per process) so that an install without the model's extra is
+        refused with nothing charged (501 naming the extra and the module; a module name is no data)."""
+        try:
+            self.generators.source(task)
+        except ImportError as exc:
+            module = exc.name if isinstance(exc.name, str) and exc.name.isidentifier() else "unknown"
+            raise APIError(501, f"demonstration generation needs module {module}, which this server lacks (the "
+                                "local model needs the 'local' extra: pip install 'dpicl[local]'); nothing was "
+                                "charged", "missing_extra") from None
+
     def _refuse(self, exc: BudgetExceeded) -> APIError:
         return APIError(402, f"privacy budget exceeded: {exc}", "budget_exceeded")
 
@@ -169,6 +180,7 @@ class Warmup:
                             f"{_fmt(max(0.0, res.budget_epsilon - res.spent_before))} of "
                             f"{_fmt(res.budget_epsilon)} remains on dataset {meta.id}",
                             remaining=max(0.0, res.budget_epsilon - res.spent_before))
+                self._load_source(task)  # before the first charge: a model that cannot load costs nothing
                 pools = self.budget.noisy_counts(meta.id, actor, f"noisy pool sizes for task {task.name}")
             plan = self._plan(task, meta, labels, pools)
             # The spend is recorded BEFORE any private row is read.
