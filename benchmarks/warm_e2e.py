@@ -8,7 +8,7 @@ A first, unmeasured warm-up loads the model and releases the DP pool sizes, so e
 pays only its own generation (plus planning and the ledger write).
 
 Per row: the server's own split of the warm-up's seconds (model forward, sampling and noise,
-accounting and the ledger write, store reads and writes, the rest), wall seconds of the POST, CPU seconds the server process used meanwhile (all threads,
+accounting and the ledger write, store reads and writes, model load, the rest), wall seconds of the POST, CPU seconds the server process used meanwhile (all threads,
 from /proc), CPU/2 (a floor for the wall time on 2 idle cores if generation used both fully),
 the charged epsilon, tokens generated, and the load average before and after. Variants run in
 rounds (order rotated) and the median over rounds is printed. On a shared machine wall time
@@ -41,7 +41,7 @@ from proxy.devtools.fake_upstream import free_port  # noqa: E402
 
 ADMIN_KEY = "bench-admin-key"
 #: Parts of a warm-up's time, as the warm-up view's ``result.timings`` reports them.
-PARTS = ("forward", "sampling", "accounting", "store", "other")
+PARTS = ("forward", "sampling", "accounting", "store", "load", "other")
 #: name -> generation overrides of the example task.
 VARIANTS = {
     "fixed": {"mode": "fixed"},

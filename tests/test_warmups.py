@@ -264,7 +264,7 @@ def test_a_finished_warmup_says_where_its_time_went(live):
     view = http.post("/admin/tasks/t1/demos", json={"wait": True}).json()
     assert view["state"] == "done"
     parts = view["result"]["timings"]
-    assert set(parts) == {"forward", "sampling", "accounting", "store", "other", "total"}
+    assert set(parts) == {"forward", "sampling", "accounting", "store", "load", "other", "total"}
     assert all(v >= 0 for v in parts.values())
     assert parts["forward"] > 0 and parts["accounting"] > 0  # the model ran; the plan was priced and charged
     named = sum(v for k, v in parts.items() if k != "total")

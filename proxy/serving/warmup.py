@@ -155,6 +155,7 @@ class Warmup:
         reason = f"task {task.name} demos {prep.key[:12]}"
         config = generation_config(task)
         entered = time.perf_counter()
+        load_s = 0.0  # loading the generator model (the first warm-up of a process)
         # epsilon_cost is the increase of the name's spent epsilon, the one-time count release
         # included (a charge by another process at the same moment is counted too: over-reports).
         if should_stop is not None and should_stop():
@@ -180,7 +181,9 @@ class Warmup:
                             f"{_fmt(max(0.0, res.budget_epsilon - res.spent_before))} of "
                             f"{_fmt(res.budget_epsilon)} remains on dataset {meta.id}",
                             remaining=max(0.0, res.budget_epsilon - res.spent_before))
+                loading = time.perf_counter()
                 self._load_source(task)  # before the first charge: a model that cannot load costs nothing
+                load_s = time.perf_counter() - loading
                 pools = self.budget.noisy_counts(meta.id, actor, f"noisy pool sizes for task {task.name}")
             plan = self._plan(task, meta, labels, pools)
             # The spend is recorded BEFORE any private row is read.
@@ -195,7 +198,7 @@ class Warmup:
         if reserved is not None:
             reserved(max(res.epsilon, res.spent_after - spent_before))
         # Where the time went (admin-only: how long generation takes depends on the data).
-        accounting_s = time.perf_counter() - entered
+        accounting_s = time.perf_counter() - entered - load_s
         store_s = 0.0
         generating_s = 0.0
         source = TimedSource(self.generators.source(task))
@@ -272,7 +275,7 @@ class Warmup:
         self.store.put_demos(prep.key, meta.id, task.name, payload)
         store_s += time.perf_counter() - storing
         timings = _timings(time.perf_counter() - entered, source.seconds, generating_s - source.seconds,
-                           accounting_s, store_s)
+                           accounting_s, store_s, load_s)
         log_event("demos.generated", task=task.name, dataset_id=meta.id, demos=len(demos), tokens=tokens,
                   seconds=payload["seconds"])
         return {"key": prep.key, "cached": False, "charged": True, "payload": payload, "timings": timings,
@@ -281,10 +284,12 @@ class Warmup:
                 "remaining_epsilon": _num(max(0.0, res.remaining))}
 
 
-def _timings(total: float, forward: float, sampling: float, accounting: float, store: float) -> dict[str, float]:
+def _timings(total: float, forward: float, sampling: float, accounting: float, store: float,
+             load: float) -> dict[str, float]:
     """Seconds of a warm-up by part: model forward, sampling and noise (the generator's own work
-    between forwards), planning with accounting and the ledger write, store reads and writes, rest."""
-    parts = {"forward": forward, "sampling": sampling, "accounting": accounting, "store": store}
+    between forwards), planning with accounting and the ledger write, store reads and writes,
+    loading the generator model, and the rest."""
+    parts = {"forward": forward, "sampling": sampling, "accounting": accounting, "store": store, "load": load}
     parts["other"] = max(0.0, total - sum(parts.values()))
     parts["total"] = total
     return {k: round(v, 3) for k, v in parts.items()}
