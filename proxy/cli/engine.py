@@ -123,7 +123,7 @@ def generate(
         "noisy_pool_size": sizes.get(label),  # the DP estimate the decision used (units)
         "decision": lp.decision,
         "rule": lp.rule,
-        "accountant": "pld" if all(accounting.pld_supports(e) for _, e in plan.charges()) else "rdp",
+        "accountant": accounting.kind_of([e for _, e in plan.charges()]),  # pld, best (of PLD and RDP) or rdp
         "stats": {"tokens": sum(d.tokens for d in demos), "model_calls": sum(d.model_calls for d in demos),
                   "seconds": round(sum(d.seconds for d in demos), 3)},
     }
