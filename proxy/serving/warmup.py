@@ -164,7 +164,7 @@ class Warmup:
         if reserved is not None:
             reserved(max(res.epsilon, res.spent_after - spent_before))
         source = self.generators.source(task)
-        prompt = task_prompt(task)
+        prompt = task_prompt(task, labels)  # aliases, if any, over the declared label domain
         noise = Noise(None)  # CSPRNG: the noise must not be reproducible from the seed
         started = time.perf_counter()
         with self._gen_lock:
