@@ -26,13 +26,13 @@ from aggregation import accounting
 from aggregation.mechanisms import demonstration_event
 
 #: Bump when the meaning of a cached value changes (event shapes, accountant settings).
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: bounded-range blocks accounted by PLD (best of PLD and zCDP)
 #: Sampling rates are rounded up to the next power of this (at most 0.5 % more sampling).
 RATE_STEP = 1.005
 
-#: Event families: ``gaussian`` caches sigma; ``zcdp`` caches the per-token epsilon of the
-#: exponential and public-prior mechanisms (the same event, see ``demonstration_event``).
-Family = Literal["gaussian", "zcdp"]
+#: Event families: ``gaussian`` caches sigma; ``bounded_range`` caches the per-token epsilon of
+#: the exponential and public-prior mechanisms (the same event, see ``demonstration_event``).
+Family = Literal["gaussian", "bounded_range"]
 
 
 class CalibrationCache(Protocol):
@@ -107,7 +107,7 @@ def event_for(family: Family, value: float, block: int, q: float, tokens: int, s
     """The event of ``shots`` demonstrations with noise parameter ``value`` (sigma or eps/token)."""
     if family == "gaussian":
         single = demonstration_event("block", q, tokens, sigma=value, block_tokens=block)
-    elif family == "zcdp":
+    elif family == "bounded_range":
         single = demonstration_event("block", q, tokens, epsilon_per_token=value, block_tokens=block)
     else:
         raise ValueError(f"unknown event family {family!r}")
@@ -147,7 +147,7 @@ def calibrate_noise(
 ) -> float:
     """Noise parameter so that ``shots`` demonstrations at the real rate ``q`` cost at most ``target``.
 
-    Gaussian: the noise multiplier sigma; ``zcdp``: the per-token epsilon. Looks the rate rounded
+    Gaussian: the noise multiplier sigma; ``bounded_range``: the per-token epsilon. Looks the rate rounded
     up in ``cache`` first (default: the in-process LRU), calibrates on a miss, and always checks
     the real event at the ledger's discretisation before returning.
     """

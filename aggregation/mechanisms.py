@@ -27,6 +27,8 @@ from typing import Literal, Sequence
 import dp_accounting as dpa
 import numpy as np
 
+from aggregation.bounded_range import SampledBoundedRangeDpEvent
+
 Mode = Literal["resample", "fixed", "block"]
 Mechanism = Literal["gaussian", "exponential", "public_prior"]
 
@@ -245,13 +247,6 @@ def public_prior_sample(private_logprobs: np.ndarray | None, public_logprobs: np
 # Accounting of one demonstration.
 
 
-def _amplified_pure_epsilon(epsilon: float, q: float) -> float:
-    """Pure-DP epsilon of an eps-DP mechanism run on a Poisson sample of rate q (add/remove)."""
-    if epsilon > 1.0:  # same value, written so that exp() cannot overflow
-        return epsilon + math.log(q + (1.0 - q) * math.exp(-epsilon))
-    return math.log1p(q * math.expm1(epsilon))
-
-
 def block_length(mode: Mode, tokens: int, block_tokens: int | None = None) -> int:
     """Tokens generated from one Poisson sample: 1 (``resample``), T (``fixed``), min(k, T) (``block``)."""
     if tokens < 1:
@@ -285,16 +280,6 @@ def _compose(full: int, block: dpa.DpEvent, last: dpa.DpEvent | None) -> dpa.DpE
     return last if head is None else dpa.ComposedDpEvent([head, last])
 
 
-def _block_rho(length: int, e: float, q: float) -> float:
-    """zCDP of ``length`` eps-DP (hence eps-bounded-range) tokens on one Poisson sample.
-
-    The smaller of two valid bounds: bounded range composes to ``length * e^2/8`` (ignores the
-    sampling), and the block is ``length*e``-DP, amplified by Poisson sampling to ``e'`` and
-    converted as ``e'^2/2``.
-    """
-    return min(length * e * e / 8.0, _amplified_pure_epsilon(length * e, q) ** 2 / 2.0)
-
-
 def demonstration_event(
     mode: Mode,
     q: float,
@@ -318,12 +303,11 @@ def demonstration_event(
     * ``resample`` (k = 1): ``SelfComposed(PoissonSampled(q, Gaussian(sigma)), T)``;
     * ``fixed`` (k = T): ``PoissonSampled(q, Gaussian(sigma / sqrt(T)))``.
 
-    Exponential and public-prior mechanisms (eps-DP and eps-bounded-range per token; for the
-    public prior ``eps = 4C/(M tau)``), accounted as zCDP on the RDP accountant because
-    dp-accounting's PLD accountant has no pure-DP event under add/remove): per block of ``L``
-    tokens the smaller of the bounded-range bound ``L*eps^2/8`` (Cesar and Rogers 2021, which
-    ignores sampling; sampling cannot hurt) and ``eps'^2/2`` for the pure-DP epsilon ``L*eps``
-    amplified by Poisson sampling to ``eps'`` (Bun and Steinke 2016); zCDP adds over blocks.
+    Exponential and public-prior mechanisms (``eps``-bounded-range, hence ``eps``-DP, per token; for
+    the public prior ``eps = 4C/(M tau)``): one block is
+    ``SampledBoundedRangeDpEvent(q, eps, L)`` (:mod:`aggregation.bounded_range`), accounted by the
+    PLD of its Poisson-amplified randomized-response pair and by its zCDP bound, the smaller
+    epsilon of the composition reported. Blocks compose the same way as above.
 
     The generator always charges the full ``T`` tokens: the stopping time depends on private data.
     """
@@ -343,6 +327,11 @@ def demonstration_event(
         e = epsilon_per_token
         if e <= 0:
             raise ValueError("epsilon per token must be positive")
-        rho = full * _block_rho(k, e, q) + (_block_rho(last, e, q) if last else 0.0)
-        return dpa.ZCDpEvent(rho)
+        if not math.isfinite(e):
+            raise ValueError("epsilon per token must be finite")
+
+        def br_block(length: int) -> dpa.DpEvent:
+            return SampledBoundedRangeDpEvent(q, e, length)
+
+        return _compose(full, br_block(k), br_block(last) if last else None)
     raise ValueError("give sigma (Gaussian) or epsilon_per_token (exponential)")

@@ -250,7 +250,7 @@ def plan_demonstrations(
             if config.mechanism == "gaussian":
                 sigma = config.sigma if config.sigma is not None else calibrated("gaussian")
             elif config.mechanism == "exponential":
-                ept = (1.0 / config.sigma) if config.sigma is not None else calibrated("zcdp")
+                ept = (1.0 / config.sigma) if config.sigma is not None else calibrated("bounded_range")
             else:
                 clip, temperature, ept = _public_prior_noise(config, calibrated)
         single = _single_event(config, q, sigma, ept)
@@ -269,7 +269,7 @@ def _public_prior_noise(config: GenerationConfig, calibrated: Callable[[str], fl
     if config.explicit_noise:
         c, tau = float(config.clip), float(config.temperature)  # type: ignore[arg-type]
         return c, tau, public_prior_epsilon_per_token(c, tau, m)
-    e = calibrated("zcdp")
+    e = calibrated("bounded_range")
     if config.clip is None:
         tau = float(config.temperature)  # type: ignore[arg-type]
         c = e * m * tau / 4.0
@@ -277,7 +277,7 @@ def _public_prior_noise(config: GenerationConfig, calibrated: Callable[[str], fl
         c = float(config.clip)
         tau = 4.0 * c / (m * e)
     # The event records the per-token bound of the (C, tau) the generator uses; nudge by ulps so
-    # that it never exceeds the calibrated value (zCDP is monotone in it).
+    # that it never exceeds the calibrated value (epsilon is monotone in it).
     while public_prior_epsilon_per_token(c, tau, m) > e:
         c, tau = (math.nextafter(c, 0.0), tau) if config.clip is None else (c, math.nextafter(tau, math.inf))
     return c, tau, public_prior_epsilon_per_token(c, tau, m)

@@ -32,7 +32,8 @@ import dp_accounting as dpa
 import numpy as np
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from aggregation.accounting import WHOLE_DATASET, PartitionedLedger, make_accountant, pld_supports
+from aggregation.accounting import WHOLE_DATASET, PartitionedLedger, epsilon_of
+from aggregation.bounded_range import RdpAccountant
 
 #: Largest number of partition-choice vectors composed exactly before the RDP bound is used.
 MAX_EXACT_CHOICES = 16
@@ -64,14 +65,14 @@ class PopulationLedger:
         else:
             if partition not in parts:
                 # A new partition starts from the version's whole-dataset events so far.
-                acc = rdp_privacy_accountant.RdpAccountant()
+                acc = RdpAccountant()
                 for p, e in self._events[version][:-1]:
                     if p == WHOLE_DATASET:
                         _compose_rdp(acc, e)
                 parts[partition] = acc
             targets = [partition]
         for t in targets:
-            _compose_rdp(parts.setdefault(t, rdp_privacy_accountant.RdpAccountant()), event)
+            _compose_rdp(parts.setdefault(t, RdpAccountant()), event)
 
     def versions(self) -> list[str]:
         """Versions with at least one charge."""
@@ -153,11 +154,8 @@ class PopulationLedger:
 
 
 def _epsilon(events: Sequence[dpa.DpEvent], delta: float) -> float:
-    kind = "pld" if all(pld_supports(e) for e in events) else "rdp"
-    acc = make_accountant(kind)
-    for e in events:
-        acc.compose(e)
-    return float(acc.get_epsilon(delta))
+    # PLD, best-of PLD and RDP for bounded-range blocks, or RDP (see aggregation.accounting).
+    return epsilon_of(events, delta)
 
 
 def _compose_rdp(acc: rdp_privacy_accountant.RdpAccountant, event: dpa.DpEvent) -> None:

@@ -7,8 +7,13 @@ Generation conditions the new text on its label, so the label header comes first
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import re
+from dataclasses import dataclass, replace
+from typing import Literal, Sequence
+
+#: What the generation prompt shows for a label: its word (``label_words``, else the label), or a
+#: neutral public alias ("type A", "type B", ...) while the injected demonstrations keep the word.
+LabelHint = Literal["word", "alias"]
 
 
 @dataclass(frozen=True)
@@ -39,16 +44,43 @@ class TaskPrompt:
     label_prefix: str = "Label:"
     label_words: tuple[tuple[str, str], ...] = ()
 
+    #: Generation only: a public alias per label shown instead of its word (see :func:`neutral_aliases`).
+    label_aliases: tuple[tuple[str, str], ...] = ()
+
     def word(self, label: str) -> str:
         """The word shown to the model for ``label``."""
         return dict(self.label_words).get(label, label)
 
+    def with_hint(self, hint: LabelHint, domain: Sequence[str]) -> "TaskPrompt":
+        """This prompt generating with label words (``word``) or neutral aliases over ``domain``.
+
+        ``domain`` is the public label domain (the task's declared labels, in their declared order),
+        never labels read from rows, so the aliases are public configuration.
+        """
+        if hint == "word":
+            return replace(self, label_aliases=())
+        if hint == "alias":
+            return replace(self, label_aliases=neutral_aliases(domain))
+        raise ValueError("label hint must be 'word' or 'alias'")
+
+    def generation_word(self, label: str) -> str:
+        """The word the generation prompt shows for ``label`` (its alias, if it has one)."""
+        return dict(self.label_aliases).get(label) or self.word(label)
+
+    def generation_instruction(self) -> str:
+        """The instruction as generation shows it: every aliased label's word, as a whole word,
+        replaced by its alias (an instruction that lists the words would otherwise show them)."""
+        text = self.instruction
+        for label, alias in self.label_aliases:
+            text = re.sub(rf"(?<!\w){re.escape(self.word(label))}(?!\w)", alias, text)
+        return text
+
     # -- generation format (label first) -------------------------------------------------------
     def generation_example(self, ex: Example) -> str:
-        return f"{self.label_prefix} {self.word(ex.label)}\n{self.input_prefix} {_one_line(ex.text)}\n\n"
+        return f"{self.label_prefix} {self.generation_word(ex.label)}\n{self.input_prefix} {_one_line(ex.text)}\n\n"
 
     def generation_header(self, label: str) -> str:
-        return f"{self.label_prefix} {self.word(label)}\n{self.input_prefix}"
+        return f"{self.label_prefix} {self.generation_word(label)}\n{self.input_prefix}"
 
     def shared_prefix(self) -> str:
         """The text every generation prompt of the task starts with (public: the instruction).
@@ -57,7 +89,7 @@ class TaskPrompt:
         It ends where the instruction ends; the rest starts with the blank line, so a BPE
         tokenizer splits prefix and rest where it would split the whole prompt anyway.
         """
-        return self.instruction
+        return self.generation_instruction()
 
     def generation_body(self, examples: Sequence[Example], label: str) -> str:
         """The generation prompt after :meth:`shared_prefix`: examples, then the label header."""
@@ -92,6 +124,24 @@ class TaskPrompt:
     def stop(self) -> str:
         """Generated text ends at a newline (the example template's end marker)."""
         return "\n"
+
+
+def neutral_aliases(domain: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``(label, "type A")``, ``(label, "type B")``, ... by position in the public label domain.
+
+    Letters run A..Z, then AA, AB, ...; duplicates in ``domain`` keep their first position.
+    """
+    labels = list(dict.fromkeys(domain))
+    return tuple((label, f"type {_letters(i)}") for i, label in enumerate(labels))
+
+
+def _letters(i: int) -> str:
+    out = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, 26)
+        out = chr(ord("A") + r) + out
+    return out
 
 
 def _one_line(text: str) -> str:

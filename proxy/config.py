@@ -90,6 +90,10 @@ class GenerationSettings(_Strict):
     top_logprobs: int = Field(20, ge=1, le=100_000)
     #: Token budget (and, in fixed mode, the public batch width) of one generation prompt.
     max_prompt_tokens: int = Field(256, ge=16, le=32_768)
+    #: What the generation prompt shows for a label: ``word`` (its label word) or ``alias`` (a
+    #: neutral public alias, "type A", "type B", ... by position in the task's label domain, also
+    #: in the instruction); the injected demonstrations always carry the real label words.
+    label_hint: Literal["word", "alias"] = "word"
 
     @model_validator(mode="before")
     @classmethod
@@ -172,6 +176,8 @@ class TaskConfig(_Strict):
             "instruction": self.instruction, "input_prefix": self.input_prefix,
             "label_prefix": self.label_prefix, "label_words": sorted(self.label_words.items()),
         }
+        if self.generation.label_hint != "word":  # only then: existing tasks keep their cache keys
+            fields["label_hint"] = self.generation.label_hint
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 

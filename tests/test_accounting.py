@@ -8,6 +8,7 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from aggregation import accounting
+from aggregation.bounded_range import SampledBoundedRangeDpEvent
 from aggregation.mechanisms import demonstration_event
 
 
@@ -101,11 +102,29 @@ def test_unsupported_events_fall_back_to_rdp():
     led = accounting.PartitionedLedger(1e-5)
     d = demonstration_event("resample", 0.01, 10, sigma=0.9)
     led.add("a", d)
-    em = demonstration_event("resample", 0.01, 10, epsilon_per_token=0.5)
-    assert not accounting.pld_supports(em)
-    led.add("a", em)
-    rdp = accounting.epsilon_of([d, em], 1e-5, accountant="rdp")
+    old = dpa.ZCDpEvent(0.05)  # what exponential/public-prior charges were before the PLD accounting
+    assert not accounting.pld_supports(old)
+    led.add("a", old)
+    rdp = accounting.epsilon_of([d, old], 1e-5, accountant="rdp")
     assert led.per_partition()["a"] == pytest.approx(rdp)
+
+
+def test_a_bounded_range_block_widens_a_pld_partition_to_best_of_pld_and_rdp():
+    led = accounting.PartitionedLedger(1e-5)
+    d = demonstration_event("resample", 0.01, 10, sigma=0.9)
+    led.add("a", d)
+    assert led.partition_accountants()["a"][0] == "pld"
+    em = demonstration_event("resample", 0.01, 10, epsilon_per_token=0.5)
+    assert accounting.kind_for(em) == "best"
+    led.add("a", em)
+    assert led.partition_accountants()["a"][0] == "best"
+    pld = accounting.epsilon_of([d, em], 1e-5, accountant="pld")
+    rdp = accounting.epsilon_of([d, em], 1e-5, accountant="rdp")
+    assert led.per_partition()["a"] == pytest.approx(min(pld, rdp))
+    led.add("a", dpa.ZCDpEvent(0.01))  # an old-ledger event: the partition falls back to RDP
+    assert led.partition_accountants()["a"][0] == "rdp"
+    assert led.per_partition()["a"] == pytest.approx(
+        accounting.epsilon_of([d, em, dpa.ZCDpEvent(0.01)], 1e-5, accountant="rdp"))
 
 
 @pytest.mark.parametrize("mode", ["resample", "fixed"])
@@ -136,17 +155,21 @@ def test_event_serialisation_round_trip():
         demonstration_event("fixed", 0.02, 5, sigma=2.0),
         dpa.ZCDpEvent(0.1),
         dpa.NonPrivateDpEvent(),
+        demonstration_event("block", 0.02, 12, epsilon_per_token=0.3, block_tokens=5),
     ])
     assert accounting.event_from_dict(accounting.event_to_dict(ev)) == ev
     with pytest.raises(ValueError):
         accounting.event_from_dict({"type": "Nope"})
 
 
-def test_exponential_event_uses_the_smaller_valid_zcdp_bound():
+def test_exponential_event_is_one_sampled_bounded_range_block_per_token_in_resample_mode():
     e, q, t = 0.5, 0.01, 10
     ev = demonstration_event("resample", q, t, epsilon_per_token=e)
+    assert ev == dpa.SelfComposedDpEvent(SampledBoundedRangeDpEvent(q, e, 1), t)
+    # The RDP side still sees the old zCDP bound: min(L e^2/8, amplified^2/2) per block.
     amplified = math.log1p(q * math.expm1(e))
-    assert ev.rho == pytest.approx(t * min(e * e / 8, amplified**2 / 2))
+    zcdp = accounting.epsilon_of([dpa.ZCDpEvent(t * min(e * e / 8, amplified**2 / 2))], 1e-5, accountant="rdp")
+    assert accounting.epsilon_of([ev], 1e-5, accountant="rdp") == pytest.approx(zcdp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,12 +205,16 @@ def test_block_event_composes_full_blocks_with_a_shorter_last_block():
     eps = [accounting.epsilon_of([demonstration_event("block", q, 16, sigma=sigma, block_tokens=k)], delta)
            for k in (1, 2, 4, 8, 16)]
     assert eps == sorted(eps) and eps[0] < eps[-1]
-    # Exponential mechanism: zCDP adds over blocks, each block the smaller of its two bounds.
+    # Exponential mechanism: two sampled blocks of 4 bounded-range tokens, then one of 2; on the
+    # RDP side zCDP adds over blocks, each block the smaller of its two bounds.
     e = 0.4
     amp = lambda x: math.log1p(q * math.expm1(x))  # noqa: E731
     rho = lambda length: min(length * e * e / 8, amp(length * e) ** 2 / 2)  # noqa: E731
     em = demonstration_event("block", q, 10, epsilon_per_token=e, block_tokens=4)
-    assert em.rho == pytest.approx(2 * rho(4) + rho(2))
+    assert em == dpa.ComposedDpEvent([dpa.SelfComposedDpEvent(SampledBoundedRangeDpEvent(q, e, 4), 2),
+                                      SampledBoundedRangeDpEvent(q, e, 2)])
+    zcdp = accounting.epsilon_of([dpa.ZCDpEvent(2 * rho(4) + rho(2))], delta, accountant="rdp")
+    assert accounting.epsilon_of([em], delta, accountant="rdp") == pytest.approx(zcdp)
 
 
 def test_block_mode_needs_a_block_size():

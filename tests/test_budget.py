@@ -345,3 +345,24 @@ def test_racing_count_releases_are_both_charged_and_the_first_wins(store_url):
     finally:
         s1.close()
         s2.close()
+
+
+def test_bounded_range_blocks_and_old_zcdp_entries_read_back_from_the_store(store, svc):
+    """The ledger stores the new block event and still reads the zCDP events older ledgers hold."""
+    from aggregation.bounded_range import SampledBoundedRangeDpEvent
+    from aggregation.mechanisms import demonstration_event
+
+    m = store.create_dataset("d", ROWS, 50.0, DELTA)
+    new = demonstration_event("fixed", 0.02, 20, epsilon_per_token=0.2)
+    assert new == SampledBoundedRangeDpEvent(0.02, 0.2, 20)
+    old = dpa.ZCDpEvent(0.05)  # an exponential/public-prior charge written by the old accounting
+    svc.reserve(m.id, [("loc", new)], "admin", "new accounting")
+    svc.reserve(m.id, [("hum", old), ("hum", new)], "admin", "old ledger entry, then a new one")
+    fresh = BudgetService(store)  # another replica: everything from the stored JSON
+    per = fresh.status(m.id)["per_partition"]
+    assert per["loc"] == pytest.approx(epsilon_of([new], DELTA), rel=1e-9)
+    assert per["loc"] == pytest.approx(0.729, abs=1e-3)  # the PLD of the amplified pair, not 1.914
+    assert per["hum"] == pytest.approx(epsilon_of([old, new], DELTA, accountant="rdp"), rel=1e-9)
+    entries = fresh.status(m.id)["entries"]
+    assert entries[0]["event"] == {"type": "SampledBoundedRangeDpEvent", "sampling_probability": 0.02,
+                                   "epsilon_per_token": 0.2, "tokens": 20}

@@ -30,7 +30,7 @@ def test_nearby_rates_share_a_key_and_keys_are_plain_json():
     b = calibration_key("gaussian", 1, rate_up(grid * 0.9995), 20, 1, 1e-5, 4.0)
     assert a == b
     assert isinstance(json.loads(a), list)
-    others = [calibration_key("zcdp", 1, rate_up(0.02), 20, 1, 1e-5, 4.0),
+    others = [calibration_key("bounded_range", 1, rate_up(0.02), 20, 1, 1e-5, 4.0),
               calibration_key("gaussian", 2, rate_up(0.02), 20, 1, 1e-5, 4.0),
               calibration_key("gaussian", 1, rate_up(0.03), 20, 1, 1e-5, 4.0),
               calibration_key("gaussian", 1, rate_up(0.02), 21, 1, 1e-5, 4.0),
@@ -78,7 +78,7 @@ def _rate_of(event):
     return event.sampling_probability
 
 
-@pytest.mark.parametrize("family", ["gaussian", "zcdp"])
+@pytest.mark.parametrize("family", ["gaussian", "bounded_range"])
 def test_a_poisoned_cache_value_is_never_used(family):
     """A store-backed cache may return anything; too little noise must be caught by the re-check."""
     q, block, tokens, shots, target, delta = 0.01, 1, 10, 1, 2.0, 1e-5
@@ -93,7 +93,7 @@ def test_a_poisoned_cache_value_is_never_used(family):
         assert value == pytest.approx(honest, rel=0.01)
 
 
-@pytest.mark.parametrize("family", ["gaussian", "zcdp"])
+@pytest.mark.parametrize("family", ["gaussian", "bounded_range"])
 @pytest.mark.parametrize("q", [0.004, 0.0203, 0.2])
 def test_calibration_meets_and_nearly_reaches_the_target(family, q):
     target, delta = 4.0, 1e-5

@@ -44,6 +44,73 @@ def test_account_rejects_bad_input(args, msg):
     assert msg in res.output
 
 
+def _account(*args):
+    res = _run("account", "--tokens", "20", "--delta", "1e-5", *args)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output)
+
+
+def test_account_public_prior_and_exponential_reproduce_the_review_rows():
+    # issue 19: fixed, eta 0.2 (C 0.5, tau 1, M 10), T 20, q 0.02 -> 0.729 (the old zCDP route: 1.914).
+    out = _account("--mode", "fixed", "--mechanism", "public_prior", "--clip", "0.5", "--temperature", "1",
+                   "-M", "10", "-N", "2", "--pool-size", "1000")
+    assert out["epsilon_per_token"] == pytest.approx(0.2) and out["q"] == pytest.approx(0.02)
+    assert out["epsilon"] == pytest.approx(0.729, abs=1e-3) and out["accountant"] == "best"
+    assert out["event"]["type"] == "SampledBoundedRangeDpEvent"
+    # block k 5, eta 0.4, q 0.01: 0.209 (exact 0.2086; the review's randomized-response route 0.248).
+    out = _account("--mode", "block", "--block-tokens", "5", "--mechanism", "exponential",
+                   "--epsilon-per-token", "0.4", "--sample-size", "10", "--pool-size", "1000")
+    assert out["epsilon"] == pytest.approx(0.209, abs=1e-3) and out["block_tokens"] == 5
+    rdp = _account("--mode", "block", "--block-tokens", "5", "--mechanism", "exponential", "--epsilon-per-token",
+                   "0.4", "--sample-size", "10", "--pool-size", "1000", "--accountant", "rdp")
+    assert rdp["epsilon"] == pytest.approx(0.473, abs=1e-3)  # the old route, still available
+
+
+def test_account_calibrates_the_public_prior_clip_as_a_task_plan_does():
+    from aggregation.planning import GenerationConfig, plan_demonstrations
+
+    out = _account("--mode", "fixed", "--mechanism", "public_prior", "--epsilon", "1", "-M", "10", "-N", "2",
+                   "--pool-size", "1000", "--demonstrations", "2")
+    assert out["epsilon"] <= 1.0 and out["temperature"] == 1.0
+    assert out["clip"] == pytest.approx(out["epsilon_per_token"] * 10 / 4)
+    config = GenerationConfig(mode="fixed", mechanism="public_prior", num_subsets=10, shots_per_subset=2,
+                              max_tokens=20, epsilon=1.0)
+    lp = plan_demonstrations(config, {"a": 2}, {"a": 1000.0}, 1e-5).labels["a"]
+    assert out["clip"] == pytest.approx(lp.clip, rel=1e-9)
+    # With --clip given, the temperature is calibrated instead (same eta, same epsilon).
+    other = _account("--mode", "fixed", "--mechanism", "public_prior", "--epsilon", "1", "--clip", "1", "-M", "10",
+                     "--pool-size", "1000", "--demonstrations", "2")
+    assert other["temperature"] == pytest.approx(4 / (10 * other["epsilon_per_token"]))
+    assert other["epsilon"] == pytest.approx(out["epsilon"])
+
+
+def test_account_clusters_compose_in_parallel():
+    # Four clusters of 1000 from a pool of 4000, four demonstrations: one per cluster partition,
+    # so the cost of one demonstration on a pool of 1000.
+    clustered = _account("--mechanism", "public_prior", "--clip", "1", "--temperature", "1", "--pool-size", "4000",
+                         "--demonstrations", "4", "--clusters", "4")
+    single = _account("--mechanism", "public_prior", "--clip", "1", "--temperature", "1", "--pool-size", "1000")
+    assert clustered["epsilon"] == pytest.approx(single["epsilon"], rel=1e-12)
+    assert clustered["demonstrations_per_partition"] == 1
+    together = _account("--mechanism", "public_prior", "--clip", "1", "--temperature", "1", "--pool-size", "4000",
+                        "--demonstrations", "4")
+    assert together["epsilon"] != pytest.approx(clustered["epsilon"], rel=1e-3)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--mechanism", "public_prior", "--sigma", "1"], "takes --clip and --temperature"),
+    (["--mechanism", "public_prior", "--clip", "1"], "or a target --epsilon"),
+    (["--mechanism", "exponential", "--epsilon-per-token", "0"], "positive"),
+    (["--mode", "block", "--sigma", "1"], "--block-tokens"),
+    (["--sigma", "1", "--clusters", "200"], "smaller than the sample size"),
+])
+def test_account_refuses_mismatched_options_in_one_line(args, msg):
+    res = _run("account", *args, "--pool-size", "300", "--tokens", "10", "--delta", "1e-5")
+    assert res.exit_code == 2, res.output
+    assert msg in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
 @pytest.fixture
 def data_file(tmp_path):
     p = tmp_path / "d.jsonl"

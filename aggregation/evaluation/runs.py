@@ -74,6 +74,9 @@ def run_eval(
     test = test[:settings.n_test]
     pools = pools_by_label(pool)
     labels = task.labels
+    # Generation may show neutral aliases over the task's label list; scoring and the injected
+    # demonstrations use task.prompt, so they keep the label words.
+    gen_prompt = task.prompt.with_hint(settings.label_hint, labels)  # type: ignore[arg-type]
     index = {lab: i for i, lab in enumerate(labels)}
     gold = np.asarray([index[t.label] for t in test])
     texts = [t.text for t in test]
@@ -136,7 +139,7 @@ def run_eval(
             sets = [DemoSet([], 0.0, 0.0)]
         elif row == PUBLIC:
             if sampled_public or not public_cache:
-                public_cache = [public_demonstrations(source, task.prompt, labels, settings.generation("fixed", INF),
+                public_cache = [public_demonstrations(source, gen_prompt, labels, settings.generation("fixed", INF),
                                                       progress, noise_seed(seed, "public", j) if sampled_public else 0)
                                 for j in range(n_sets if sampled_public else 1)]
             sets = [replace(ds, demos=ordered(ds.demos, order)) for ds in public_cache]
@@ -144,7 +147,7 @@ def run_eval(
             rng = np.random.default_rng([seed, 2])
             sets = [real_demonstrations(pools, labels, rng) for _ in range(n_sets)]
         else:
-            sets = [dp_demonstrations(source, task.prompt, pools, labels, settings.generation(mode, eps),
+            sets = [dp_demonstrations(source, gen_prompt, pools, labels, settings.generation(mode, eps),
                                       noise_seed(seed, mode, eps, *([f"set{j}"] if j else [])), delta, progress)
                     for j in range(n_sets)]
         ds = sets[0]
@@ -189,6 +192,8 @@ def settings_record(settings: EvalSettings, dataset: str) -> dict:
     # seeded from its own key): more of them may be added, and runs not asked for are left out.
     for key in _ADDABLE:
         record.pop(key)
+    if record.get("label_hint") == "word":  # the default; settings.json files from before it lack the key
+        record.pop("label_hint")
     return {"dataset": dataset, **record}
 
 

@@ -41,6 +41,9 @@ class EvalSettings:
     max_tokens: int = 15
     top_k: int | None = 100
     block_tokens: int | None = None  # k, for mode "block"
+    #: What generation shows for a label: its word, or a neutral alias ("type A", ...); the
+    #: injected (scored) demonstrations carry the label words either way.
+    label_hint: str = "word"
     calibrate: bool = False  # which accuracy the plot shows; both are always computed
     #: Demonstrations per label and seed that the fidelity metric scores (each an independent draw
     #: of a one-per-label set at the row's epsilon; the first set is also the ICL set). 0 = off.

@@ -11,6 +11,7 @@ import typer
 class ModeOpt(str, Enum):
     resample = "resample"
     fixed = "fixed"
+    block = "block"
 
 
 class MechanismOpt(str, Enum):

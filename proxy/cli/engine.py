@@ -1,65 +1,14 @@
-"""``dpicl account`` and ``dpicl generate``: the DP engine from the command line."""
+"""``dpicl account`` (:mod:`proxy.cli.account`) and ``dpicl generate``: the DP engine from the command line."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-
 from proxy.cli.common import MechanismOpt, ModeOpt, PrecisionOpt, fail as _fail
-
-
-def account(
-    mode: ModeOpt = typer.Option(ModeOpt.resample, help="Sampling mode: fresh Poisson sample per token, or one per demonstration."),
-    sigma: Optional[float] = typer.Option(None, help="Noise multiplier; prints the epsilon it costs."),
-    epsilon: Optional[float] = typer.Option(None, help="Target epsilon; prints the calibrated sigma instead."),
-    sample_size: int = typer.Option(..., "--sample-size", help="Expected records per step, M*N."),
-    pool_size: int = typer.Option(..., "--pool-size", help="Records in the pool, n."),
-    tokens: int = typer.Option(..., help="Tokens per demonstration, T (charged in full)."),
-    delta: float = typer.Option(..., help="Target delta."),
-    demonstrations: int = typer.Option(1, help="Demonstrations from the same pool (composed)."),
-    accountant: str = typer.Option("pld", help="pld (tight, default) or rdp (looser upper bound)."),
-) -> None:
-    """Epsilon of DP demonstration generation for given parameters, or sigma for a target epsilon."""
-    import dp_accounting as dpa
-
-    from aggregation import accounting
-    from aggregation.mechanisms import demonstration_event
-
-    if (sigma is None) == (epsilon is None):
-        _fail("give exactly one of --sigma or --epsilon")
-    if sample_size < 1 or pool_size < sample_size:
-        _fail("--sample-size must be at least 1 and at most --pool-size")
-    if tokens < 1 or demonstrations < 1:
-        _fail("--tokens and --demonstrations must be at least 1")
-    if not 0 < delta < 1:
-        _fail("--delta must be in (0, 1)")
-    if accountant not in ("pld", "rdp"):
-        _fail("--accountant must be pld or rdp")
-    q = sample_size / pool_size
-
-    def event(s: float) -> dpa.DpEvent:
-        e = demonstration_event(mode.value, q, tokens, sigma=s)
-        return e if demonstrations == 1 else dpa.SelfComposedDpEvent(e, demonstrations)
-
-    out: dict = {"mode": mode.value, "q": q, "tokens": tokens, "delta": delta, "demonstrations": demonstrations,
-                 "accountant": accountant, "neighbours": "add/remove one record"}
-    if epsilon is not None:
-        if not epsilon > 0 or math.isinf(epsilon):
-            _fail("--epsilon must be a positive finite number")
-        sigma = accounting.calibrate_sigma(event, epsilon, delta)
-        out["target_epsilon"] = epsilon
-    elif sigma is not None and not 0 < sigma < math.inf:  # nan too: one line, not an accountant traceback
-        _fail("--sigma must be a positive finite number")
-    assert sigma is not None
-    out["sigma"] = sigma
-    out["epsilon"] = accounting.epsilon_of([event(sigma)], delta, accountant=accountant)
-    out["event"] = accounting.event_to_dict(event(sigma))
-    typer.echo(json.dumps(out, indent=2))
 
 
 def generate(
@@ -69,6 +18,7 @@ def generate(
     epsilon: float = typer.Option(..., help="Target epsilon of the whole output ('inf' = no noise)."),
     delta: float = typer.Option(1e-5, help="Target delta (default 1e-5, like the service; it must not be read from the data)."),
     mode: ModeOpt = typer.Option(ModeOpt.resample, help="Sampling mode."),
+    block_tokens: Optional[int] = typer.Option(None, "--block-tokens", help="Tokens per Poisson sample in block mode, k."),
     mechanism: MechanismOpt = typer.Option(MechanismOpt.public_prior, help="public_prior (default: clipped private-minus-public log-probabilities, sampled), or gaussian / exponential noisy argmax."),
     num_subsets: int = typer.Option(10, "--num-subsets", "-M", help="Disjoint subsets (parallel prompts), M."),
     shots_per_subset: int = typer.Option(2, "--shots-per-subset", "-N", help="Private examples per prompt, N."),
@@ -115,7 +65,7 @@ def generate(
     # and whether it is generated from private data follows from its DP pool estimate only.
     domain = sorted({r.label for r in records} | {label})
     pools = unit_pools(records, domain)  # pools over privacy units (rows carry privacy_unit)
-    config = GenerationConfig(mode=mode.value, mechanism=mechanism.value, num_subsets=num_subsets,
+    config = GenerationConfig(mode=mode.value, block_tokens=block_tokens, mechanism=mechanism.value, num_subsets=num_subsets,
                               shots_per_subset=shots_per_subset, max_tokens=max_tokens,
                               top_k=top_k or None, epsilon=epsilon)
     try:
@@ -178,7 +128,7 @@ def generate(
         "noisy_pool_size": sizes.get(label),  # the DP estimate the decision used (units)
         "decision": lp.decision,
         "rule": lp.rule,
-        "accountant": "pld" if all(accounting.pld_supports(e) for _, e in plan.charges()) else "rdp",
+        "accountant": accounting.kind_of([e for _, e in plan.charges()]),  # pld, best (of PLD and RDP) or rdp
         "stats": {"tokens": sum(d.tokens for d in demos), "model_calls": sum(d.model_calls for d in demos),
                   "seconds": round(sum(d.seconds for d in demos), 3)},
     }
@@ -187,5 +137,7 @@ def generate(
 
 def register(app: typer.Typer) -> None:
     """Add the engine commands to the ``dpicl`` app."""
+    from proxy.cli.account import account
+
     app.command("account")(account)
     app.command("generate")(generate)

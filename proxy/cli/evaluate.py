@@ -28,6 +28,7 @@ def eval_command(
     shots_per_subset: int = typer.Option(2, "--shots-per-subset", min=1, help="N: expected records per subset."),
     max_tokens: int = typer.Option(15, "--max-tokens", min=1, help="T: tokens per demonstration."),
     top_k: int = typer.Option(100, "--top-k", min=0, help="Public candidate tokens per step (0 = full vocabulary)."),
+    label_hint: str = typer.Option("word", "--label-hint", help="What generation shows for a label: word (its label word) or alias (neutral 'type A', 'type B', ... over the task's labels); scored demonstrations keep the words."),
     calibrate: bool = typer.Option(False, "--calibrate", help="Plot calibrated accuracy (the table always shows both)."),
     model: Optional[str] = typer.Option(None, help="Local model: smollm2 (default, SmolLM2-135M-Instruct), gemma3-270m, or a model directory."),
     precision: PrecisionOpt = typer.Option(PrecisionOpt.float32, help="Numeric precision of the model that generates demonstrations: float32, bfloat16, or int8 (one row per forward); ICL scoring stays float32."),
@@ -56,6 +57,8 @@ def eval_command(
     mode_list = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else preset.modes
     if not mode_list or any(m not in ("resample", "fixed", "block") for m in mode_list):
         _fail("--modes takes resample, fixed and/or block")
+    if label_hint not in ("word", "alias"):
+        _fail("--label-hint takes word or alias")
     if not accuracy and not audit:
         _fail("nothing to do: --no-accuracy without --audit")
     settings = replace(
@@ -70,6 +73,7 @@ def eval_command(
         max_tokens=max_tokens,
         top_k=top_k or None,
         block_tokens=block_tokens if "block" in mode_list else None,
+        label_hint=label_hint,
         calibrate=calibrate,
         fidelity_demos=preset.fidelity_demos if fidelity_demos is None else fidelity_demos,
         precision=precision.value,

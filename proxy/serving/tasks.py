@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Sequence
 
 import anyio
 
@@ -71,10 +72,12 @@ class TaskRegistry:
         return bool(removed)
 
 
-def task_prompt(task: TaskConfig) -> TaskPrompt:
-    """The prompt formats of a task."""
-    return TaskPrompt(task.instruction, task.input_prefix, task.label_prefix,
-                      tuple(sorted(task.label_words.items())))
+def task_prompt(task: TaskConfig, domain: Sequence[str] = ()) -> TaskPrompt:
+    """The prompt formats of a task; generation aliases (``generation.label_hint: alias``) are
+    numbered over ``domain``, the task's public label domain (:func:`task_labels`)."""
+    prompt = TaskPrompt(task.instruction, task.input_prefix, task.label_prefix,
+                        tuple(sorted(task.label_words.items())))
+    return prompt.with_hint(task.generation.label_hint, domain)
 
 
 def generation_config(task: TaskConfig) -> GenerationConfig:

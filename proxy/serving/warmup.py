@@ -202,7 +202,7 @@ class Warmup:
         store_s = 0.0
         generating_s = 0.0
         source = TimedSource(self.generators.source(task))
-        prompt = task_prompt(task)
+        prompt = task_prompt(task, labels)  # aliases, if any, over the declared label domain
         noise = Noise(None)  # CSPRNG: the noise must not be reproducible from the seed
         started = time.perf_counter()
         with self._gen_lock:
