@@ -171,6 +171,30 @@ def test_data_command_writes_a_sample(tmp_path: Path):
     assert not (tmp_path / "trec.jsonl.part").exists()
 
 
+def test_data_command_holds_out_disjoint_test_rows(tmp_path: Path):
+    # The README's jobs section evaluates on rows that were never uploaded: the split must be
+    # disjoint, cover every row, be reproducible by seed, and refuse a split that leaves no pool.
+    def split(seed: str) -> tuple[list[dict], list[dict]]:
+        pool, test = tmp_path / f"pool{seed}.jsonl", tmp_path / f"test{seed}.jsonl"
+        result = CliRunner().invoke(cli, ["data", "trec", "-o", str(pool), "--test-output", str(test),
+                                          "--test-rows", "50", "--seed", seed])
+        assert result.exit_code == 0, result.stderr
+        return ([json.loads(x) for x in pool.read_text().splitlines()],
+                [json.loads(x) for x in test.read_text().splitlines()])
+
+    pool, test = split("0")
+    everything = [json.loads(x) for x in (CliRunner().invoke(cli, ["data", "trec", "-o", str(tmp_path / "all.jsonl")])
+                                          and (tmp_path / "all.jsonl").read_text().splitlines())]
+    assert len(test) == 50 and len(everything) - 60 < len(pool) + len(test) <= len(everything)
+    key = lambda r: (r["text"], r["label"])  # noqa: E731
+    assert set(map(key, pool + test)) == set(map(key, everything))  # only repeats of test texts are gone
+    assert not {r["text"] for r in test} & {r["text"] for r in pool}  # TREC repeats questions: none leak
+    assert split("0") == (pool, test) and split("1")[1] != test
+    bad = CliRunner().invoke(cli, ["data", "trec", "-o", str(tmp_path / "p.jsonl"), "--rows", "10",
+                                   "--test-output", str(tmp_path / "t.jsonl"), "--test-rows", "10"])
+    assert bad.exit_code != 0 and "leaves no rows" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_server_starts_with_its_store_down(fake_upstream):
     """Loading the stored client keys at start-up must not stop a server whose Redis is down:
     it starts, readiness says 503, and the keys are loaded by the periodic refresh later."""
