@@ -108,8 +108,10 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             # Our error handler answers 400 for every invalid input; FastAPI's 422 never happens.
             op.get("responses", {}).pop("422", None)
             content = {ct: {} for ct in CONTENT.get(key, ["application/json"])}
+            # "2XX": creating routes answer 201 and queued warm-ups 202 (the routes build their
+            # responses themselves, so FastAPI cannot tell which success code each one uses).
             op["responses"] = {
-                "200": {"description": "success", "content": content},
+                "2XX": {"description": "success (200, or 201 created, 202 accepted)", "content": content},
                 "default": {"description": "an OpenAI-style error",
                             "content": {"application/json": {"schema": {"$ref": _REF.format(model="Error")}}}},
             }
