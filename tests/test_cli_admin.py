@@ -162,6 +162,27 @@ def test_job_validation_names_only_the_asked_kind(live):
     assert "population" in line and "dpsgd" not in line.lower()
 
 
+def test_jobs_submit_quiet_prints_only_the_id(live):
+    # The README's jobs section captures ids with JOB=$(dpicl jobs submit ... -q): stdout must be
+    # the id alone (the charge goes to stderr), and the id must name the job.
+    srv, tmp = live
+    data = tmp / "rows.jsonl"
+    data.write_bytes(jsonl_bytes(dataset_rows(20)))
+    assert run(srv.url, "datasets", "upload", str(data), "--name", "qs", "--epsilon", "5",
+               "--labels", ",".join(LABELS)).exit_code == 0
+    result = run(srv.url, "jobs", "submit", "--kind", "pe", "--dataset", "qs", "--epsilon", "1", "-q",
+                 "-p", "iterations=1", "-p", "population=2", "-p", "num_samples=3", "-p", "max_new_tokens=2",
+                 "-p", 'prompt={"instruction": "Write a question.", "input_prefix": "Question:", '
+                       '"label_prefix": "Answer type:"}')
+    assert result.exit_code == 0, result.stderr
+    job_id = result.stdout.strip()
+    assert job_id and "\n" not in job_id and " " not in job_id
+    assert "epsilon charged" in result.stderr
+    shown = json.loads(run(srv.url, "jobs", "show", job_id).stdout)
+    assert shown["id"] == job_id
+    run(srv.url, "jobs", "cancel", job_id)
+
+
 def test_data_command_writes_a_sample(tmp_path: Path):
     out = tmp_path / "trec.jsonl"
     result = CliRunner().invoke(cli, ["data", "trec", "-o", str(out), "--rows", "40"])
