@@ -27,6 +27,7 @@ from proxy.api.keys import router as keys_router
 from proxy.api.ui import router as ui_router
 from proxy.api.middleware import RequestMiddleware
 from proxy.api.openai import routes as openai_routes
+from proxy.api.docs import router as docs_router
 from proxy.api.openapi import router as openapi_router
 from proxy.auth import Authenticator
 from proxy.budget import BudgetService
@@ -193,6 +194,7 @@ def create_app(config: Config | None = None, freeze_gc: bool = False) -> FastAPI
     app.include_router(ui_router)
     app.include_router(health_router)
     app.include_router(openapi_router)
+    app.include_router(docs_router)
     return app
 
 

@@ -141,6 +141,10 @@ class TaskConfig(_Strict):
     #: noise is always CSPRNG), hence the name; ``seed`` is accepted as a deprecated alias.
     revision: int = Field(0, validation_alias=AliasChoices("revision", "seed"))
     on_missing: Literal["generate", "error"] = "error"
+    #: What a request's answer is: ``text`` (the upstream's own completion) or ``label`` (one of the
+    #: task's label words: the one the built-in local model scores highest after the prompt, as the
+    #: evaluation scores them; proxy/upstreams/labels.py). ``label`` needs a local upstream.
+    answer: Literal["text", "label"] = "text"
 
     @field_validator("name")
     @classmethod
@@ -315,8 +319,16 @@ class Config(_Strict):
         models = self.serving_models()
         if task.upstream not in models and task.upstream not in LOCAL_ALIASES:
             raise ValueError(f"task {task.name!r}: upstream {task.upstream!r} is not in model_list")
+        if task.answer == "label" and not self.is_local_model(task.upstream):
+            raise ValueError(f"task {task.name!r}: answer 'label' needs a local upstream (e.g. {LOCAL_MODEL_NAME}), "
+                             f"not {task.upstream!r}")
         if task.generator is not None and task.generator not in LOCAL_ALIASES and task.generator not in models:
             raise ValueError(f"task {task.name!r}: generator {task.generator!r} is not in model_list")
+
+    def is_local_model(self, name: str) -> bool:
+        """Whether ``name`` is served by a local model (the built-in one or a ``local/...`` entry)."""
+        entry = self.model_entry(name)
+        return name in LOCAL_ALIASES if entry is None else entry.litellm_params["model"].split("/")[0] == "local"
 
     def model_entry(self, name: str) -> ModelEntry | None:
         for m in self.model_list:

@@ -3,6 +3,8 @@ pass-through, model listing, client keys and admin auth."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -31,12 +33,15 @@ def served(tmp_path_factory, module_fake, tiny_model_dir):
     fake_upstream = module_fake
     spec = task_spec("trec", "questions", generation={"mode": "fixed", "num_subsets": 2, "shots_per_subset": 1,
                                                       "max_tokens": 3, "top_k": 8, "sigma": 1.0})
-    cfg = make_config(f"sqlite:///{tmp_path}/s.db", fake_upstream.base_url, tiny_model_dir, tasks=[spec],
-                      client_tasks=["trec"])
+    label_spec = {**spec, "name": "trec-label", "upstream": "local/smollm2", "answer": "label"}
+    cfg = make_config(f"sqlite:///{tmp_path}/s.db", fake_upstream.base_url, tiny_model_dir, tasks=[spec, label_spec],
+                      client_tasks=["trec", "trec-label"])
     with LiveServer(create_app(cfg)) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         assert upload(http, "questions", jsonl_bytes(dataset_rows()), epsilon=20).status_code == 201
         warm = http.post("/admin/tasks/trec/demos", headers=admin_headers(), json={"wait": True})
         assert warm.status_code == 200, warm.text
+        # The label task's set is generated in the background; its test waits for it.
+        assert http.post("/admin/tasks/trec-label/demos", headers=admin_headers()).status_code in (200, 202)
         yield srv, http, fake_upstream, warm.json()["result"]
 
 
@@ -180,3 +185,28 @@ def test_admin_key_closes_v1_unless_open(tmp_path, fake_upstream):
             r = httpx.post(srv.url + "/v1/chat/completions",
                            json={"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]})
             assert r.status_code == expected, r.text
+
+
+def test_label_answer_task_replies_with_a_label_word(served):
+    # answer: label -> the reply is one of the task's label words (the old code forwarded the
+    # request and the model answered in free text), plain and streamed, chat and completions.
+    srv, http, _, _ = served
+    deadline = time.monotonic() + 900  # a loaded 2-core machine can take minutes
+    while not http.get("/admin/tasks/trec-label/demos", headers=admin_headers()).json().get("cached"):
+        assert time.monotonic() < deadline, "the label task's demonstrations were never cached"
+        time.sleep(1)
+    client = _client(srv)
+    words = {"location", "number", "person"}
+    query = "Question: What is the capital of Peru?\nAnswer type:"
+    chat = client.chat.completions.create(model="trec-label", messages=[{"role": "user", "content": query}])
+    assert chat.choices[0].message.content in words and chat.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="trec-label", stream=True, messages=[{"role": "user", "content": query}]) if c.choices)
+    assert streamed == chat.choices[0].message.content
+    text = client.completions.create(model="trec-label", prompt=query).choices[0].text
+    assert text in words
+    assert "".join(c.choices[0].text for c in client.completions.create(
+        model="trec-label", prompt=query, stream=True) if c.choices) == text
+    bad = httpx.post(srv.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+                     json={"model": "trec-label", "messages": [{"role": "user", "content": query}], "temperature": 9})
+    assert_openai_error(bad, 400)  # the request's fields are still validated

@@ -208,6 +208,27 @@ def test_non_finite_numbers_are_one_line_errors(tmp_path, value):
         assert "finite" in line and ("sigma" in line or "generation.clip" in line), (args, line)
 
 
+def test_jobs_submit_quiet_prints_only_the_id(live):
+    # The README's jobs section captures ids with JOB=$(dpicl jobs submit ... -q): stdout must be
+    # the id alone (the charge goes to stderr), and the id must name the job.
+    srv, tmp = live
+    data = tmp / "rows.jsonl"
+    data.write_bytes(jsonl_bytes(dataset_rows(20)))
+    assert run(srv.url, "datasets", "upload", str(data), "--name", "qs", "--epsilon", "5",
+               "--labels", ",".join(LABELS)).exit_code == 0
+    result = run(srv.url, "jobs", "submit", "--kind", "pe", "--dataset", "qs", "--epsilon", "1", "-q",
+                 "-p", "iterations=1", "-p", "population=2", "-p", "num_samples=3", "-p", "max_new_tokens=2",
+                 "-p", 'prompt={"instruction": "Write a question.", "input_prefix": "Question:", '
+                       '"label_prefix": "Answer type:"}')
+    assert result.exit_code == 0, result.stderr
+    job_id = result.stdout.strip()
+    assert job_id and "\n" not in job_id and " " not in job_id
+    assert "epsilon charged" in result.stderr
+    shown = json.loads(run(srv.url, "jobs", "show", job_id).stdout)
+    assert shown["id"] == job_id
+    run(srv.url, "jobs", "cancel", job_id)
+
+
 def test_data_command_writes_a_sample(tmp_path: Path):
     out = tmp_path / "trec.jsonl"
     result = CliRunner().invoke(cli, ["data", "trec", "-o", str(out), "--rows", "40"])
@@ -215,6 +236,30 @@ def test_data_command_writes_a_sample(tmp_path: Path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 40 and all(set(r) == {"text", "label"} and r["text"] for r in rows)
     assert not (tmp_path / "trec.jsonl.part").exists()
+
+
+def test_data_command_holds_out_disjoint_test_rows(tmp_path: Path):
+    # The README's jobs section evaluates on rows that were never uploaded: the split must be
+    # disjoint, cover every row, be reproducible by seed, and refuse a split that leaves no pool.
+    def split(seed: str) -> tuple[list[dict], list[dict]]:
+        pool, test = tmp_path / f"pool{seed}.jsonl", tmp_path / f"test{seed}.jsonl"
+        result = CliRunner().invoke(cli, ["data", "trec", "-o", str(pool), "--test-output", str(test),
+                                          "--test-rows", "50", "--seed", seed])
+        assert result.exit_code == 0, result.stderr
+        return ([json.loads(x) for x in pool.read_text().splitlines()],
+                [json.loads(x) for x in test.read_text().splitlines()])
+
+    pool, test = split("0")
+    everything = [json.loads(x) for x in (CliRunner().invoke(cli, ["data", "trec", "-o", str(tmp_path / "all.jsonl")])
+                                          and (tmp_path / "all.jsonl").read_text().splitlines())]
+    assert len(test) == 50 and len(everything) - 60 < len(pool) + len(test) <= len(everything)
+    key = lambda r: (r["text"], r["label"])  # noqa: E731
+    assert set(map(key, pool + test)) == set(map(key, everything))  # only repeats of test texts are gone
+    assert not {r["text"] for r in test} & {r["text"] for r in pool}  # TREC repeats questions: none leak
+    assert split("0") == (pool, test) and split("1")[1] != test
+    bad = CliRunner().invoke(cli, ["data", "trec", "-o", str(tmp_path / "p.jsonl"), "--rows", "10",
+                                   "--test-output", str(tmp_path / "t.jsonl"), "--test-rows", "10"])
+    assert bad.exit_code != 0 and "leaves no rows" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_server_starts_with_its_store_down(fake_upstream):

@@ -384,3 +384,34 @@ def test_first_request_logs_that_it_loads_the_local_model(tiny_model_dir: str) -
     loaded = next(r for r in first if r.get("event") == "model.loaded")
     assert loaded["level"] == "info" and loaded["seconds"] >= 0 and loaded["model"] == tiny_model_dir
     assert not any(str(r.get("event", "")).startswith("model.") for r in later)
+
+
+def test_local_label_answer_is_the_best_scored_word(tiny_local: Any) -> None:
+    # The batched, right-padded scoring equals a plain forward pass per word, and the answer is the
+    # word with the highest summed log-probability (words of 1 and several tokens mixed).
+    import torch
+
+    from proxy.upstreams import labels
+
+    words = ["location", "number", "person", "zygomorphic"]
+    body = {"prompt": "Question: Who wrote Hamlet?\nAnswer type:"}
+    model, tok = tiny_local.model_and_tokenizer()
+    ids = tiny_local._encode(body, False)
+    cands = labels.word_token_ids(tok, words, chat=False)
+    assert cands[0] == list(tok(" location", add_special_tokens=False)["input_ids"])  # leading space, as in eval
+    assert max(len(c) for c in cands) > 1
+    plain = []
+    for cand in cands:
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(torch.tensor([ids + cand])).logits[0].double(), -1)
+        plain.append(sum(float(logp[len(ids) - 1 + t, c]) for t, c in enumerate(cand)))
+    assert labels.score_words(model, ids, cands) == pytest.approx(plain, abs=1e-6)
+    best = words[max(range(len(words)), key=lambda i: plain[i])]
+    out = run(tiny_local.label_answer(body, words, chat=False))
+    assert out["choices"][0]["text"] == best and out["object"] == "text_completion"
+    chat = {"messages": [{"role": "user", "content": body["prompt"]}], "stream_options": {"include_usage": True}}
+    reply = run(tiny_local.label_answer(chat, words, chat=True))["choices"][0]["message"]["content"]
+    assert reply in words
+    events = run(collect(tiny_local.label_answer_stream(chat, words, chat=True)))
+    assert events[-1] == "[DONE]" and "usage" in events[-2]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"]) == reply

@@ -24,9 +24,10 @@ from proxy.api.common import read_json, validate_body
 from proxy.api.errors import not_found_model
 from proxy.api.schemas import ChatRequest, CompletionRequest
 from proxy.auth import Principal
-from proxy.config import LOCAL_ALIASES, LOCAL_MODEL_NAME
+from proxy.config import LOCAL_ALIASES, LOCAL_MODEL_NAME, TaskConfig
 from proxy.errors import APIError, dumps, error_body
 from proxy.serving.injection import check_completion_prompt, inject_chat, inject_completion
+from proxy.serving.tasks import task_prompt
 from proxy.upstreams.base import StreamError, Upstream, UpstreamError
 
 async def _route(request: Request, model: str, principal: Principal) -> tuple[Upstream, Any]:
@@ -51,6 +52,24 @@ async def _route(request: Request, model: str, principal: Principal) -> tuple[Up
     if upstream is None:  # validated at task creation; the config may have changed since
         raise APIError(502, f"task {task.name} names an upstream that is not configured", "upstream_missing")
     return upstream, task
+
+
+def _label_calls(upstream: Upstream, task: TaskConfig, payload: dict[str, Any], chat: bool) -> tuple[Any, Any]:
+    """(call, stream call) answering with one of the set's label words (``answer: label`` tasks).
+
+    The words are public configuration (the task's label words for the labels of the served set), and
+    the answer is a function of the DP demonstrations and the client's own input: post-processing.
+    """
+    answer = getattr(upstream, "label_answer", None)
+    answer_stream = getattr(upstream, "label_answer_stream", None)
+    if answer is None or answer_stream is None:  # validated at task creation; the config may have changed
+        raise APIError(502, f"task {task.name} answers with a label word, which only a local upstream can do",
+                       "upstream_unsupported")
+    prompt = task_prompt(task)
+    words = [prompt.word(label) for label in payload.get("labels") or task.labels or []]
+    if not words:
+        raise APIError(502, f"task {task.name}: its demonstration set names no labels", "no_labels")
+    return (lambda body: answer(body, words, chat)), (lambda body: answer_stream(body, words, chat))
 
 
 def _code(exc: UpstreamError, status: int) -> str:
@@ -121,6 +140,9 @@ async def chat_completions(request: Request) -> Response:
         demos = await request.app.state.demos.for_request(task, principal)
         body = dict(body)
         body["messages"] = inject_chat(body["messages"], demos.prefix)
+        if task.answer == "label":
+            call, stream_call = _label_calls(upstream, task, demos.payload, chat=True)
+            return await _respond(request, req.model, call, stream_call, body, bool(req.stream))
     return await _respond(request, req.model, upstream.chat, upstream.chat_stream, body, bool(req.stream))
 
 
@@ -136,6 +158,9 @@ async def completions(request: Request) -> Response:
         demos = await request.app.state.demos.for_request(task, principal)
         body = dict(body)
         body["prompt"] = inject_completion(body["prompt"], demos.prefix)
+        if task.answer == "label":
+            call, stream_call = _label_calls(upstream, task, demos.payload, chat=False)
+            return await _respond(request, req.model, call, stream_call, body, bool(req.stream))
     return await _respond(request, req.model, upstream.completion, upstream.completion_stream, body,
                           bool(req.stream))
 

@@ -1,4 +1,5 @@
-"""``GET /admin/openapi.json``: the live server's OpenAPI document (admin key required).
+"""``GET /admin/openapi.json``: the live server's OpenAPI document (admin key required; the same
+document is public at ``/openapi.json`` for the Swagger UI at ``/docs``, see proxy/api/docs.py).
 
 The routes read their bodies themselves (``read_json`` + ``validate_body``, so that errors never
 echo input and requests are forwarded unchanged), which hides the bodies from FastAPI's generator.
@@ -77,6 +78,7 @@ SUCCESS: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "/admin/keys"): (201,),
     ("POST", "/admin/jobs"): (201,),
     ("POST", "/admin/tasks/{name}/demos"): (200, 202),  # 200: priced (dry run) or finished (wait)
+    ("POST", "/admin/warmups/{wid}/cancel"): (200, 202),  # 200: was queued; 202: stop requested
 }
 ERROR_SCHEMA = {
     "type": "object", "required": ["error"],
@@ -142,11 +144,15 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     return doc
 
 
+def cached_openapi(app: FastAPI) -> dict[str, Any]:
+    """The app's OpenAPI document, built once (the routes do not change while it runs)."""
+    doc = getattr(app.state, "openapi_doc", None)
+    if doc is None:
+        doc = app.state.openapi_doc = build_openapi(app)
+    return doc
+
+
 @router.get("/openapi.json")
 async def openapi_document(request: Request) -> Response:
-    """The OpenAPI document (built once per app; the routes do not change while it runs)."""
-    state = request.app.state
-    doc = getattr(state, "openapi_doc", None)
-    if doc is None:
-        doc = state.openapi_doc = build_openapi(request.app)
-    return json_response(doc)
+    """The OpenAPI document (the same as the public ``/openapi.json``; proxy/api/docs.py)."""
+    return json_response(cached_openapi(request.app))

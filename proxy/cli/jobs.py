@@ -46,6 +46,8 @@ def submit(
     param: List[str] = typer.Option([], "--param", "-p", help="Extra parameter key=value (value parsed as JSON if it can be)."),
     prompt: Optional[Path] = typer.Option(None, "--prompt", help="JSON file with instruction/input_prefix/label_prefix/label_words."),
     wait: bool = typer.Option(False, "--wait", help="Poll until the job ends."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="Print only the job id (for scripts: JOB=$(dpicl jobs submit ... -q))."),
     url: Optional[str] = _URL, admin_key: Optional[str] = _KEY,
 ) -> None:
     """Submit a job; its full privacy cost is reserved before it is queued."""
@@ -63,12 +65,17 @@ def submit(
             fail(f"--prompt {prompt}: not a readable JSON file")
     with AdminClient(url, admin_key) as http:
         rec = http.post("/admin/jobs", json=body)
-        typer.echo(f"{rec['id']}  {rec['kind']}  {rec['state']}  epsilon charged {_fmt_eps(rec['epsilon_charged'])} "
-                   f"(job {_fmt_eps(rec['epsilon_job'])})")
+        line = (f"{rec['id']}  {rec['kind']}  {rec['state']}  epsilon charged {_fmt_eps(rec['epsilon_charged'])} "
+                f"(job {_fmt_eps(rec['epsilon_job'])})")
+        typer.echo(rec["id"] if quiet else line)
+        if quiet:
+            typer.echo(line, err=True)  # the charge is still shown to the person running the script
         if wait:
             rec = _wait(http, rec["id"])
-            typer.echo(json.dumps(rec, indent=2))
+            if not quiet:
+                typer.echo(json.dumps(rec, indent=2))
             if rec["state"] != "succeeded":
+                typer.echo(f"error: job {rec['id']} {rec['state']}: {rec.get('error') or 'no error recorded'}", err=True)
                 raise typer.Exit(1)
 
 

@@ -64,6 +64,9 @@ def add(
     generator: Optional[str] = typer.Option(None, "--generator", help="Model that generates demonstrations."),
     shots: Optional[int] = typer.Option(None, "--shots", help="Demonstrations per label."),
     epsilon: Optional[float] = typer.Option(None, "--epsilon", help="Target epsilon of one demonstration set."),
+    answer: Optional[str] = typer.Option(None, "--answer",
+                                         help="text (the upstream's completion, default) or label (the label word "
+                                              "the local model scores highest)."),
     generation: List[str] = typer.Option([], "--gen", "-g",
                                          help="Generation setting KEY=VALUE, e.g. -g max_tokens=20 -g mode=fixed."),
     file: Optional[Path] = typer.Option(None, "--file", exists=True, dir_okay=False,
@@ -91,7 +94,7 @@ def add(
     spec["name"] = name
     flags = {"dataset": dataset, "instruction": instruction, "input_prefix": input_prefix,
              "label_prefix": label_prefix, "upstream": upstream, "generator": generator, "shots": shots,
-             "epsilon": epsilon}
+             "epsilon": epsilon, "answer": answer}
     spec.update({k: v for k, v in flags.items() if v is not None})
     if label:
         spec["labels"] = list(label)

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
+from proxy.upstreams import labels
 from proxy.upstreams.base import DONE, Upstream, UpstreamError, dumps
 
 DEFAULT_MAX_TOKENS = 128
@@ -385,6 +386,24 @@ class LocalChatUpstream(Upstream):
             yield DONE
         finally:
             cancel.set()  # finished, stopped, or the client disconnected: free the model
+
+    # -- label answers (tasks with ``answer: label``; proxy.upstreams.labels) ----------------------
+    def _label(self, body: dict, words: list[str], chat: bool) -> tuple[str, int, int]:
+        ids, _ = self._prepare(body, chat, parse_params(body, self.max_tokens_cap))
+        word = labels.best_word(self._model, self._tok, ids, words, chat)
+        return word, len(ids), len(labels.word_token_ids(self._tok, [word], chat)[0])
+
+    async def label_answer(self, body: dict, words: list[str], chat: bool) -> dict:
+        """The label word the model scores highest after the prompt, as a (chat) completion."""
+        word, n_prompt, n_word = await self._run(self._label, body, words, chat)
+        return labels.response(self.name, word, n_prompt, n_word, chat)
+
+    async def label_answer_stream(self, body: dict, words: list[str], chat: bool) -> AsyncIterator[bytes]:
+        """:meth:`label_answer` as a stream (errors come before the first chunk)."""
+        include_usage = parse_params(body, self.max_tokens_cap).include_usage
+        word, n_prompt, n_word = await self._run(self._label, body, words, chat)
+        async for chunk in labels.stream(self.name, word, n_prompt, n_word, chat, include_usage):
+            yield chunk
 
     async def chat(self, body: dict) -> dict:
         return await self._complete(body, chat=True)
