@@ -102,7 +102,7 @@ class LedgerEntry:
     reason: str  # why (task name, job id, ...)
     created_at: float
     name: str = ""  # the population
-    kind: str = "charge"  # "histogram" | "warmup" | "job" | "reset" | "charge"
+    kind: str = "charge"  # "histogram" | "width" | "warmup" | "job" | "reset" | "charge"
     ref: str = ""  # warm-up / job id, or the task name
 
 
