@@ -71,7 +71,9 @@ async def list_tasks(request: Request) -> Response:
 async def get_task(request: Request, name: str) -> Response:
     await request.app.state.tasks.refresh(force=True)
     task = await _task_or_404(request, name)
-    return json_response(_task_view(task, request.app.state.tasks.is_static(name)))
+    # The width a warm-up would use now: public, or derived from the stored DP row-length release.
+    width = await request.app.state.demos.prompt_width(task)
+    return json_response({**_task_view(task, request.app.state.tasks.is_static(name)), "prompt_width": width})
 
 
 @router.delete("/tasks/{name}")

@@ -171,7 +171,7 @@ def warm(
                 print_json(rec)
             else:
                 fields(rec, ["task", "cached", "epsilon_cost", "set_epsilon", "spent_epsilon", "remaining_epsilon",
-                             "remaining_after", "budget_epsilon", "fits", "estimate"], title="dry run (nothing charged)")
+                             "remaining_after", "budget_epsilon", "fits", "estimate", "prompt_width"], title="dry run (nothing charged)")
             return
         if resp.status_code == 202 or rec.get("object") == "warmup":
             if follow and rec.get("state") not in FINISHED:
