@@ -123,7 +123,10 @@ def test_a_very_long_unit_moves_only_the_noisy_release(tmp_path, monkeypatch, fa
     # Pricing reads no row (its admin-only cost estimate uses the row count, docs/privacy.md).
     assert a["dry"]["prompt_width"] == b["dry"]["prompt_width"] == {
         "width": None, "auto": True, "quantile": None, "p": 0.95, "fit_share": None}
-    assert a["ledger"] == b["ledger"] and ("width", "*", WIDTH_EVENT) in a["ledger"]
+    # Same entries; the releases' events are identical, and the warm-ups differ only through the
+    # (here noise-free) label count of the long unit's label, itself a charged release.
+    assert [(k, p) for k, p, _ in a["ledger"]] == [(k, p) for k, p, _ in b["ledger"]]
+    assert a["ledger"][:2] == b["ledger"][:2] and a["ledger"][1] == ("width", "*", WIDTH_EVENT)
     assert a["key"] == b["key"]
     bins_a, bins_b = a["release"]["bins"], b["release"]["bins"]
     assert [y - x for x, y in zip(bins_a, bins_b)] == [0.0] * len(WIDTH_GRID) + [1.0]  # overflow bin only
