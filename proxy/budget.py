@@ -23,7 +23,7 @@ import copy
 import math
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import dp_accounting as dpa
 
@@ -32,6 +32,7 @@ from aggregation.fewshot import noisy_pool_sizes
 from aggregation.mechanisms import Noise
 from aggregation.population import PopulationLedger
 from aggregation.prompts import Example
+from aggregation.quantile import WidthRelease, release_widths, unit_lengths, width_event
 from aggregation.units import unit_counts, unit_pools
 from proxy.store.base import BudgetExceeded, Charge, DatasetMeta, LedgerEntry, Population, Store
 
@@ -108,6 +109,7 @@ class BudgetService:
         self._cache: dict[str, _Cached] = {}
         self._cache_lock = threading.Lock()
         self._counts_locks: dict[str, threading.Lock] = {}
+        self._width_locks: dict[tuple[str, str], threading.Lock] = {}
 
     # -- cache --------------------------------------------------------------------------
     def _entry(self, name: str, delta: float) -> _Cached:
@@ -373,3 +375,31 @@ class BudgetService:
             if released != event:  # pragma: no cover - guards a change in noisy_pool_sizes
                 raise RuntimeError("noisy_pool_sizes released a different event than was charged")
             return self.store.set_noisy_counts(dataset_id, noisy)
+
+    # -- DP row lengths (prompt width) --------------------------------------------------
+    def width_release(self, dataset_id: str, tokenizer: str, count_tokens: Callable[[str], int],
+                      actor: str, reason: str = "row lengths") -> WidthRelease:
+        """The DP histogram of the units' longest-row token counts in ``tokenizer`` (its id, e.g.
+        the generator id) and ``count_tokens`` (its public counting function).
+
+        Like :meth:`noisy_counts`: the first call for a (dataset version, tokenizer) charges the
+        Gaussian release (:func:`aggregation.quantile.width_event`) on the whole dataset BEFORE
+        the rows are read, then stores it with a conditional write; later calls are free.
+        """
+        with self._cache_lock:
+            lock = self._width_locks.setdefault((dataset_id, tokenizer), threading.Lock())
+        with lock:
+            stored = self.store.get_width_release(dataset_id, tokenizer)
+            if stored is not None:
+                return WidthRelease.from_dict(stored)
+            event = width_event()
+            self.reserve(dataset_id, [(WHOLE_DATASET, event)], actor, reason, kind="width",
+                         ref=f"{dataset_id} {tokenizer}")
+            rows = self.store.load_rows(dataset_id, units=True)
+            lengths = unit_lengths([Example(t, lab, unit=u) for t, lab, u in rows], count_tokens)
+            del rows
+            release, released = release_widths(lengths, Noise(None))
+            del lengths
+            if released != event:  # pragma: no cover - guards a change in release_widths
+                raise RuntimeError("release_widths released a different event than was charged")
+            return WidthRelease.from_dict(self.store.set_width_release(dataset_id, tokenizer, release.to_dict()))

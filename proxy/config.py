@@ -16,7 +16,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,6 +25,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 LOCAL_MODEL_NAME = "local/smollm2"
 #: Generator / upstream names that all mean "the built-in local model".
 LOCAL_ALIASES = frozenset({"local", LOCAL_MODEL_NAME, "smollm2"})
+#: A task's generation prompt width when it sets none (``auto`` derives one from the data instead).
+DEFAULT_PROMPT_TOKENS = 256
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
@@ -88,8 +90,9 @@ class GenerationSettings(_Strict):
     public_only: bool = False
     #: For an OpenAI-compatible generator: alternatives per call (see aggregation.sources.openai_compat).
     top_logprobs: int = Field(20, ge=1, le=100_000)
-    #: Token budget (and, in fixed mode, the public batch width) of one generation prompt.
-    max_prompt_tokens: int = Field(256, ge=16, le=32_768)
+    #: Token budget (and the public batch width of a KV-cached source) of one generation prompt;
+    #: ``auto`` derives it from the dataset's DP row-length release (proxy.serving.widths).
+    max_prompt_tokens: Annotated[int, Field(ge=16, le=32_768)] | Literal["auto"] = DEFAULT_PROMPT_TOKENS
     #: What the generation prompt shows for a label: ``word`` (its label word) or ``alias`` (a
     #: neutral public alias, "type A", "type B", ... by position in the task's label domain, also
     #: in the instruction); the injected demonstrations always carry the real label words.

@@ -74,6 +74,9 @@ def test_datasets_budget_tasks_round_trip(live):
     spec = ok_json(srv.url, "tasks", "show", "cli-task")
     assert spec["labels"] == ["LOC", "NUM"] and spec["generation"]["max_tokens"] == TINY_GENERATION["max_tokens"]
     assert spec["label_words"] == {"LOC": "location"}
+    # tasks show reports the prompt width a warm-up would use (hand-set here: public configuration).
+    assert spec["prompt_width"] == {"width": 256, "auto": False, "quantile": None, "p": None, "fit_share": None}
+    assert re.search(r"prompt_width.*width=256, auto=no", run(srv.url, "tasks", "show", "cli-task").stdout)
     assert "cli-task" in run(srv.url, "tasks", "list").stdout
 
     dry = ok_json(srv.url, "tasks", "warm", "cli-task", "--dry-run")

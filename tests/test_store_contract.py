@@ -63,6 +63,28 @@ def test_dataset_lifecycle(store):
         store.append_ledger(meta.id, [charge()], "admin", "warm", count_check(10))
 
 
+def test_width_releases_round_trip(store_url):
+    """A DP row-length release per (dataset version, tokenizer): first wins, survives a reopen,
+    goes with its dataset."""
+    s = open_store(store_url)
+    m = s.create_dataset("w", ROWS, 2.0, 1e-6)
+    other = s.create_dataset("w", ROWS, 2.0, 1e-6)  # version 2 has its own releases
+    release = {"grid": [8, 10], "bins": [1.5, -0.25, 2.0], "sigma": 20.0}
+    assert s.get_width_release(m.id, "local:a") is None
+    assert s.set_width_release(m.id, "local:a", release) == release
+    assert s.set_width_release(m.id, "local:a", {**release, "bins": [9.0, 9.0, 9.0]}) == release
+    assert s.set_width_release(m.id, "local:b", {**release, "sigma": 5.0})["sigma"] == 5.0
+    assert s.get_width_release(other.id, "local:a") is None
+    s.close()
+    s2 = open_store(store_url)
+    assert s2.get_width_release(m.id, "local:a") == release
+    s2.delete_dataset(m.id)
+    assert s2.get_width_release(m.id, "local:a") is None
+    with pytest.raises(NotFound):
+        s2.set_width_release(m.id, "local:a", release)
+    s2.close()
+
+
 def test_missing_things(store):
     with pytest.raises(NotFound):
         store.get_dataset("ds_0000")

@@ -106,7 +106,9 @@ async def list_tasks(request: Request) -> Response:
 async def get_task(request: Request, name: str) -> Response:
     await request.app.state.tasks.refresh(force=True)
     task = await _task_or_404(request, name)
-    return json_response(await _task_view(request, task))
+    # The width a warm-up would use now: public, or derived from the stored DP row-length release.
+    width = await request.app.state.demos.prompt_width(task)
+    return json_response({**await _task_view(request, task), "prompt_width": width})
 
 
 @router.delete("/tasks/{name}")

@@ -192,7 +192,7 @@ def warm(
                 print_json(rec)
             else:
                 fields(rec, ["task", "cached", "epsilon_cost", "set_epsilon", "spent_epsilon", "remaining_epsilon",
-                             "remaining_after", "budget_epsilon", "fits", "estimate"], title="dry run (nothing charged)")
+                             "remaining_after", "budget_epsilon", "fits", "estimate", "prompt_width"], title="dry run (nothing charged)")
             if rec.get("fits") is False and not rec.get("cached"):  # scripts can test the exit status
                 die(f"the set for {name} does not fit the budget: it costs epsilon {cell(rec.get('epsilon_cost'))}, "
                     f"{cell(rec.get('remaining_epsilon'))} remains")

@@ -263,6 +263,16 @@ class DemoService:
         self.forget(task=task.name)
         return int(n)
 
+    async def prompt_width(self, task: TaskConfig) -> dict[str, Any] | None:
+        """The task's prompt width now (admin view; charges nothing), or None without its dataset."""
+        def run() -> dict[str, Any] | None:
+            try:
+                return self.warmup.width(task, self._prepare(task)).to_dict()
+            except (APIError, NotFound):
+                return None
+
+        return await anyio.to_thread.run_sync(run)
+
     # -- warm-up -------------------------------------------------------------------------------
     async def price(self, task: TaskConfig, actor: str) -> dict[str, Any]:
         """Dry run: what warming the task's set would cost now (nothing charged or read)."""

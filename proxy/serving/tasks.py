@@ -12,7 +12,7 @@ import anyio
 
 from aggregation.fewshot import GenerationConfig
 from aggregation.prompts import TaskPrompt
-from proxy.config import Config, TaskConfig
+from proxy.config import DEFAULT_PROMPT_TOKENS, Config, TaskConfig
 from proxy.errors import APIError
 from proxy.store.base import DatasetMeta, Store
 
@@ -80,12 +80,16 @@ def task_prompt(task: TaskConfig, domain: Sequence[str] = ()) -> TaskPrompt:
     return prompt.with_hint(task.generation.label_hint, domain)
 
 
-def generation_config(task: TaskConfig) -> GenerationConfig:
+def generation_config(task: TaskConfig, width: int | None = None) -> GenerationConfig:
+    """The generator's configuration of ``task``; ``width`` is its resolved prompt width (see
+    proxy.serving.widths), needed only to generate (plans and charges do not depend on it)."""
     g = task.generation
+    if width is None:
+        width = g.max_prompt_tokens if isinstance(g.max_prompt_tokens, int) else DEFAULT_PROMPT_TOKENS
     return GenerationConfig(mode=g.mode, mechanism=g.mechanism, num_subsets=g.num_subsets,
                             shots_per_subset=g.shots_per_subset, max_tokens=g.max_tokens, top_k=g.top_k,
                             epsilon=task.epsilon, sigma=g.sigma, public_only=g.public_only,
-                            max_prompt_tokens=g.max_prompt_tokens, block_tokens=g.block_tokens,
+                            max_prompt_tokens=width, block_tokens=g.block_tokens,
                             clip=g.clip, temperature=g.temperature)
 
 

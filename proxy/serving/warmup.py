@@ -23,6 +23,7 @@ from aggregation.accounting import WHOLE_DATASET
 from aggregation.fewshot import COUNT_SIGMA, Plan, generate_demonstration, plan_demonstrations
 from aggregation.mechanisms import Noise
 from aggregation.prompts import Example
+from aggregation.quantile import WidthRelease, width_event
 from aggregation.sources.timing import TimedSource
 from aggregation.units import unit_pools
 from proxy.budget import BudgetService
@@ -33,6 +34,7 @@ from proxy.metrics import Metrics
 from proxy.serving.calibrations import StoreCalibrationCache
 from proxy.serving.generators import Generators
 from proxy.serving.tasks import generation_config, task_prompt
+from proxy.serving.widths import Width, counter, fixed_width, from_release, is_auto
 from proxy.store.base import BudgetExceeded, DatasetMeta, NotFound, Store
 from proxy.upstreams.base import UpstreamError
 
@@ -98,6 +100,20 @@ class Warmup:
         share = units / max(1, len(meta.labels))
         return {lab: share for lab in labels}
 
+    def _stored_release(self, task: TaskConfig, meta: DatasetMeta) -> WidthRelease | None:
+        stored = self.store.get_width_release(meta.id, self.generators.generator_id(task))
+        return WidthRelease.from_dict(stored) if stored is not None else None
+
+    def width(self, task: TaskConfig, prep: Prepared) -> Width:
+        """The task's prompt width now, charging nothing: hand-set, derived from the stored DP
+        row-length release, or (``auto`` before the release) ``width=None``."""
+        if not is_auto(task):
+            return fixed_width(task)
+        release = self._stored_release(task, prep.meta)
+        if release is None:
+            return Width(None, auto=True)
+        return from_release(task, self.generators.source(task), task_prompt(task), prep.labels, release)
+
     def price(self, task: TaskConfig, prep: Prepared, actor: str) -> dict[str, Any]:
         """Dry run: what generating the set would cost now (nothing is charged or read)."""
         meta, labels = prep.meta, prep.labels
@@ -108,6 +124,9 @@ class Warmup:
         charges = list(plan.charges())
         if counts_pending:
             charges.insert(0, (WHOLE_DATASET, dpa.GaussianDpEvent(COUNT_SIGMA)))
+        width = self.width(task, prep)
+        if width.auto and width.width is None:
+            charges.insert(0, (WHOLE_DATASET, width_event()))  # the row-length release, charged once
         res = self.budget.reserve(meta.id, charges, actor, f"dry run: task {task.name}", dry_run=True)
         return {
             "key": prep.key, "dry_run": True, "cached": cached, "dataset_id": meta.id,
@@ -118,8 +137,10 @@ class Warmup:
             "budget_delta": res.budget_delta, "fits": res.fits,
             # Before the first real warm-up the per-label pool sizes are estimated (the DP counts,
             # charged once, are released then), so the cost is approximate.
-            "estimate": counts_pending and not cached,
+            "estimate": (counts_pending or width.width is None) and not cached,
             "decisions": _decisions(plan),
+            # The prompt width (DP-derived for ``auto``; null until the row-length release exists).
+            "prompt_width": width.to_dict(),
         }
 
     def _load_source(self, task: TaskConfig) -> None:
@@ -162,17 +183,28 @@ class Warmup:
             raise Stopped(charged=False)  # cancelled before anything was charged
         spent_before = self.budget.spent(meta.id)
         try:
+            width = fixed_width(task)
+            auto = is_auto(task)
+            if auto:
+                # A generator that cannot count tokens cannot derive a width: refused (400) before
+                # anything is charged; loading it first also keeps a missing model uncharged.
+                count = counter(task, self.generators.source(task))
             if config.public_only:
                 pools: dict[str, float] = {}
             else:
-                if meta.noisy_counts is None:
-                    # Refuse hopeless requests before the one-time count release is charged. The
+                pending = [dpa.GaussianDpEvent(COUNT_SIGMA)] if meta.noisy_counts is None else []
+                if auto and self._stored_release(task, meta) is None:
+                    pending.append(width_event())
+                if pending:
+                    # Refuse hopeless requests before a one-time release is charged. The
                     # estimate uses the exact row count, which the admin already knows (upload
                     # answer) but a client must not learn from a refusal: for clients only the
-                    # count release itself, a data-independent cost, is checked first.
-                    trial = [(WHOLE_DATASET, dpa.GaussianDpEvent(COUNT_SIGMA))]
+                    # releases themselves, data-independent costs, are checked first.
+                    trial = [(WHOLE_DATASET, e) for e in pending]
                     if admin:
-                        estimate = self._plan(task, meta, labels, self._estimated_pools(meta, labels))
+                        known = meta.noisy_counts
+                        estimate = self._plan(task, meta, labels, dict(known) if known is not None
+                                              else self._estimated_pools(meta, labels))
                         trial += list(estimate.charges())
                     res = self.budget.reserve(meta.id, trial, actor, reason, dry_run=True, kind="warmup")
                     if not res.fits:
@@ -185,6 +217,11 @@ class Warmup:
                 self._load_source(task)  # before the first charge: a model that cannot load costs nothing
                 load_s = time.perf_counter() - loading
                 pools = self.budget.noisy_counts(meta.id, actor, f"noisy pool sizes for task {task.name}")
+                if auto:
+                    release = self.budget.width_release(meta.id, self.generators.generator_id(task), count, actor,
+                                                        f"row lengths for task {task.name}")
+                    width = from_release(task, self.generators.source(task), task_prompt(task), labels, release)
+                    config = generation_config(task, width.width)
             plan = self._plan(task, meta, labels, pools)
             # The spend is recorded BEFORE any private row is read.
             res = self.budget.reserve(meta.id, plan.charges(), actor, reason, kind="warmup", ref=task.name)
@@ -267,6 +304,8 @@ class Warmup:
             "epsilon": _num(plan.epsilon()),
             "delta": meta.budget_delta,
             "generator": self.generators.generator_id(task),
+            # The prompt width used (public, or derived from the DP row-length release).
+            "prompt_width": width.to_dict(),
             "created_at": time.time(),
             "tokens": tokens,
             "seconds": round(time.perf_counter() - started, 3),

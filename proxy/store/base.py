@@ -102,7 +102,7 @@ class LedgerEntry:
     reason: str  # why (task name, job id, ...)
     created_at: float
     name: str = ""  # the population
-    kind: str = "charge"  # "histogram" | "warmup" | "job" | "reset" | "charge"
+    kind: str = "charge"  # "histogram" | "width" | "warmup" | "job" | "reset" | "charge"
     ref: str = ""  # warm-up / job id, or the task name
 
 
@@ -313,6 +313,14 @@ class Store(ABC):
 
         Returns the stored counts: ``counts`` if this call stored them, else the earlier ones.
         """
+
+    @abstractmethod
+    def get_width_release(self, dataset_id: str, key: str) -> dict[str, Any] | None:
+        """The DP row-length release of a dataset version for tokenizer ``key`` (None if none yet)."""
+
+    @abstractmethod
+    def set_width_release(self, dataset_id: str, key: str, release: dict[str, Any]) -> dict[str, Any]:
+        """Store the release for ``key`` unless one is stored (first wins); returns the stored one."""
 
     # -- populations (dataset names) ------------------------------------------------------
     @abstractmethod
