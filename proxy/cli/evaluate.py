@@ -78,6 +78,13 @@ def eval_command(
         clusters=clusters,
         clustering=clustering.value,
     )
+    if clusters and accuracy:
+        from aggregation.embeddings import minilm_path
+
+        try:  # the unit points are MiniLM embeddings: fail before the model loads
+            minilm_path()
+        except FileNotFoundError as exc:
+            _fail(f"--clusters: {exc}")
     try:
         task = evaluation.load_task(dataset)
     except (FileNotFoundError, DataError) as exc:
