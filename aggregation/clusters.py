@@ -31,7 +31,9 @@ from typing import Callable, Literal, Sequence
 import dp_accounting as dpa
 import numpy as np
 
+from aggregation.accounting import cluster_partition
 from aggregation.mechanisms import Noise
+from aggregation.planning import GenerationConfig, Plan, plan_demonstrations
 from aggregation.units import UnitPool
 
 Embed = Callable[[Sequence[str]], np.ndarray]
@@ -202,3 +204,34 @@ def cluster_label(pool: UnitPool, embed: Embed, config: ClusterConfig, noise: No
 def rows_pool(label: str, rows: Sequence) -> UnitPool:
     """A label's rows as a pool in which every row is its own unit (the evaluation's pools)."""
     return UnitPool(label, tuple((r,) for r in rows))
+
+
+def cluster_shots(noisy_sizes: Sequence[float], shots: int, threshold: float) -> dict[int, int]:
+    """Public rule: ``shots`` demonstrations spread one at a time over the usable clusters, largest first.
+
+    ``{cluster id: shots}``; empty when no cluster reaches ``threshold``. Decided from DP counts
+    only. Shots in different clusters compose in parallel (one per cluster costs what one costs).
+    """
+    order = usable_clusters(noisy_sizes, threshold)
+    out: dict[int, int] = {}
+    for i in range(shots if order else 0):
+        j = order[i % len(order)]
+        out[j] = out.get(j, 0) + 1
+    return out
+
+
+def plan_in_clusters(config: GenerationConfig, release: ClusterRelease, shots: int,
+                     delta: float) -> tuple[Plan, dict[str, UnitPool]]:
+    """Plan ``shots`` demonstrations of ``release.label`` inside its clusters (DP sizes only).
+
+    Returns the plan, keyed by cluster partition (``label#j``, ``q`` from that cluster's noisy
+    size), and each planned partition's member pool. When no cluster reaches the pool threshold the
+    label's small-pool rule applies (public fallback or skip, :func:`aggregation.planning.decide`).
+    """
+    per = cluster_shots(release.noisy_sizes, shots, config.pool_threshold)
+    if not per:
+        return plan_demonstrations(config, {release.label: shots}, {}, delta), {release.label: UnitPool(release.label, ())}
+    keys = {cluster_partition(release.label, j): n for j, n in per.items()}
+    sizes = {cluster_partition(release.label, j): release.noisy_sizes[j] for j in per}
+    members = {cluster_partition(release.label, j): release.members[j] for j in per}
+    return plan_demonstrations(config, keys, sizes, delta), members
