@@ -263,3 +263,24 @@ def test_minilm_unit_points_cluster_by_topic():
     release = cluster_label(pool, MiniLMEmbedder(), cfg, _ZeroNoise(0),
                             ["A tennis player won the tournament", "The company reported quarterly profits"])
     assert [{u[0].text for u in m.units} for m in release.members] == [set(sport), set(money)]
+
+
+def test_shots_go_to_usable_clusters_largest_first_and_plan_per_cluster_partition():
+    from aggregation.clusters import ClusterRelease, cluster_shots, plan_in_clusters
+    from aggregation.fewshot import GenerationConfig
+
+    assert cluster_shots([50.0, 3.0, 30.0], 5, 10.0) == {0: 3, 2: 2}
+    assert cluster_shots([5.0, 3.0], 2, 10.0) == {}
+    pools = [UnitPool("a", tuple((Example(f"r{j}{i}", "a"),) for i in range(n))) for j, n in enumerate((50, 3, 30))]
+    release = ClusterRelease("a", np.eye(3), [48.5, 3.2, 31.0], pools)
+    cfg = GenerationConfig(mode="fixed", num_subsets=2, shots_per_subset=2, max_tokens=3, sigma=2.0)
+    plan, members = plan_in_clusters(cfg, release, 2, DELTA)
+    assert [p for p, _ in plan.charges()] == ["a#0", "a#2"] and members["a#2"] is pools[2]
+    assert plan.labels["a#0"].q == pytest.approx(4 / 48.5) and plan.labels["a#2"].q == pytest.approx(4 / 31.0)
+    # One shot in each of two clusters costs the dearer shot, not their composition.
+    assert plan.epsilon() == pytest.approx(epsilon_of([plan.labels["a#2"].event], DELTA), rel=1e-6)
+    assert plan.epsilon() < epsilon_of([lp.event for lp in plan.labels.values()], DELTA)
+    small = ClusterRelease("a", np.eye(2), [2.0, 1.0], pools[:2])
+    fallback, members = plan_in_clusters(cfg, small, 1, DELTA)
+    assert fallback.decisions() == {"a": ("public", "noisy pool size below 4: public fallback (epsilon 0)")}
+    assert len(members["a"]) == 0  # the public fallback reads no row
