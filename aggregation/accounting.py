@@ -270,8 +270,8 @@ class _Partition:
     epsilon: float = 0.0
 
 
-def _is_ancestor(label: str, partition: str) -> bool:
-    """Whether ``partition`` is a (possibly nested) cluster partition inside ``label``."""
+def within(partition: str, label: str) -> bool:
+    """Whether ``partition`` is a (possibly nested) cluster partition inside ``label``'s partition."""
     parent = parent_label(partition)
     while parent is not None:
         if parent == label:
@@ -345,7 +345,7 @@ class PartitionedLedger:
         self._parts[partition] = self._compose(self._partition(partition), event)
         # A label's event also composes into each of its cluster partitions (and theirs, should a
         # label itself read as a cluster key: over-counting keeps the bound an upper bound).
-        for name in [n for n in self._parts if _is_ancestor(partition, n)]:
+        for name in [n for n in self._parts if within(n, partition)]:
             self._parts[name] = self._compose(self._parts[name], event)
 
     def epsilon_if(self, partition: str, event: dpa.DpEvent) -> float:

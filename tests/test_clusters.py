@@ -284,3 +284,28 @@ def test_shots_go_to_usable_clusters_largest_first_and_plan_per_cluster_partitio
     fallback, members = plan_in_clusters(cfg, small, 1, DELTA)
     assert fallback.decisions() == {"a": ("public", "noisy pool size below 4: public fallback (epsilon 0)")}
     assert len(members["a"]) == 0  # the public fallback reads no row
+
+
+@pytest.mark.parametrize("path", ["exact_pld", "choices", "rdp_bound"])
+def test_population_ledger_composes_label_events_into_cluster_partitions(path):
+    """Across versions too: a unit in cluster j of label a pays a's events (every composition path)."""
+    from aggregation.population import PopulationLedger
+
+    g = dpa.GaussianDpEvent
+    shot = dpa.ZCDpEvent(0.05) if path == "choices" else g(3.0)  # a zCDP event sends PLD to the RDP path
+    charges = {"v1": [("a", g(1.5)), ("a#0", shot), ("a#1", shot)],
+               "v2": [("a#0", shot), ("a", g(1.5)), ("b", g(4.0))]}
+    if path == "rdp_bound":  # more than 16 choice vectors
+        charges["v3"] = [(lab, g(5.0)) for lab in "cdefgh"]
+    led = PopulationLedger(DELTA)
+    for version, items in charges.items():
+        for p, e in items:
+            led.add(version, p, e)
+
+    def exposures(items):
+        names = {p for p, _ in items}
+        return [[e for p, e in items if p == n or accounting.within(n, p)] for n in names]
+
+    worst = max(epsilon_of([e for chosen in vector for e in chosen], DELTA)
+                for vector in itertools.product(*(exposures(items) for items in charges.values())))
+    assert led.spent() >= worst * (1 - 1e-6)
