@@ -283,10 +283,9 @@ def write_outputs(out_dir: Path, runs: Sequence[RunRecord], demo_lines: Sequence
               f"top-{settings.top_k if settings.top_k else 'all'} public candidates, {settings.mechanism} mechanism"
               + (f", {settings.clusters} {settings.clustering} clusters per label (each demonstration from the "
                  f"label's largest noisy cluster; 'ε incl. pool sizes' adds the clustering)" if settings.clusters else "")
-              + ". "
-              f"ε (demo set) is the target per demonstration set; 'ε incl. pool sizes' adds the DP label histogram "
-              f"that sets the sampling rates. Mean ± sample std over seeds. Δ: per-seed difference from "
-              f"epsilon 0 in points, mean ± std (seeds on which the row scored higher).\n\n")
+              + ". ε (demo set) is the target per demonstration set; 'ε incl. pool sizes' adds the DP label histogram "
+              "that sets the sampling rates. Mean ± sample std over seeds. Δ: per-seed difference from "
+              "epsilon 0 in points, mean ± std (seeds on which the row scored higher).\n\n")
     text = header + table_markdown(runs, settings.calibrate)
     fidelity = any(math.isfinite(r.fidelity) for r in runs)
     if fidelity:
