@@ -40,6 +40,25 @@ _CALIBRATION_SEARCH_DISCRETIZATION = 1e-2
 
 #: Partition name for events that touch the whole dataset (they compose into every label).
 WHOLE_DATASET = "*"
+#: Separator of a cluster partition key ``<label>#<cluster>`` (see :func:`cluster_partition`).
+CLUSTER_SEPARATOR = "#"
+
+
+def cluster_partition(label: str, cluster: int) -> str:
+    """Ledger partition of cluster ``cluster`` inside ``label``'s partition (label x cluster)."""
+    if cluster < 0:
+        raise ValueError("cluster ids are non-negative")
+    return f"{label}{CLUSTER_SEPARATOR}{int(cluster)}"
+
+
+def parent_label(partition: str) -> str | None:
+    """The label whose partition contains cluster partition ``partition`` (``None``: not a cluster key).
+
+    A label that itself looks like ``x#3`` is read as cluster 3 of ``x``: its partition then also
+    composes label ``x``'s events, which only over-counts (the bound stays an upper bound).
+    """
+    label, sep, tail = partition.rpartition(CLUSTER_SEPARATOR)
+    return label if sep and label and tail.isdigit() else None
 
 
 #: Accountant kinds from the tightest-but-narrowest to the widest: a partition uses the first
@@ -275,6 +294,16 @@ class _Partition:
     epsilon: float = 0.0
 
 
+def within(partition: str, label: str) -> bool:
+    """Whether ``partition`` is a (possibly nested) cluster partition inside ``label``'s partition."""
+    parent = parent_label(partition)
+    while parent is not None:
+        if parent == label:
+            return True
+        parent = parent_label(parent)
+    return False
+
+
 class PartitionedLedger:
     """Composes events per partition and reports a dataset's spent epsilon.
 
@@ -283,6 +312,13 @@ class PartitionedLedger:
     Events recorded on :data:`WHOLE_DATASET` compose into every partition, including ones that
     first appear later. Accountants are kept composed, so adding an event costs one composition and
     reading the spent epsilon costs nothing.
+
+    Partitions nest one level: a cluster partition :func:`cluster_partition` ``(label, j)`` holds
+    the units of ``label`` that the clustering put in cluster ``j``. A unit sits in one cluster of
+    one label, so its loss is (whole-dataset events) + (its label's events) + (its cluster's
+    events): each cluster partition composes its label's events too (also ones recorded after it
+    appeared), and the label partition itself stands for the label's units outside every charged
+    cluster. The maximum over all partitions is then an upper bound on every unit's loss.
     """
 
     def __init__(self, delta: float):
@@ -311,8 +347,17 @@ class PartitionedLedger:
         part.epsilon = float(part.accountant.get_epsilon(self.delta))
         return part
 
+    def _partition(self, name: str) -> _Partition:
+        """``name``'s partition, created from what it inherits (its label's events, or the whole dataset's)."""
+        part = self._parts.get(name)
+        if part is None:
+            parent = parent_label(name)
+            inherited = self._partition(parent).events if parent is not None else self._whole
+            part = self._parts[name] = self._new_partition(inherited)
+        return part
+
     def add(self, partition: str, event: dpa.DpEvent) -> None:
-        """Record ``event`` on ``partition`` (a label, or :data:`WHOLE_DATASET`)."""
+        """Record ``event`` on ``partition`` (a label, a cluster partition, or :data:`WHOLE_DATASET`)."""
         self.entries += 1
         if partition == WHOLE_DATASET:
             self._whole.append(event)
@@ -321,10 +366,11 @@ class PartitionedLedger:
             for name in list(self._parts):
                 self._parts[name] = self._compose(self._parts[name], event)
             return
-        part = self._parts.get(partition)
-        if part is None:
-            part = self._new_partition(self._whole)
-        self._parts[partition] = self._compose(part, event)
+        self._parts[partition] = self._compose(self._partition(partition), event)
+        # A label's event also composes into each of its cluster partitions (and theirs, should a
+        # label itself read as a cluster key: over-counting keeps the bound an upper bound).
+        for name in [n for n in self._parts if within(n, partition)]:
+            self._parts[name] = self._compose(self._parts[name], event)
 
     def epsilon_if(self, partition: str, event: dpa.DpEvent) -> float:
         """Dataset epsilon if ``event`` were added on ``partition`` (the ledger is unchanged)."""

@@ -55,3 +55,24 @@ class MiniLMEmbedder:
         out = model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
                            convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(out, dtype=np.float32)
+
+
+class CachedEmbedder:
+    """Wraps an embedder with a per-text cache (an evaluation embeds the same pool for every run).
+
+    The cache lives in process memory only; it saves compute, not privacy: every caller still
+    charges its clustering events before it asks for the vectors of private rows.
+    """
+
+    def __init__(self, embed: Any):
+        self.embed = embed
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if missing:
+            for text, vec in zip(missing, np.asarray(self.embed(missing), dtype=np.float32)):
+                self._cache[text] = vec
+        if not texts:
+            return np.zeros((0, MINILM_DIM), dtype=np.float32)
+        return np.stack([self._cache[t] for t in texts])

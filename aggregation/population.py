@@ -32,7 +32,7 @@ import dp_accounting as dpa
 import numpy as np
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from aggregation.accounting import WHOLE_DATASET, PartitionedLedger, epsilon_of
+from aggregation.accounting import WHOLE_DATASET, PartitionedLedger, epsilon_of, within
 from aggregation.bounded_range import RdpAccountant
 
 #: Largest number of partition-choice vectors composed exactly before the RDP bound is used.
@@ -64,13 +64,15 @@ class PopulationLedger:
             targets = list(parts) or [WHOLE_DATASET]
         else:
             if partition not in parts:
-                # A new partition starts from the version's whole-dataset events so far.
+                # A new partition starts from the version's whole-dataset events so far (and, for
+                # a cluster partition label#j, its label's events: they read every unit of the label).
                 acc = RdpAccountant()
                 for p, e in self._events[version][:-1]:
-                    if p == WHOLE_DATASET:
+                    if p == WHOLE_DATASET or within(partition, p):
                         _compose_rdp(acc, e)
                 parts[partition] = acc
-            targets = [partition]
+            # A label's event also reaches its cluster partitions.
+            targets = [partition, *(t for t in parts if within(t, partition))]
         for t in targets:
             _compose_rdp(parts.setdefault(t, RdpAccountant()), event)
 
@@ -89,7 +91,7 @@ class PopulationLedger:
         events = self._events[version]
         labels = [p for p, _ in events if p != WHOLE_DATASET]
         names = list(dict.fromkeys(labels)) or [WHOLE_DATASET]
-        return {n: [e for p, e in events if p in (n, WHOLE_DATASET)] for n in names}
+        return {n: [e for p, e in events if p in (n, WHOLE_DATASET) or within(n, p)] for n in names}
 
     def spent(self) -> float:
         """Worst-case epsilon of one unit over every version (see the module docstring)."""

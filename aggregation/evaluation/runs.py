@@ -23,6 +23,8 @@ import numpy as np
 
 from aggregation.evaluation.demos import DemoSet, dp_demonstrations, noise_seed, ordered, public_demonstrations, \
     real_demonstrations
+from aggregation.embeddings import CachedEmbedder
+from aggregation.evaluation.clustered import clustered_demonstrations, public_centroid_texts
 from aggregation.evaluation.scoring import LabelScorer, accuracy, score_queries
 from aggregation.evaluation.settings import DP, FULL, INF, PUBLIC, REAL, RUN_FIELDS, ZERO_SHOT, EvalSettings, \
     RunRecord, eps_text
@@ -54,6 +56,7 @@ def run_eval(
     log: Callable[[str], None] = print,
     finished: tuple[list[RunRecord], list[dict]] | None = None,
     evaluator: FidelityEvaluator | None = None,
+    embed: Callable[[Sequence[str]], np.ndarray] | None = None,
 ) -> EvalOutput:
     """Run every row for every seed; write runs.csv, demos.jsonl, table.md and the plot.
 
@@ -66,6 +69,10 @@ def run_eval(
     (:mod:`aggregation.evaluation.fidelity`): ``fidelity_demos`` sets of one demonstration per label
     (the first is the ICL set), labelled by ``evaluator`` (default: trained here on the records of
     :func:`evaluator_split`).
+
+    With ``settings.clusters`` > 0 the DP rows draw each demonstration from a private cluster
+    (:mod:`aggregation.evaluation.clustered`); ``embed`` (default: MiniLM, cached per text) embeds
+    the pool's rows and the public centroid texts.
     """
     from tqdm.auto import tqdm
 
@@ -98,6 +105,17 @@ def run_eval(
                           "test_accuracy": evaluator.accuracy(test)}
     else:
         evaluator_info = {}
+
+    clusters = settings.cluster_config()
+    if clusters.enabled:
+        clusters.validate()
+        if embed is None:
+            from aggregation.embeddings import MiniLMEmbedder
+
+            embed = MiniLMEmbedder()
+        embed = CachedEmbedder(embed)
+        log(f"DP rows: {clusters.clusters} {clusters.method} clusters per label")
+    centroid_texts: dict[int, dict[str, list[str]]] = {}
 
     score_cache: dict[str, tuple[float, float, float]] = {}
 
@@ -146,6 +164,15 @@ def run_eval(
         elif row == REAL:
             rng = np.random.default_rng([seed, 2])
             sets = [real_demonstrations(pools, labels, rng) for _ in range(n_sets)]
+        elif clusters.enabled:
+            assert embed is not None
+            if clusters.method == "public" and seed not in centroid_texts:
+                centroid_texts[seed] = public_centroid_texts(source, task.prompt, labels, settings.generation("fixed", INF),
+                                                             clusters.clusters, seed)
+            sets = [clustered_demonstrations(source, task.prompt, pools, labels, settings.generation(mode, eps),
+                                             clusters, embed, noise_seed(seed, mode, eps, *([f"set{j}"] if j else [])),
+                                             delta, centroid_texts.get(seed))
+                    for j in range(n_sets)]
         else:
             sets = [dp_demonstrations(source, gen_prompt, pools, labels, settings.generation(mode, eps),
                                       noise_seed(seed, mode, eps, *([f"set{j}"] if j else [])), delta, progress)
@@ -220,6 +247,8 @@ def load_finished(out_dir: Path, settings: EvalSettings, dataset: str) -> tuple[
     for key in _ADDABLE:  # files written before these could be added hold them; they do not matter
         stored.pop(key, None)
     stored.setdefault("precision", "float32")  # files written before the option were float32
+    stored.setdefault("clusters", 0)  # ... and before clusters, unclustered
+    stored.setdefault("clustering", "dp")
     differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
     if differ:
         raise ResumeError(f"{out_dir} was made with different settings ({', '.join(differ)}); "
@@ -256,10 +285,12 @@ def write_outputs(out_dir: Path, runs: Sequence[RunRecord], demo_lines: Sequence
     header = (f"# {dataset}: ICL accuracy against epsilon\n\n"
               f"{n_test} held-out test questions, {seeds} seed(s), one demonstration per label; DP generation "
               f"with M={settings.num_subsets}, N={settings.shots_per_subset}, T={settings.max_tokens}, "
-              f"top-{settings.top_k if settings.top_k else 'all'} public candidates, {settings.mechanism} mechanism. "
-              f"ε (demo set) is the target per demonstration set; 'ε incl. pool sizes' adds the DP label histogram "
-              f"that sets the sampling rates. Mean ± sample std over seeds. Δ: per-seed difference from "
-              f"epsilon 0 in points, mean ± std (seeds on which the row scored higher).\n\n")
+              f"top-{settings.top_k if settings.top_k else 'all'} public candidates, {settings.mechanism} mechanism"
+              + (f", {settings.clusters} {settings.clustering} clusters per label (each demonstration from the "
+                 f"label's largest noisy cluster; 'ε incl. pool sizes' adds the clustering)" if settings.clusters else "")
+              + ". ε (demo set) is the target per demonstration set; 'ε incl. pool sizes' adds the DP label histogram "
+              "that sets the sampling rates. Mean ± sample std over seeds. Δ: per-seed difference from "
+              "epsilon 0 in points, mean ± std (seeds on which the row scored higher).\n\n")
     text = header + table_markdown(runs, settings.calibrate)
     fidelity = any(math.isfinite(r.fidelity) for r in runs)
     if fidelity:

@@ -8,6 +8,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from aggregation.clusters import ClusterConfig
 from aggregation.fewshot import GenerationConfig
 
 INF = math.inf
@@ -52,12 +53,20 @@ class EvalSettings:
     evaluator_records: int = 1200
     #: Numeric precision of the local model that generates the demonstrations (ICL scoring stays float32).
     precision: str = "float32"
+    #: Private clusters per label (0 = off): DP rows draw each demonstration from the label's
+    #: largest noisy cluster; ``clustering`` is ``dp`` (DP k-means) or ``public`` (epsilon-0 centroids).
+    clusters: int = 0
+    clustering: str = "dp"
 
     def generation(self, mode: str, epsilon: float) -> GenerationConfig:
         return GenerationConfig(mode=mode, mechanism=self.mechanism,  # type: ignore[arg-type]
                                 num_subsets=self.num_subsets, shots_per_subset=self.shots_per_subset,
                                 max_tokens=self.max_tokens, top_k=self.top_k, epsilon=epsilon,
                                 block_tokens=self.block_tokens if mode == "block" else None)
+
+    def cluster_config(self) -> ClusterConfig:
+        """The clustering of the DP rows (``clusters == 0``: off)."""
+        return ClusterConfig(clusters=self.clusters, method=self.clustering)  # type: ignore[arg-type]
 
     @property
     def evaluator_size(self) -> int:

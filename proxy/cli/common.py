@@ -20,6 +20,11 @@ class MechanismOpt(str, Enum):
     public_prior = "public_prior"
 
 
+class ClusteringOpt(str, Enum):
+    dp = "dp"
+    public = "public"
+
+
 class PrecisionOpt(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"

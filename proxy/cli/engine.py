@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from proxy.cli.common import MechanismOpt, ModeOpt, PrecisionOpt, fail as _fail
+from proxy.cli.common import ClusteringOpt, MechanismOpt, ModeOpt, PrecisionOpt, fail as _fail
 
 
 def generate(
@@ -31,6 +31,8 @@ def generate(
     precision: PrecisionOpt = typer.Option(PrecisionOpt.float32, help="Local model precision: float32, bfloat16, or int8 (one row per forward)."),
     api_base: Optional[str] = typer.Option(None, help="Use an OpenAI-compatible server's logprobs instead of a local model."),
     api_model: Optional[str] = typer.Option(None, help="Model name on --api-base (litellm form, e.g. openai/name)."),
+    clusters: int = typer.Option(0, "--clusters", min=0, help="K private clusters of the label's units (0 = off): shots go one per usable cluster, largest noisy cluster first, and compose in parallel (docs/privacy.md)."),
+    clustering: ClusteringOpt = typer.Option(ClusteringOpt.dp, "--clustering", help="Centroids of --clusters: dp (DP k-means, charged on the label) or public (embeddings of epsilon-0 demonstrations)."),
     seed: Optional[int] = typer.Option(None, help="Seed for reproducible noise and sampling (default: OS CSPRNG); needs --public-data."),
     public_data: bool = typer.Option(False, "--public-data", help="Declare that the file holds no private records (tests, benchmarks); required by --seed."),
 ) -> None:
@@ -74,45 +76,48 @@ def generate(
         _fail(str(exc))
     noise = Noise(seed)
     ledger = accounting.PartitionedLedger(delta)
-    counts = unit_counts(pools, domain)
-    if config.private:
-        sizes, count_event = noisy_pool_sizes(counts, noise)
-        ledger.add(accounting.WHOLE_DATASET, count_event)
-    else:
-        sizes = {k: float(v) for k, v in counts.items()}
-    try:
-        plan = plan_demonstrations(config, {label: shots}, sizes, delta)
-    except ValueError as exc:
-        _fail(str(exc))
-    for part, ev in plan.charges():
-        ledger.add(part, ev)
-
-    if api_base:
-        from aggregation.sources.openai_compat import OpenAICompatSource
-
-        source = OpenAICompatSource(model=api_model or "openai/default", api_base=api_base)
-    else:
-        from aggregation.sources.local import LocalSource
-
-        try:
-            source = LocalSource.from_pretrained(model, precision.value)
-        except FileNotFoundError as exc:
-            _fail(str(exc))
     prompt = TaskPrompt(instruction, input_prefix, label_prefix)
+    if clusters and config.private:
+        from aggregation.clusters import ClusterConfig
+        from aggregation.embeddings import minilm_path
+
+        cluster_config = ClusterConfig(clusters=clusters, method=clustering.value)
+        try:
+            minilm_path()
+        except FileNotFoundError as exc:
+            _fail(f"--clusters: {exc}")
+    source = _source(api_base, api_model, model, precision)
+    counts = unit_counts(pools, domain)
+    released: dict = {}
+    if clusters and config.private:
+        plan, released, member_pools = _plan_in_clusters(cluster_config, config, source, prompt, pools[label],
+                                                         shots, delta, ledger, noise)
+    else:
+        member_pools = {label: pools[label]}
+        if config.private:
+            sizes, count_event = noisy_pool_sizes(counts, noise)
+            ledger.add(accounting.WHOLE_DATASET, count_event)
+        else:
+            sizes = {k: float(v) for k, v in counts.items()}
+        try:
+            plan = plan_demonstrations(config, {label: shots}, sizes, delta)
+        except ValueError as exc:
+            _fail(str(exc))
+        for part, ev in plan.charges():
+            ledger.add(part, ev)
     demos = []
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         bar = progress.add_task(f"generating {shots} x {label}", total=shots * max_tokens)
-        for i in range(shots):
+        jobs = [(part, lp) for part, lp in plan.labels.items() for _ in range(lp.shots) if lp.decision != "skip"]
+        for i, (part, lp) in enumerate(jobs):
             done = i * max_tokens
-            if plan.labels[label].decision == "skip":
-                break
-            demo = generate_demonstration(source, prompt, pools[label], label, config, plan.labels[label], noise,
+            demo = generate_demonstration(source, prompt, member_pools[part], label, config, lp, noise,
                                           on_token=lambda step: progress.update(bar, completed=done + step + 1))
             progress.update(bar, completed=(i + 1) * max_tokens)
             demos.append(demo)
-    lp = plan.labels[label]
+    lp = next(iter(plan.labels.values()))
     out = {
         "demonstrations": [{"text": d.text, "label": d.label} for d in demos],
         "epsilon": ledger.spent(),
@@ -125,7 +130,8 @@ def generate(
         "clip": lp.clip,  # public_prior only (None otherwise)
         "temperature": lp.temperature,
         "q": lp.q,
-        "noisy_pool_size": sizes.get(label),  # the DP estimate the decision used (units)
+        # the DP estimate the decision used (units); with --clusters the clusters' ids and DP sizes
+        **({"clusters": released} if released else {"noisy_pool_size": sizes.get(label)}),
         "decision": lp.decision,
         "rule": lp.rule,
         "accountant": accounting.kind_of([e for _, e in plan.charges()]),  # pld, best (of PLD and RDP) or rdp
@@ -133,6 +139,46 @@ def generate(
                   "seconds": round(sum(d.seconds for d in demos), 3)},
     }
     typer.echo(json.dumps(out, indent=2, ensure_ascii=False))
+
+
+def _plan_in_clusters(cluster_config, config, source, prompt, pool, shots, delta, ledger, noise):
+    """Charge the clustering on the label, cluster its units, plan and charge the shots per cluster.
+
+    Returns the plan, what is shown of the clusters (ids, DP sizes, shots: public) and the member
+    pools by partition.
+    """
+    from aggregation.accounting import cluster_partition
+    from aggregation.clusters import cluster_label, clustering_events, plan_in_clusters
+    from aggregation.embeddings import MiniLMEmbedder
+    from aggregation.evaluation.clustered import public_centroid_texts
+
+    texts: dict[str, list[str]] = {}
+    if cluster_config.method == "public":  # epsilon 0: the public prompt alone
+        texts = public_centroid_texts(source, prompt, [pool.label], config, cluster_config.clusters, 0)
+    for event in clustering_events(cluster_config):  # spend before a row is embedded
+        ledger.add(pool.label, event)
+    release = cluster_label(pool, MiniLMEmbedder(), cluster_config, noise, texts.get(pool.label, ()))
+    plan, members = plan_in_clusters(config, release, shots, delta)
+    for part, ev in plan.charges():
+        ledger.add(part, ev)
+    shots_in = {accounting_key: lp.shots for accounting_key, lp in plan.labels.items()}
+    released = [{"cluster": j, "noisy_size": round(s, 2),
+                 "shots": shots_in.get(cluster_partition(pool.label, j), 0)} for j, s in enumerate(release.noisy_sizes)]
+    return plan, released, members
+
+
+def _source(api_base: str | None, api_model: str | None, model: str | None, precision: PrecisionOpt):
+    """The next-token source: an OpenAI-compatible server, or the local model."""
+    if api_base:
+        from aggregation.sources.openai_compat import OpenAICompatSource
+
+        return OpenAICompatSource(model=api_model or "openai/default", api_base=api_base)
+    from aggregation.sources.local import LocalSource
+
+    try:
+        return LocalSource.from_pretrained(model, precision.value)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
 
 
 def register(app: typer.Typer) -> None:

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from proxy.cli.common import MechanismOpt, PrecisionOpt, fail as _fail
+from proxy.cli.common import ClusteringOpt, MechanismOpt, PrecisionOpt, fail as _fail
 
 
 def eval_command(
@@ -29,6 +29,8 @@ def eval_command(
     max_tokens: int = typer.Option(15, "--max-tokens", min=1, help="T: tokens per demonstration."),
     top_k: int = typer.Option(100, "--top-k", min=0, help="Public candidate tokens per step (0 = full vocabulary)."),
     label_hint: str = typer.Option("word", "--label-hint", help="What generation shows for a label: word (its label word) or alias (neutral 'type A', 'type B', ... over the task's labels); scored demonstrations keep the words."),
+    clusters: int = typer.Option(0, "--clusters", min=0, help="K private clusters per label (0 = off): each DP demonstration is drawn from its label's largest noisy cluster; the clustering is charged on the label (docs/privacy.md)."),
+    clustering: ClusteringOpt = typer.Option(ClusteringOpt.dp, "--clustering", help="Centroids of --clusters: dp (DP k-means on MiniLM embeddings) or public (embeddings of epsilon-0 demonstrations, no privacy cost)."),
     calibrate: bool = typer.Option(False, "--calibrate", help="Plot calibrated accuracy (the table always shows both)."),
     model: Optional[str] = typer.Option(None, help="Local model: smollm2 (default, SmolLM2-135M-Instruct), gemma3-270m, or a model directory."),
     precision: PrecisionOpt = typer.Option(PrecisionOpt.float32, help="Numeric precision of the model that generates demonstrations: float32, bfloat16, or int8 (one row per forward); ICL scoring stays float32."),
@@ -77,7 +79,16 @@ def eval_command(
         calibrate=calibrate,
         fidelity_demos=preset.fidelity_demos if fidelity_demos is None else fidelity_demos,
         precision=precision.value,
+        clusters=clusters,
+        clustering=clustering.value,
     )
+    if clusters and accuracy:
+        from aggregation.embeddings import minilm_path
+
+        try:  # the unit points are MiniLM embeddings: fail before the model loads
+            minilm_path()
+        except FileNotFoundError as exc:
+            _fail(f"--clusters: {exc}")
     try:
         task = evaluation.load_task(dataset)
     except (FileNotFoundError, DataError) as exc:
