@@ -80,8 +80,10 @@ def test_auto_width_is_released_once_and_reported(http):
 
 def test_auto_width_refused_by_budget_charges_nothing(http):
     app, client = http
-    upload(client, "d", jsonl_bytes(dataset_rows(30)), epsilon=0.05)
-    client.post("/admin/tasks", json=task_spec("a", "d", generation=AUTO))
+    upload(client, "d", jsonl_bytes(dataset_rows(30)), epsilon=5)
+    assert client.post("/admin/tasks", json=task_spec("a", "d", generation=AUTO)).status_code == 201
+    # Lowered after the task was accepted (a task's epsilon above the whole budget is refused at creation).
+    assert client.put("/admin/budget/d", json={"epsilon": 0.05}).status_code == 200
     out = client.post("/admin/tasks/a/demos", json={"wait": True})
     assert out.status_code == 402, out.text
     assert client.get("/admin/budget/d").json()["events"] == 0
