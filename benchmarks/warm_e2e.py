@@ -50,6 +50,10 @@ VARIANTS = {
     "block4-w128": {"mode": "block", "block_tokens": 4, "max_prompt_tokens": 128},
     "block2-w128": {"mode": "block", "block_tokens": 2, "max_prompt_tokens": 128},
     "block8-w128": {"mode": "block", "block_tokens": 8, "max_prompt_tokens": 128},
+    # max_prompt_tokens: auto (the width from the dataset's DP row-length release)
+    "fixed-auto": {"mode": "fixed", "max_prompt_tokens": "auto"},
+    "block4-auto": {"mode": "block", "block_tokens": 4, "max_prompt_tokens": "auto"},
+    "resample-auto": {"mode": "resample", "max_prompt_tokens": "auto"},
     "resample": {"mode": "resample"},
     "resample-w128": {"mode": "resample", "max_prompt_tokens": 128},
 }
