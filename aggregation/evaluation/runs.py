@@ -167,9 +167,9 @@ def run_eval(
         elif clusters.enabled:
             assert embed is not None
             if clusters.method == "public" and seed not in centroid_texts:
-                centroid_texts[seed] = public_centroid_texts(source, task.prompt, labels, settings.generation("fixed", INF),
+                centroid_texts[seed] = public_centroid_texts(source, gen_prompt, labels, settings.generation("fixed", INF),
                                                              clusters.clusters, seed)
-            sets = [clustered_demonstrations(source, task.prompt, pools, labels, settings.generation(mode, eps),
+            sets = [clustered_demonstrations(source, gen_prompt, pools, labels, settings.generation(mode, eps),
                                              clusters, embed, noise_seed(seed, mode, eps, *([f"set{j}"] if j else [])),
                                              delta, centroid_texts.get(seed))
                     for j in range(n_sets)]

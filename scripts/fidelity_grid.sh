@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The decision table of README "Fidelity against epsilon" (issue 19): every cell is one
+# `dpicl eval` directory under docs/eval/grid, run with --resume so a stopped grid continues
+# where it stopped; scripts/grid_table.py turns the directories into the table.
+#
+#   bash scripts/fidelity_grid.sh STAGE [STAGE ...]
+#
+# Stages (run in this order on 2 idle cores; minutes measured on this machine, see the README):
+#   ceiling  trec-opaque, fixed mode, words/aliases x clusters off/4/16 x dp/public, epsilon inf
+#   finite   the same grid at epsilon 1 and 4
+#   modes    the chosen configuration in resample and block k = 2, 4, 8 (epsilon 1, 4, inf)
+#   trec     trec and an unseen label mapping, fixed mode, chosen configuration and plain
+#
+# Every cell: M=10, N=2 (the task default), T=15, 5 seeds x 2 sets x 6 labels = 60 scored
+# demonstrations per row, 50 test questions for the ICL accuracy column.
+set -euo pipefail
+OUT=${GRID_OUT:-docs/eval/grid}
+SEEDS=${GRID_SEEDS:-5}
+mkdir -p "$OUT"
+
+cell() {  # NAME DATASET HINT K METHOD MODES EPSILONS [extra dpicl eval options]
+  local name=$1 dataset=$2 hint=$3 k=$4 method=$5 modes=$6 eps=$7
+  shift 7
+  echo "== $name: $dataset hint=$hint clusters=$k/$method modes=$modes epsilons=$eps $*"
+  dpicl eval --dataset "$dataset" --quick --seeds "$SEEDS" --n-test 50 --fidelity-demos 2 \
+    --label-hint "$hint" --clusters "$k" --clustering "$method" --modes "$modes" --epsilons "$eps" \
+    --resume --no-progress --out "$OUT/$name" "$@"
+}
+
+grid() {  # EPSILONS: trec-opaque fixed, every hint and clustering
+  for hint in alias word; do
+    cell "opaque-fixed-$hint-c0" trec-opaque "$hint" 0 dp fixed "$1"
+    for k in 4 16; do
+      for method in dp public; do
+        cell "opaque-fixed-$hint-c$k$method" trec-opaque "$hint" "$k" "$method" fixed "$1"
+      done
+    done
+  done
+}
+
+unseen_mapping() {  # TREC with label words the code has never seen (the mapping is data)
+  local f="$OUT/trec-unseen.jsonl"
+  if [ ! -s "$f" ]; then
+    dpicl data trec -o "$f.tmp"
+    python - "$f.tmp" "$f" <<'EOF'
+import json, sys
+words = {"NUM": "river", "LOC": "candle", "HUM": "tiger", "DESC": "copper", "ENTY": "window", "ABBR": "saddle"}
+with open(sys.argv[1]) as src, open(sys.argv[2], "w") as dst:
+    for line in src:
+        row = json.loads(line)
+        row["label"] = words[row["label"]]
+        dst.write(json.dumps(row) + "\n")
+EOF
+    rm "$f.tmp"
+  fi
+  echo "$f"
+}
+
+# The configuration the ceiling and finite stages chose (override to re-run the later stages).
+HINT=${GRID_HINT:-alias}
+K=${GRID_K:-4}
+METHOD=${GRID_METHOD:-dp}
+
+for stage in "$@"; do
+  case "$stage" in
+    ceiling) grid inf ;;
+    finite) grid 1,4,inf ;;
+    modes)
+      cell "opaque-resample-$HINT-c$K$METHOD" trec-opaque "$HINT" "$K" "$METHOD" resample 1,4,inf
+      for b in 2 4 8; do
+        cell "opaque-block$b-$HINT-c$K$METHOD" trec-opaque "$HINT" "$K" "$METHOD" block 1,4,inf --block-tokens "$b"
+      done ;;
+    trec)
+      unseen=$(unseen_mapping)
+      for ds in trec "$unseen"; do
+        tag=$([ "$ds" = trec ] && echo trec || echo unseen)
+        cell "$tag-fixed-$HINT-c$K$METHOD" "$ds" "$HINT" "$K" "$METHOD" fixed 1,4,inf
+        cell "$tag-fixed-word-c0" "$ds" word 0 dp fixed 1,4,inf
+      done ;;
+    *) echo "unknown stage $stage (ceiling, finite, modes, trec)" >&2; exit 2 ;;
+  esac
+done
