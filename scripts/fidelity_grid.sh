@@ -12,10 +12,14 @@
 #   trec     trec and an unseen label mapping, fixed mode, chosen configuration and plain
 #
 # Every cell: M=10, N=2 (the task default), T=15, 5 seeds x 2 sets x 6 labels = 60 scored
-# demonstrations per row, 50 test questions for the ICL accuracy column.
+# demonstrations per row, 50 test questions for the ICL accuracy column, prompts padded to 104
+# tokens (what `max_prompt_tokens: auto` derives for these prompts is 91-105; `width` re-runs the
+# chosen cell at the old default 256 to show that the narrower width costs no fidelity).
+#   one HINT K METHOD MODE [BLOCK]   a single trec-opaque configuration at epsilon 1, 4, inf
 set -euo pipefail
 OUT=${GRID_OUT:-docs/eval/grid}
 SEEDS=${GRID_SEEDS:-5}
+WIDTH=${GRID_WIDTH:-104}
 mkdir -p "$OUT"
 
 cell() {  # NAME DATASET HINT K METHOD MODES EPSILONS [extra dpicl eval options]
@@ -24,7 +28,7 @@ cell() {  # NAME DATASET HINT K METHOD MODES EPSILONS [extra dpicl eval options]
   echo "== $name: $dataset hint=$hint clusters=$k/$method modes=$modes epsilons=$eps $*"
   dpicl eval --dataset "$dataset" --quick --seeds "$SEEDS" --n-test 50 --fidelity-demos 2 \
     --label-hint "$hint" --clusters "$k" --clustering "$method" --modes "$modes" --epsilons "$eps" \
-    --resume --no-progress --out "$OUT/$name" "$@"
+    --max-prompt-tokens "$WIDTH" --resume --no-progress --out "$OUT/$name" "$@"
 }
 
 grid() {  # EPSILONS: trec-opaque fixed, every hint and clustering
@@ -61,6 +65,15 @@ HINT=${GRID_HINT:-alias}
 K=${GRID_K:-4}
 METHOD=${GRID_METHOD:-dp}
 
+if [ "${1:-}" = one ]; then
+  shift
+  hint=$1 k=$2 method=$3 mode=$4 block=${5:-}
+  tag=$mode${block}
+  cell "opaque-$tag-$hint-c$k$([ "$k" = 0 ] || echo "$method")" trec-opaque "$hint" "$k" "$method" "$mode" 1,4,inf \
+    ${block:+--block-tokens "$block"}
+  exit
+fi
+
 for stage in "$@"; do
   case "$stage" in
     ceiling) grid inf ;;
@@ -77,6 +90,7 @@ for stage in "$@"; do
         cell "$tag-fixed-$HINT-c$K$METHOD" "$ds" "$HINT" "$K" "$METHOD" fixed 1,4,inf
         cell "$tag-fixed-word-c0" "$ds" word 0 dp fixed 1,4,inf
       done ;;
-    *) echo "unknown stage $stage (ceiling, finite, modes, trec)" >&2; exit 2 ;;
+    width) WIDTH=256 cell "opaque-fixed-$HINT-c$K$METHOD-w256" trec-opaque "$HINT" "$K" "$METHOD" fixed inf ;;
+    *) echo "unknown stage $stage (ceiling, finite, modes, trec, width; or: one HINT K METHOD MODE [BLOCK])" >&2; exit 2 ;;
   esac
 done

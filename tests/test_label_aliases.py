@@ -86,3 +86,13 @@ def test_eval_settings_record_keeps_old_settings_files_resumable():
     from dataclasses import replace
 
     assert settings_record(replace(FULL, label_hint="alias"), "trec")["label_hint"] == "alias"
+
+
+def test_eval_settings_record_keeps_the_width_only_when_set():
+    """Directories written before --max-prompt-tokens (width 256) stay resumable; another width is
+    a different setting, so a resume into a directory of the other width is refused."""
+    from dataclasses import replace
+
+    assert "max_prompt_tokens" not in settings_record(FULL, "trec")
+    assert settings_record(replace(FULL, max_prompt_tokens=104), "trec")["max_prompt_tokens"] == 104
+    assert replace(FULL, max_prompt_tokens=104).generation("fixed", 1.0).max_prompt_tokens == 104

@@ -57,12 +57,16 @@ class EvalSettings:
     #: largest noisy cluster; ``clustering`` is ``dp`` (DP k-means) or ``public`` (epsilon-0 centroids).
     clusters: int = 0
     clustering: str = "dp"
+    #: Public width every private prompt is padded to (a task's ``generation.max_prompt_tokens``;
+    #: ``auto`` derives 89 for TREC at N=2: docs/serving.md).
+    max_prompt_tokens: int = 256
 
     def generation(self, mode: str, epsilon: float) -> GenerationConfig:
         return GenerationConfig(mode=mode, mechanism=self.mechanism,  # type: ignore[arg-type]
                                 num_subsets=self.num_subsets, shots_per_subset=self.shots_per_subset,
                                 max_tokens=self.max_tokens, top_k=self.top_k, epsilon=epsilon,
-                                block_tokens=self.block_tokens if mode == "block" else None)
+                                block_tokens=self.block_tokens if mode == "block" else None,
+                                max_prompt_tokens=self.max_prompt_tokens)
 
     def cluster_config(self) -> ClusterConfig:
         """The clustering of the DP rows (``clusters == 0``: off)."""

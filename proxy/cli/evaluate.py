@@ -28,6 +28,7 @@ def eval_command(
     shots_per_subset: int = typer.Option(2, "--shots-per-subset", min=1, help="N: expected records per subset."),
     max_tokens: int = typer.Option(15, "--max-tokens", min=1, help="T: tokens per demonstration."),
     top_k: int = typer.Option(100, "--top-k", min=0, help="Public candidate tokens per step (0 = full vocabulary)."),
+    max_prompt_tokens: int = typer.Option(256, "--max-prompt-tokens", min=16, help="Public width every private prompt is padded to (a task's generation.max_prompt_tokens; 'auto' derives 89 for TREC at N=2)."),
     label_hint: str = typer.Option("word", "--label-hint", help="What generation shows for a label: word (its label word) or alias (neutral 'type A', 'type B', ... over the task's labels); scored demonstrations keep the words."),
     clusters: int = typer.Option(0, "--clusters", min=0, help="K private clusters per label (0 = off): each DP demonstration is drawn from its label's largest noisy cluster; the clustering is charged on the label (docs/privacy.md)."),
     clustering: ClusteringOpt = typer.Option(ClusteringOpt.dp, "--clustering", help="Centroids of --clusters: dp (DP k-means on MiniLM embeddings) or public (embeddings of epsilon-0 demonstrations, no privacy cost)."),
@@ -81,6 +82,7 @@ def eval_command(
         precision=precision.value,
         clusters=clusters,
         clustering=clustering.value,
+        max_prompt_tokens=max_prompt_tokens,
     )
     if clusters and accuracy:
         from aggregation.embeddings import minilm_path

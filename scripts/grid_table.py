@@ -1,0 +1,153 @@
+"""The decision table of the fidelity grid (scripts/fidelity_grid.sh): one row per configuration and
+epsilon, from every `dpicl eval --out` directory under the grid folder.
+
+Per row: fidelity pooled over every scored demonstration (all seeds and sets) with its binomial 95 %
+interval; the paired difference against epsilon 0 of the same directory (same dataset, label hint and
+seeds), its mean over seeds, how many seeds were better, and whether it clears the spread: the
+difference minus twice its standard error (two independent binomial proportions) is above zero.
+
+Usage: python scripts/grid_table.py GRID_DIR [--out OUT.md] [--plot OUT.png]
+
+runs.csv holds numbers only (no text), so the table and the plot are safe to publish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from aggregation.evaluation import read_runs
+from aggregation.evaluation.settings import DP, PUBLIC, REAL, eps_text
+
+
+def _config(settings: dict, mode: str) -> dict:
+    k = settings.get("clusters", 0)
+    block = settings.get("block_tokens") or 4
+    return {
+        "dataset": settings["dataset"].split("/")[-1].removesuffix(".jsonl"),
+        "mode": f"block k={block}" if mode == "block" else mode,
+        "hint": settings.get("label_hint", "word"),
+        "clusters": f"{k} {settings.get('clustering', 'dp')}" if k else "off",
+    }
+
+
+def _pooled(runs: list) -> tuple[float, int]:
+    n = sum(r.fidelity_demos for r in runs)
+    hits = sum(r.fidelity * r.fidelity_demos for r in runs if r.fidelity_demos)
+    return (hits / n if n else math.nan), n
+
+
+def _half_width(p: float, n: int) -> float:
+    return 1.96 * math.sqrt(p * (1 - p) / n) if n else math.nan
+
+
+def rows(grid: Path) -> list[dict]:
+    """Every (directory, mode, epsilon) row with its pooled fidelity and paired difference."""
+    out = []
+    for d in sorted(p for p in grid.iterdir() if (p / "runs.csv").exists()):
+        settings = json.loads((d / "settings.json").read_text())
+        runs = read_runs(d / "runs.csv")
+        public = {r.seed: r for r in runs if r.row == PUBLIC}
+        p0, n0 = _pooled(list(public.values()))
+        groups: dict[tuple[str, str, float], list] = defaultdict(list)
+        for r in runs:
+            if r.row in (PUBLIC, REAL):
+                groups[(r.row, "", r.epsilon)].append(r)
+            elif r.row == DP:
+                groups[(r.row, r.mode, r.epsilon)].append(r)
+        for (row, mode, eps), rs in groups.items():
+            p, n = _pooled(rs)
+            cfg = _config(settings, mode) if row == DP else {**_config(settings, "fixed"), "mode": "-", "clusters": "-"}
+            seed_deltas = [r.fidelity - public[r.seed].fidelity for r in rs if r.seed in public and row != PUBLIC]
+            diff = p - p0 if row != PUBLIC else math.nan
+            se = math.sqrt(p * (1 - p) / n + p0 * (1 - p0) / n0) if n and n0 and row != PUBLIC else math.nan
+            totals = [r.epsilon_total for r in rs if math.isfinite(r.epsilon_total)]
+            out.append({**cfg, "dir": d.name, "row": row, "epsilon": eps,
+                        "epsilon_total": sum(totals) / len(totals) if totals else math.inf,
+                        "fidelity": p, "n": n, "diff": diff, "beyond": bool(diff - 2 * se > 0) if se == se else None,
+                        "better": sum(x > 0 for x in seed_deltas), "seeds": len(rs),
+                        "accuracy": sum(r.accuracy for r in rs) / len(rs),
+                        "seconds_per_demo": sum(r.generate_seconds for r in rs) / max(1, sum(r.fidelity_demos for r in rs))})
+    return out
+
+
+_ROW_NAMES = {PUBLIC: "ε 0 (public prompt)", REAL: "real examples", DP: "DP"}
+
+
+def markdown(table: list[dict]) -> str:
+    """The table, reference rows deduplicated per dataset and hint."""
+    head = ("| dataset | row | mode | label hint | clusters | ε (set) | ε incl. clustering | fidelity % (95 % interval) "
+            "| demos | Δ vs ε 0 (seeds better) | beyond spread | ICL accuracy % | s per demo |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    seen = set()
+    order = sorted(table, key=lambda r: (r["dataset"], r["row"] != PUBLIC, r["row"] != REAL, r["hint"], r["mode"],
+                                        r["clusters"], r["epsilon"]))
+    for r in order:
+        if r["row"] != DP:
+            key = (r["dataset"], r["row"], r["hint"] if r["row"] == PUBLIC else "")
+            if key in seen:
+                continue
+            seen.add(key)
+        p, n = r["fidelity"], r["n"]
+        diff = "-" if r["row"] == PUBLIC else f"{100 * r['diff']:+.1f} ({r['better']}/{r['seeds']})"
+        beyond = "-" if r["beyond"] is None else ("yes" if r["beyond"] else "no")
+        hint = r["hint"] if r["row"] != REAL else "-"
+        eps_total = "-" if r["row"] != DP else eps_text(round(r["epsilon_total"], 2))
+        secs = f"{r['seconds_per_demo']:.1f}" if r["row"] == DP else "-"
+        lines.append(f"| {r['dataset']} | {_ROW_NAMES[r['row']]} | {r['mode']} | {hint} | {r['clusters']} "
+                     f"| {eps_text(r['epsilon'])} | {eps_total} | {100 * p:.1f} ± {100 * _half_width(p, n):.1f} | {n} "
+                     f"| {diff} | {beyond} | {100 * r['accuracy']:.1f} | {secs} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], path: Path) -> None:
+    """Fidelity against epsilon, one line per DP configuration of the trec-opaque fixed grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = {0.0: 0, 1.0: 1, 4.0: 2, math.inf: 3}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, hint in zip(axes, ("word", "alias")):
+        lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        base = [r for r in table if r["dataset"] == "trec-opaque" and r["row"] == PUBLIC and r["hint"] == hint]
+        for r in table:
+            if r["dataset"] == "trec-opaque" and r["row"] == DP and r["hint"] == hint and r["epsilon"] in xs:
+                lines[f"{r['mode']}, clusters {r['clusters']}"].append((xs[r["epsilon"]], 100 * r["fidelity"]))
+        for name, pts in sorted(lines.items()):
+            pts = sorted(pts + [(0, 100 * b["fidelity"]) for b in base[:1]])
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+        real = [r for r in table if r["dataset"] == "trec-opaque" and r["row"] == REAL]
+        if real:
+            ax.axhline(100 * real[0]["fidelity"], color="grey", linestyle="--", label="real examples")
+        ax.set_xticks(list(xs.values()), ["0", "1", "4", "∞"])
+        ax.set_xlabel("ε per demonstration set")
+        ax.set_title(f"trec-opaque, label hint: {hint}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fidelity % (60 demonstrations per point)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("grid", type=Path)
+    ap.add_argument("--out", type=Path, help="write the markdown table here (default: print)")
+    ap.add_argument("--plot", type=Path, help="write the fidelity plot here")
+    args = ap.parse_args()
+    table = rows(args.grid)
+    text = markdown(table)
+    if args.out:
+        args.out.write_text(text)
+    print(text, end="")
+    if args.plot:
+        plot(table, args.plot)
+
+
+if __name__ == "__main__":
+    main()
