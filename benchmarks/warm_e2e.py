@@ -52,7 +52,9 @@ VARIANTS = {
     "block8-w128": {"mode": "block", "block_tokens": 8, "max_prompt_tokens": 128},
     # max_prompt_tokens: auto (the width from the dataset's DP row-length release)
     "fixed-auto": {"mode": "fixed", "max_prompt_tokens": "auto"},
+    "block2-auto": {"mode": "block", "block_tokens": 2, "max_prompt_tokens": "auto"},
     "block4-auto": {"mode": "block", "block_tokens": 4, "max_prompt_tokens": "auto"},
+    "block8-auto": {"mode": "block", "block_tokens": 8, "max_prompt_tokens": "auto"},
     "resample-auto": {"mode": "resample", "max_prompt_tokens": "auto"},
     "resample": {"mode": "resample"},
     "resample-w128": {"mode": "resample", "max_prompt_tokens": 128},

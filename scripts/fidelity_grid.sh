@@ -26,6 +26,13 @@ cell() {  # NAME DATASET HINT K METHOD MODES EPSILONS [extra dpicl eval options]
   local name=$1 dataset=$2 hint=$3 k=$4 method=$5 modes=$6 eps=$7
   shift 7
   echo "== $name: $dataset hint=$hint clusters=$k/$method modes=$modes epsilons=$eps $*"
+  # The reference rows (zero-shot, epsilon 0, real examples) do not depend on clustering or mode:
+  # take them from the plain fixed-mode cell of the same dataset and hint when it exists.
+  local ref="$OUT/${name%%-*}-fixed-$hint-c0" block=null
+  [ "${1:-}" = --block-tokens ] && block=$2
+  if [ "$OUT/$name" != "$ref" ] && [ -s "$ref/runs.csv" ] && [ "$WIDTH" = 104 ]; then
+    python scripts/grid_reference.py "$ref" "$OUT/$name" "clusters=$k" "clustering=$method" "block_tokens=$block"
+  fi
   dpicl eval --dataset "$dataset" --quick --seeds "$SEEDS" --n-test 50 --fidelity-demos 2 \
     --label-hint "$hint" --clusters "$k" --clustering "$method" --modes "$modes" --epsilons "$eps" \
     --max-prompt-tokens "$WIDTH" --resume --no-progress --out "$OUT/$name" "$@"
@@ -87,8 +94,9 @@ for stage in "$@"; do
       unseen=$(unseen_mapping)
       for ds in trec "$unseen"; do
         tag=$([ "$ds" = trec ] && echo trec || echo unseen)
-        cell "$tag-fixed-$HINT-c$K$METHOD" "$ds" "$HINT" "$K" "$METHOD" fixed 1,4,inf
         cell "$tag-fixed-word-c0" "$ds" word 0 dp fixed 1,4,inf
+        [ "$HINT" = word ] || cell "$tag-fixed-$HINT-c0" "$ds" "$HINT" 0 dp fixed 1,4,inf
+        [ "$K" = 0 ] || cell "$tag-fixed-$HINT-c$K$METHOD" "$ds" "$HINT" "$K" "$METHOD" fixed 1,4,inf
       done ;;
     width) WIDTH=256 cell "opaque-fixed-$HINT-c$K$METHOD-w256" trec-opaque "$HINT" "$K" "$METHOD" fixed inf ;;
     *) echo "unknown stage $stage (ceiling, finite, modes, trec, width; or: one HINT K METHOD MODE [BLOCK])" >&2; exit 2 ;;
