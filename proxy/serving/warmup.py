@@ -147,9 +147,12 @@ class Warmup:
         clusters_pending = counts_pending = False
         parts: dict[str, cl.Part] = {}
         if cl.clustered(task):  # the clusters' DP sizes replace the label histogram
-            plan, charges, parts = self._price_clusters(task, prep, width)
-            clusters_pending = bool(charges)
-            charges += plan.charges()
+            plan, pending, parts = self._price_clusters(task, prep, width)
+            clusters_pending = bool(pending)
+            charges = pending + plan.charges()
+            # Only released DP sizes are shown: a label still to be clustered was planned on an estimate.
+            unreleased = {lab for lab, _ in pending}
+            parts = {k: p for k, p in parts.items() if p.label not in unreleased}
         else:
             counts_pending = meta.noisy_counts is None and not task.generation.public_only
             pools = dict(meta.noisy_counts or {}) if not counts_pending else self._estimated_pools(meta, labels)
