@@ -136,10 +136,12 @@ def test_spend_comes_before_any_row_is_embedded_and_refusals_cost_nothing(tmp_pa
         # The clustering (charged on every label) plus the set does not fit: refused, nothing spent.
         refused = http.post("/admin/tasks/t/demos", json={"wait": True})
         assert_openai_error(refused, 402)
-        assert http.get("/admin/budget/qs").json()["ledger"] == [] and embed.seen == []
+        assert http.get("/admin/budget/qs").json()["ledger"] == [] and embed.seen == []  # nothing read
         http.put("/admin/budget/qs", json={"epsilon": 30})
         assert http.post("/admin/tasks/t/demos", json={"wait": True}).status_code == 200
-    assert embed.seen and all("clustering" in kinds for kinds, _ in embed.seen)
+    # The first call loads the embedder on one public text; every call that embeds rows comes after the charge.
+    assert embed.seen[0] == (set(), 1) and len(embed.seen) > 1
+    assert all("clustering" in kinds for kinds, _ in embed.seen[1:])
 
 
 def _released(tmp_path, name, rows, model_dir, fake) -> dict:

@@ -146,9 +146,9 @@ class ClusterReleases:
                 public_texts: PublicTexts, actor: str, reason: str) -> dict[str, LabelClusters]:
         """Each label's release: stored ones for free, missing ones charged, then computed and stored.
 
-        The charge (:meth:`pending`) is recorded before the rows are loaded or embedded; public
-        centroid texts (no private data) are written before it, so a generator that fails costs
-        nothing. Two processes racing may both pay; the first stored release wins.
+        The charge (:meth:`pending`) is recorded before the rows are loaded or embedded; the
+        embedder is loaded and public centroid texts (no private data) are written before it, so
+        an embedder or generator that fails costs nothing. Two processes racing may both pay; the first stored release wins.
         """
         cc = cluster_config(task)
         with self._locks_lock:
@@ -158,6 +158,7 @@ class ClusterReleases:
             missing = [label for label, r in have.items() if r is None]
             if not missing:
                 return {label: r for label, r in have.items() if r is not None}
+            embed(["a public text"])  # load the embedder now: one that cannot load costs nothing
             texts = public_texts(missing) if cc.method == "public" else {}
             self.budget.reserve(meta.id, self.pending(task, have), actor, reason, kind="clustering",
                                 ref=f"{meta.id} K={cc.clusters} {cc.method}")
