@@ -257,6 +257,9 @@ def test_cli_options_round_trip_and_budget_pages_show_cluster_partitions(tmp_pat
 
         bad = run("tasks", "add", "t", "--dataset", "qs", "--instruction", "Classify.", "--clustering", "kmeans")
         assert bad.exit_code != 0 and len([ln for ln in bad.stderr.splitlines() if ln.strip()]) == 1
+        big = run("tasks", "add", "t", "--dataset", "qs", "--instruction", "Classify.", "--clusters", "33")
+        assert big.exit_code != 0 and [ln for ln in big.stderr.splitlines() if ln.strip()][0].startswith("error:")
+        assert len([ln for ln in big.stderr.splitlines() if ln.strip()]) == 1 and "clusters" in big.stderr
         added = run("tasks", "add", "t", "--dataset", "qs", "--instruction", "Classify.", "--clusters", "3",
                     "--clustering", "public", "-g", "mode=fixed", "-g", "max_tokens=3", "-g", "num_subsets=2",
                     "-g", "shots_per_subset=1", "-g", "top_k=8", "--json")

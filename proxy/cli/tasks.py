@@ -67,9 +67,9 @@ def add(
     answer: Optional[str] = typer.Option(None, "--answer",
                                          help="text (the upstream's completion, default) or label (the label word "
                                               "the local model scores highest)."),
-    clusters: Optional[int] = typer.Option(None, "--clusters", min=0, max=32,
-                                           help="K private clusters per label (0 = off): one demonstration per "
-                                                "usable cluster, composed in parallel (generation.clusters)."),
+    clusters: Optional[int] = typer.Option(None, "--clusters",
+                                           help="K private clusters per label (0 = off, at most 32): one demonstration "
+                                                "per usable cluster, composed in parallel (generation.clusters)."),
     clustering: Optional[str] = typer.Option(None, "--clustering",
                                              help="Centroids of --clusters: dp (DP k-means, default) or public "
                                                   "(epsilon-0 demonstrations)."),
