@@ -8,7 +8,9 @@ charged on ``label#j`` of its cluster; views show cluster ids and DP sizes, neve
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import time
 import zlib
 
 import httpx
@@ -25,7 +27,7 @@ from proxy.config import TaskConfig
 from proxy.serving.clusters import LabelClusters, plan_clusters
 from proxy.serving.demos import PAYLOAD_VERSION, cache_key
 from proxy.store import open_store
-from proxy.store.base import NotFound
+from proxy.store.base import DatasetMeta, NotFound
 from tests.test_app_support import (  # noqa: F401 - fixtures
     ADMIN_KEY, CANARY, LABELS, LiveServer, admin_headers, assert_openai_error, dataset_rows, fake_upstream,
     jsonl_bytes, make_config, task_spec, tiny_model_dir, upload,
@@ -70,24 +72,21 @@ def _kinds(budget: dict, kind: str) -> list[tuple[str, dict]]:
     return [(e["partition"], e["event"]) for e in budget["ledger"] if e["kind"] == kind]
 
 
-def _serve(tmp_path, name="s"):
-    return create_app(make_config(f"sqlite:///{tmp_path / name}.db", FAKE_BASE[0], TINY[0], client_tasks=["*"]))
-
-
-FAKE_BASE: list[str] = [""]
-TINY: list[str] = [""]
-
-
 @pytest.fixture
-def env(fake_upstream, tiny_model_dir):
-    FAKE_BASE[0], TINY[0] = fake_upstream.base_url, tiny_model_dir
+def env(fake_upstream, tiny_model_dir) -> tuple[str, str]:
+    """(fake upstream URL, tiny local model directory)."""
+    return fake_upstream.base_url, tiny_model_dir
+
+
+def _serve(tmp_path, env, name="s"):
+    return create_app(make_config(f"sqlite:///{tmp_path / name}.db", env[0], env[1], client_tasks=["*"]))
 
 
 def test_clustering_is_charged_once_and_reused_by_later_warmups_and_tasks(tmp_path, env):
     """Real MiniLM. The first warm-up charges the clustering on each label partition (before a row
     is embedded) and each shot on ``label#j``; a second warm-up of the task and a second task on the
     same dataset version add no clustering charge; the label histogram is not released."""
-    app = _serve(tmp_path)
+    app = _serve(tmp_path, env)
     with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=600, headers=admin_headers()) as http:
         assert upload(http, "qs", jsonl_bytes(dataset_rows(40)), labels=LABELS, epsilon=50).status_code == 201
         gen = {**FAST, "clusters": 2}
@@ -126,7 +125,7 @@ def test_clustering_is_charged_once_and_reused_by_later_warmups_and_tasks(tmp_pa
 
 
 def test_spend_comes_before_any_row_is_embedded_and_refusals_cost_nothing(tmp_path, env):
-    app = _serve(tmp_path)
+    app = _serve(tmp_path, env)
     embed = FakeEmbed(app, "qs")
     with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=600, headers=admin_headers()) as http:
         embed.install()
@@ -144,9 +143,9 @@ def test_spend_comes_before_any_row_is_embedded_and_refusals_cost_nothing(tmp_pa
     assert all("clustering" in kinds for kinds, _ in embed.seen[1:])
 
 
-def _released(tmp_path, name, rows, model_dir, fake) -> dict:
+def _released(tmp_path, name, rows, env) -> dict:
     """Upload ``rows``, warm a clustered task over the whole domain; what leaves the process."""
-    app = create_app(make_config(f"sqlite:///{tmp_path / name}.db", fake, model_dir, client_tasks=["*"]))
+    app = _serve(tmp_path, env, name)
     with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=600, headers=admin_headers()) as http:
         FakeEmbed(app, "tickets").install()
         ds = upload(http, "tickets", jsonl_bytes(rows), labels=DOMAIN, epsilon=40).json()
@@ -177,8 +176,8 @@ def test_neighbouring_datasets_differ_only_through_the_cluster_sizes(tmp_path, m
     monkeypatch.setattr(proxy.serving.clusters, "Noise", _ZeroNoise)
     d = dataset_rows(30)
     d_plus = d + [{"text": f"the one rare record {CANARY}", "label": EMPTY}]
-    a = _released(tmp_path, "d", d, TINY[0], FAKE_BASE[0])
-    b = _released(tmp_path, "d_plus", d_plus, TINY[0], FAKE_BASE[0])
+    a = _released(tmp_path, "d", d, env)
+    b = _released(tmp_path, "d_plus", d_plus, env)
     assert a["status"] == b["status"] == (200, 200)
     assert sorted(a["sizes"][EMPTY]) == [0.0, 0.0] and sorted(b["sizes"][EMPTY]) == [0.0, 1.0]  # the one difference
     assert {k: v for k, v in a["sizes"].items() if k != EMPTY} == {k: v for k, v in b["sizes"].items() if k != EMPTY}
@@ -205,7 +204,7 @@ def test_plan_spreads_shots_over_usable_clusters_and_composes_them_in_parallel()
 
 
 def test_creation_refuses_what_cannot_run(tmp_path, env, monkeypatch):
-    app = _serve(tmp_path)
+    app = _serve(tmp_path, env)
     with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=600, headers=admin_headers()) as http:
         upload(http, "qs", jsonl_bytes(dataset_rows(5)), labels=LABELS)
         for gen in ({"clusters": 2, "public_only": True}, {"clusters": 33}, {"clusters": -1},
@@ -220,10 +219,6 @@ def test_creation_refuses_what_cannot_run(tmp_path, env, monkeypatch):
 
 
 def test_cache_key_changes_only_when_clusters_are_on():
-    import hashlib
-
-    from proxy.store.base import DatasetMeta
-
     meta = DatasetMeta(id="ds_1", rows=3, created_at=0.0, budget_epsilon=4.0, budget_delta=1e-5, labels=LABELS,
                        name="qs", version=1)
     plain = TaskConfig.model_validate(task_spec("t", "qs"))
@@ -243,7 +238,7 @@ def test_cache_key_changes_only_when_clusters_are_on():
 
 
 def test_cli_options_round_trip_and_budget_pages_show_cluster_partitions(tmp_path, env):
-    app = _serve(tmp_path)
+    app = _serve(tmp_path, env)
     cli_env = {"DPICL_URL": "", "DPICL_ADMIN_KEY": ADMIN_KEY, "COLUMNS": "200"}
     with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=600, headers=admin_headers()) as http:
         cli_env["DPICL_URL"] = srv.url
@@ -272,7 +267,6 @@ def test_cli_options_round_trip_and_budget_pages_show_cluster_partitions(tmp_pat
             view = http.get("/admin/warmups").json()["data"][0]
             if view["state"] in ("done", "failed"):
                 break
-            import time
             time.sleep(0.2)
         assert view["state"] == "done", view
         demos = run("tasks", "demos", "t")
