@@ -124,8 +124,9 @@ def test_clustering_is_charged_once_and_reused_by_later_warmups_and_tasks(tmp_pa
         assert CANARY not in text and "centroid" not in text
 
 
-def test_spend_comes_before_any_row_is_embedded_and_refusals_cost_nothing(tmp_path, env):
-    app = _serve(tmp_path, env)
+def test_spend_comes_before_any_row_is_embedded_and_refusals_cost_nothing(store_url, env):
+    """On both backends (a real redis-server for Redis): the release is stored and reused there."""
+    app = create_app(make_config(store_url, env[0], env[1], client_tasks=["*"]))
     embed = FakeEmbed(app, "qs")
     with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=600, headers=admin_headers()) as http:
         embed.install()
@@ -138,6 +139,10 @@ def test_spend_comes_before_any_row_is_embedded_and_refusals_cost_nothing(tmp_pa
         assert http.get("/admin/budget/qs").json()["ledger"] == [] and embed.seen == []  # nothing read
         http.put("/admin/budget/qs", json={"epsilon": 30})
         assert http.post("/admin/tasks/t/demos", json={"wait": True}).status_code == 200
+        http.delete("/admin/tasks/t/demos")
+        assert http.post("/admin/tasks/t/demos", json={"wait": True}).status_code == 200
+        kinds = [e["kind"] for e in http.get("/admin/budget/qs").json()["ledger"]]
+        assert kinds.count("clustering") == 2 * len(LABELS) and "histogram" not in kinds  # charged once
     # The first call loads the embedder on one public text; every call that embeds rows comes after the charge.
     assert embed.seen[0] == (set(), 1) and len(embed.seen) > 1
     assert all("clustering" in kinds for kinds, _ in embed.seen[1:])
