@@ -166,6 +166,8 @@ def _released(tmp_path, name, rows, env) -> dict:
         keys = app.state.demos.warmup._release_keys(task, DOMAIN, None)
         sizes = {lab: store.get_cluster_release(meta.id, k)["noisy_sizes"] for lab, k in keys.items()}
         payload = cached["demonstrations"]
+        for label, used in payload["clusters"].items():  # what is shown is the stored DP release
+            assert all(c["noisy_size"] == round(sizes[label][c["cluster"]], 2) for c in used)
         assert CANARY not in json.dumps([dry.json(), warm.json(), cached, budget])
         return {"status": (dry.status_code, warm.status_code), "key": key, "sizes": sizes,
                 "ledger": [(e["kind"], e["partition"], e["event"]) for e in budget["ledger"]],
