@@ -207,6 +207,7 @@ class BudgetService:
         with cached.lock:
             self._advance(cached, entries)
             spent = cached.ledger.spent()
+            per_partition = cached.ledger.per_partition()
         charges = [e for e in entries if e.kind != "reset"]
         out: dict[str, Any] = {
             "object": "budget", "name": pop.name, "epsilon_budget": pop.budget_epsilon,
@@ -216,6 +217,9 @@ class BudgetService:
             "epsilon_remaining": finite_or_none(max(0.0, pop.budget_epsilon - spent)) if math.isfinite(spent) else None,
             "versions": list(pop.versions), "events": len(charges),
             "resets": sum(1 for e in entries if e.kind == "reset"),
+            # Spent epsilon per partition: "*", a label, or "label#j" (cluster j of a label, whose
+            # events compose with the label's); ``version/...`` once several versions were charged.
+            "partitions": {p: finite_or_none(v) for p, v in sorted(per_partition.items())},
         }
         if include_ledger:
             out["ledger"] = [_ledger_view(e) for e in entries]

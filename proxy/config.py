@@ -97,6 +97,11 @@ class GenerationSettings(_Strict):
     #: neutral public alias, "type A", "type B", ... by position in the task's label domain, also
     #: in the instruction); the injected demonstrations always carry the real label words.
     label_hint: Literal["word", "alias"] = "word"
+    #: K private clusters per label (0 = off): each demonstration reads one cluster of similar
+    #: units, charged on partition ``label#j`` (proxy.serving.clusters); centroids by DP k-means
+    #: (``dp``) or from epsilon-0 demonstrations (``public``). Not part of the cache key while 0.
+    clusters: int = Field(0, ge=0, le=32)
+    clustering: Literal["dp", "public"] = "dp"
 
     @model_validator(mode="before")
     @classmethod
@@ -119,6 +124,8 @@ class GenerationSettings(_Strict):
                 raise ValueError("the public_prior mechanism needs clip or temperature (the other is calibrated)")
         elif self.clip is not None:
             raise ValueError("clip applies to the public_prior mechanism only")
+        if self.clusters and self.public_only:
+            raise ValueError("clusters need private generation: public_only reads no rows to cluster")
         return self
 
 

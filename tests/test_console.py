@@ -174,6 +174,8 @@ def test_console_partial_pages_budget_history_steps_names_and_defaults(live, bro
     assert page.input_value(form + "select[name=mode]") == gen["mode"].default
     assert int(page.input_value(form + "input[name=max_tokens]")) == gen["max_tokens"].default
     assert int(page.input_value(form + "input[name=num_subsets]")) == gen["num_subsets"].default
+    assert int(page.input_value(form + "input[name=clusters]")) == gen["clusters"].default  # 0: off
+    assert page.input_value(form + "select[name=clustering]") == gen["clustering"].default
 
     _go(page, srv.url, "budgets")
     page.wait_for_selector('[data-chart="qs"] canvas')

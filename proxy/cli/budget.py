@@ -87,6 +87,10 @@ def show(name: Optional[str] = typer.Argument(None, help="Dataset name or a vers
     view = normalize(rec)
     fields(view, ["name", "epsilon_budget", "epsilon_spent", "epsilon_remaining", "delta_budget", "delta_spent",
                   "versions", "events"])
+    parts = view.get("partitions") or view.get("per_partition") or {}
+    if parts:  # "label#j" is cluster j of a label (generation.clusters)
+        table([{"partition": p, "spent": v} for p, v in parts.items()],
+              [("label / partition", _partition), ("spent epsilon", lambda r: r.get("spent"))], title="partitions")
     table(view.get("ledger", view.get("entries", [])), _LEDGER, title="ledger", empty="no spending yet")
 
 

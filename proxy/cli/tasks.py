@@ -67,6 +67,12 @@ def add(
     answer: Optional[str] = typer.Option(None, "--answer",
                                          help="text (the upstream's completion, default) or label (the label word "
                                               "the local model scores highest)."),
+    clusters: Optional[int] = typer.Option(None, "--clusters",
+                                           help="K private clusters per label (0 = off, at most 32): one demonstration "
+                                                "per usable cluster, composed in parallel (generation.clusters)."),
+    clustering: Optional[str] = typer.Option(None, "--clustering",
+                                             help="Centroids of --clusters: dp (DP k-means, default) or public "
+                                                  "(epsilon-0 demonstrations)."),
     generation: List[str] = typer.Option([], "--gen", "-g",
                                          help="Generation setting KEY=VALUE, e.g. -g max_tokens=20 -g mode=fixed."),
     file: Optional[Path] = typer.Option(None, "--file", exists=True, dir_okay=False,
@@ -100,8 +106,11 @@ def add(
         spec["labels"] = list(label)
     if label_word:
         spec["label_words"] = {**(spec.get("label_words") or {}), **_pairs(label_word, "--label-word")}
-    if generation:
-        gen = {k: _value(v) for k, v in _pairs(generation, "--gen").items()}
+    gen = {k: _value(v) for k, v in _pairs(generation, "--gen").items()}
+    if clustering is not None and clustering not in ("dp", "public"):
+        die("--clustering takes dp or public", 2)
+    gen.update({k: v for k, v in {"clusters": clusters, "clustering": clustering}.items() if v is not None})
+    if gen:
         spec["generation"] = {**(spec.get("generation") or {}), **gen}
     with AdminClient(url, admin_key) as api:
         params = {"allow_missing_dataset": "true"} if allow_missing_dataset else None
@@ -153,8 +162,10 @@ def _print_demos(rec: dict[str, Any]) -> None:
     demos = rec.get("demonstrations")
     if isinstance(demos, dict):  # GET /demos nests the cached payload
         demos = demos.get("demos")
-    table(demos or [], [("label", lambda d: d.get("label")), ("demonstration (DP output)", lambda d: d.get("text"))],
-          empty="no demonstrations cached")
+    columns = [("label", lambda d: d.get("label")), ("demonstration (DP output)", lambda d: d.get("text"))]
+    if any("cluster" in d for d in demos or []):  # clustered sets: cluster id and its DP size
+        columns[1:1] = [("cluster", lambda d: d.get("cluster")), ("noisy size", lambda d: d.get("cluster_size"))]
+    table(demos or [], columns, empty="no demonstrations cached")
 
 
 def _follow(api: AdminClient, view: dict[str, Any], interval: float) -> dict[str, Any]:

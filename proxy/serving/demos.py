@@ -50,7 +50,7 @@ def cache_key(task: TaskConfig, meta: DatasetMeta, generator_id: str) -> str:
         "dataset_id": meta.id,
         "dataset_version": meta.version,
         "template": task.template_hash(),
-        "generation": task.generation.model_dump(mode="json"),
+        "generation": _generation_key(task),
         "epsilon": repr(float(task.epsilon)),
         "shots": task.shots,
         "labels": task_labels(task, meta),
@@ -59,6 +59,16 @@ def cache_key(task: TaskConfig, meta: DatasetMeta, generator_id: str) -> str:
         "v": PAYLOAD_VERSION,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def _generation_key(task: TaskConfig) -> dict[str, Any]:
+    """The generation settings in the cache key; clustering only when it is on, so that tasks
+    written before it existed keep their cache keys (and their cached sets)."""
+    gen = task.generation.model_dump(mode="json")
+    if not gen.get("clusters"):
+        gen.pop("clusters", None)
+        gen.pop("clustering", None)
+    return gen
 
 
 @dataclass

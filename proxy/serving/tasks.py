@@ -109,6 +109,12 @@ def task_problem(task: TaskConfig, meta: DatasetMeta) -> str | None:
             return f"labels {missing} are not labels of dataset {meta.name!r}"
     if task.generation.public_only:
         return None  # reads no private data and costs nothing
+    if task.generation.clusters:
+        from proxy.serving.clusters import embedder_problem
+
+        problem = embedder_problem()
+        if problem:
+            return problem
     if math.isinf(task.epsilon):
         if not meta.public:
             return f"infinite epsilon (no noise) is only allowed on datasets marked public; {meta.name!r} is not"

@@ -20,6 +20,8 @@ from typing import Any, Callable
 import dp_accounting as dpa
 
 from aggregation.accounting import WHOLE_DATASET
+from aggregation.embeddings import CachedEmbedder
+from aggregation.evaluation.clustered import public_centroid_texts
 from aggregation.fewshot import COUNT_SIGMA, Plan, generate_demonstration, plan_demonstrations
 from aggregation.mechanisms import Noise
 from aggregation.prompts import Example
@@ -31,6 +33,7 @@ from proxy.config import TaskConfig
 from proxy.errors import APIError
 from proxy.logs import log_event
 from proxy.metrics import Metrics
+from proxy.serving import clusters as cl
 from proxy.serving.calibrations import StoreCalibrationCache
 from proxy.serving.generators import Generators
 from proxy.serving.tasks import generation_config, task_prompt
@@ -77,18 +80,26 @@ class Warmup:
         self.generators = generators
         #: Calibrations shared through the store: a repeated plan (dry run, 202, start) answers at once.
         self.calibrations = StoreCalibrationCache(store)
+        #: Per-label cluster releases of clustered tasks (charged once, shared by every task).
+        self.clusters = cl.ClusterReleases(store, budget)
+        #: The sentence embedder of clustered tasks (tests may replace it); loaded on first use.
+        self.embedder: cl.Embed | None = None
         #: Generation is CPU-heavy: one at a time per process.
         self._gen_lock = threading.Lock()
 
     def _plan(self, task: TaskConfig, meta: DatasetMeta, labels: list[str],
-              pool_sizes: dict[str, float]) -> Plan:
+              pool_sizes: dict[str, float], releases: dict[str, cl.LabelClusters] | None = None,
+              ) -> tuple[Plan, dict[str, cl.Part]]:
+        """The set's plan from public inputs (keyed by label, or by ``label#j`` inside clusters)."""
         config = generation_config(task)
         if not config.private and not config.public_only and not meta.public:
             raise APIError(400, f"task {task.name!r} has infinite epsilon (no noise), which is only allowed on "
                                 f"datasets marked public", "not_private")
         try:
+            if releases is not None:
+                return cl.plan_clusters(config, releases, labels, task.shots, meta.budget_delta, self.calibrations)
             return plan_demonstrations(config, {lab: task.shots for lab in labels}, pool_sizes,
-                                       meta.budget_delta, cache=self.calibrations)
+                                       meta.budget_delta, cache=self.calibrations), {}
         except ValueError as exc:
             # Messages name labels and DP-estimated sizes only (admin-facing).
             raise APIError(400, f"task {task.name!r}: {exc}", "invalid_generation") from None
@@ -114,17 +125,41 @@ class Warmup:
             return Width(None, auto=True)
         return from_release(task, self.generators.source(task), task_prompt(task), prep.labels, release)
 
+    def _release_keys(self, task: TaskConfig, labels: list[str], width: int | None) -> dict[str, str]:
+        return cl.release_keys(task, labels, task_prompt(task, labels), generation_config(task, width),
+                               self.generators.generator_id(task))
+
+    def _price_clusters(self, task: TaskConfig, prep: Prepared, width: Width
+                        ) -> tuple[Plan, list[tuple[str, dpa.DpEvent]], dict[str, cl.Part]]:
+        """Plan and pending release charges of a clustered task (estimated sizes where no release
+        exists yet: admin-only, like :meth:`_estimated_pools`)."""
+        have = self.clusters.stored(prep.meta, self._release_keys(task, prep.labels, width.width))
+        guess = cl.estimated(task, prep.meta, prep.labels)
+        sizes = {lab: r if r is not None else guess[lab] for lab, r in have.items()}
+        plan, parts = self._plan(task, prep.meta, prep.labels, {}, sizes)
+        return plan, self.clusters.pending(task, have), parts
+
     def price(self, task: TaskConfig, prep: Prepared, actor: str) -> dict[str, Any]:
         """Dry run: what generating the set would cost now (nothing is charged or read)."""
         meta, labels = prep.meta, prep.labels
         cached = self.store.get_demos(prep.key) is not None
-        counts_pending = meta.noisy_counts is None and not task.generation.public_only
-        pools = dict(meta.noisy_counts or {}) if not counts_pending else self._estimated_pools(meta, labels)
-        plan = self._plan(task, meta, labels, pools)
-        charges = list(plan.charges())
-        if counts_pending:
-            charges.insert(0, (WHOLE_DATASET, dpa.GaussianDpEvent(COUNT_SIGMA)))
         width = self.width(task, prep)
+        clusters_pending = counts_pending = False
+        parts: dict[str, cl.Part] = {}
+        if cl.clustered(task):  # the clusters' DP sizes replace the label histogram
+            plan, pending, parts = self._price_clusters(task, prep, width)
+            clusters_pending = bool(pending)
+            charges = pending + plan.charges()
+            # Only released DP sizes are shown: a label still to be clustered was planned on an estimate.
+            unreleased = {lab for lab, _ in pending}
+            parts = {k: p for k, p in parts.items() if p.label not in unreleased}
+        else:
+            counts_pending = meta.noisy_counts is None and not task.generation.public_only
+            pools = dict(meta.noisy_counts or {}) if not counts_pending else self._estimated_pools(meta, labels)
+            plan, _ = self._plan(task, meta, labels, pools)
+            charges = list(plan.charges())
+            if counts_pending:
+                charges.insert(0, (WHOLE_DATASET, dpa.GaussianDpEvent(COUNT_SIGMA)))
         if width.auto and width.width is None:
             charges.insert(0, (WHOLE_DATASET, width_event()))  # the row-length release, charged once
         res = self.budget.reserve(meta.id, charges, actor, f"dry run: task {task.name}", dry_run=True)
@@ -137,8 +172,9 @@ class Warmup:
             "budget_delta": res.budget_delta, "fits": res.fits,
             # Before the first real warm-up the per-label pool sizes are estimated (the DP counts,
             # charged once, are released then), so the cost is approximate.
-            "estimate": (counts_pending or width.width is None) and not cached,
+            "estimate": (clusters_pending or counts_pending or width.width is None) and not cached,
             "decisions": _decisions(plan),
+            **({"clusters": cl.shown(parts, plan)} if parts else {}),
             # The prompt width (DP-derived for ``auto``; null until the row-length release exists).
             "prompt_width": width.to_dict(),
         }
@@ -175,6 +211,7 @@ class Warmup:
         meta, labels = prep.meta, prep.labels
         reason = f"task {task.name} demos {prep.key[:12]}"
         config = generation_config(task)
+        embed = CachedEmbedder(self.embedder or cl.shared_embedder())  # this warm-up's only: rows stay here
         entered = time.perf_counter()
         load_s = 0.0  # loading the generator model (the first warm-up of a process)
         # epsilon_cost is the increase of the name's spent epsilon, the one-time count release
@@ -189,22 +226,31 @@ class Warmup:
                 # A generator that cannot count tokens cannot derive a width: refused (400) before
                 # anything is charged; loading it first also keeps a missing model uncharged.
                 count = counter(task, self.generators.source(task))
-            if config.public_only:
-                pools: dict[str, float] = {}
-            else:
-                pending = [dpa.GaussianDpEvent(COUNT_SIGMA)] if meta.noisy_counts is None else []
+            pools: dict[str, float] = {}
+            releases: dict[str, cl.LabelClusters] | None = None
+            clustered = cl.clustered(task)
+            if clustered and self.embedder is None and cl.embedder_problem():
+                raise APIError(501, f"{cl.embedder_problem()}; nothing was charged", "missing_extra")
+            if not config.public_only:
+                pending: list[tuple[str, dpa.DpEvent]] = []
+                if clustered:  # the clusters' DP sizes replace the label histogram
+                    pending += self._price_clusters(task, prep, width)[1]
+                elif meta.noisy_counts is None:
+                    pending.append((WHOLE_DATASET, dpa.GaussianDpEvent(COUNT_SIGMA)))
                 if auto and self._stored_release(task, meta) is None:
-                    pending.append(width_event())
+                    pending.append((WHOLE_DATASET, width_event()))
                 if pending:
                     # Refuse hopeless requests before a one-time release is charged. The
                     # estimate uses the exact row count, which the admin already knows (upload
                     # answer) but a client must not learn from a refusal: for clients only the
                     # releases themselves, data-independent costs, are checked first.
-                    trial = [(WHOLE_DATASET, e) for e in pending]
-                    if admin:
+                    trial = list(pending)
+                    if admin and clustered:
+                        trial += self._price_clusters(task, prep, width)[0].charges()
+                    elif admin:
                         known = meta.noisy_counts
-                        estimate = self._plan(task, meta, labels, dict(known) if known is not None
-                                              else self._estimated_pools(meta, labels))
+                        estimate, _ = self._plan(task, meta, labels, dict(known) if known is not None
+                                                 else self._estimated_pools(meta, labels))
                         trial += list(estimate.charges())
                     res = self.budget.reserve(meta.id, trial, actor, reason, dry_run=True, kind="warmup")
                     if not res.fits:
@@ -216,13 +262,16 @@ class Warmup:
                 loading = time.perf_counter()
                 self._load_source(task)  # before the first charge: a model that cannot load costs nothing
                 load_s = time.perf_counter() - loading
-                pools = self.budget.noisy_counts(meta.id, actor, f"noisy pool sizes for task {task.name}")
+                if not clustered:
+                    pools = self.budget.noisy_counts(meta.id, actor, f"noisy pool sizes for task {task.name}")
                 if auto:
                     release = self.budget.width_release(meta.id, self.generators.generator_id(task), count, actor,
                                                         f"row lengths for task {task.name}")
                     width = from_release(task, self.generators.source(task), task_prompt(task), labels, release)
                     config = generation_config(task, width.width)
-            plan = self._plan(task, meta, labels, pools)
+                if clustered:
+                    releases = self._release_clusters(task, prep, config, width, embed, actor)
+            plan, parts = self._plan(task, meta, labels, pools, releases)
             # The spend is recorded BEFORE any private row is read.
             res = self.budget.reserve(meta.id, plan.charges(), actor, reason, kind="warmup", ref=task.name)
         except BudgetExceeded as exc:
@@ -257,6 +306,9 @@ class Warmup:
                 # in one label's pool, and sampling draws units, then one row of each.
                 pools_rows = unit_pools([Example(t, lab, unit=u) for t, lab, u in rows], meta.labels)
                 del rows
+            if releases is not None:  # after the charge: each unit's cluster, from its own rows
+                pools_rows = cl.member_pools(pools_rows, releases, parts, embed, cl.cluster_config(task))
+            jobs = [(key, p.label) for key, p in parts.items()] if parts else [(lab, lab) for lab in labels]
             demos: list[dict[str, Any]] = []
             empty: list[str] = []
             tokens = 0
@@ -267,15 +319,15 @@ class Warmup:
                 if progress is not None:
                     progress(done + step + 1, total)
 
-            for label in labels:
-                if plan.labels[label].decision == "skip":
-                    done += task.shots * config.max_tokens
+            for key, label in jobs:
+                lp = plan.labels[key]
+                if lp.decision == "skip":
+                    done += lp.shots * config.max_tokens
                     continue  # decided from the noisy count and public settings (see "decisions")
-                for _ in range(task.shots):
+                for _ in range(lp.shots):
                     one = time.perf_counter()
-                    d = generate_demonstration(source, prompt, pools_rows.get(label, []), label, config,
-                                               plan.labels[label], noise, on_token=on_token,
-                                               should_stop=should_stop)
+                    d = generate_demonstration(source, prompt, pools_rows.get(key, []), label, config,
+                                               lp, noise, on_token=on_token, should_stop=should_stop)
                     generating_s += time.perf_counter() - one
                     if d.stopped:
                         del pools_rows
@@ -289,7 +341,7 @@ class Warmup:
                         if label not in empty:
                             empty.append(label)
                         continue
-                    demos.append({"text": d.text, "label": label})
+                    demos.append({"text": d.text, "label": label, **cl.demo_fields(parts.get(key))})
             del pools_rows
         payload = {
             "version": PAYLOAD_VERSION,
@@ -301,6 +353,9 @@ class Warmup:
             "empty_labels": empty,
             # Which rule applied to each label: from the DP count and public settings only.
             "decisions": _decisions(plan),
+            # Clustered sets: the clusters used, with their DP sizes (ids and DP counts only).
+            **({"clustering": {"clusters": task.generation.clusters, "method": task.generation.clustering},
+                "clusters": cl.shown(parts, plan)} if releases is not None else {}),
             "epsilon": _num(plan.epsilon()),
             "delta": meta.budget_delta,
             "generator": self.generators.generator_id(task),
@@ -321,6 +376,17 @@ class Warmup:
                 "epsilon_cost": _num(max(res.epsilon, res.spent_after - spent_before)),
                 "spent_epsilon": _num(res.spent_after),
                 "remaining_epsilon": _num(max(0.0, res.remaining))}
+
+    def _release_clusters(self, task: TaskConfig, prep: Prepared, config: Any, width: Width, embed: cl.Embed,
+                          actor: str) -> dict[str, cl.LabelClusters]:
+        """The labels' cluster releases (charged once per dataset version and settings)."""
+        source, prompt = self.generators.source(task), task_prompt(task, prep.labels)
+
+        def public_texts(missing: Any) -> dict[str, list[str]]:  # epsilon 0: the public prompt alone
+            return public_centroid_texts(source, prompt, missing, config, task.generation.clusters, 0)
+
+        return self.clusters.release(task, prep.meta, self._release_keys(task, prep.labels, width.width), embed,
+                                     public_texts, actor, f"clusters for task {task.name}")
 
 
 def _timings(total: float, forward: float, sampling: float, accounting: float, store: float,

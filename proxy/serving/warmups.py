@@ -73,6 +73,8 @@ def result_view(task: str, result: dict[str, Any]) -> dict[str, Any]:
         "empty_labels": payload.get("empty_labels", []),
         # Which rule applied to each label (private / public fallback / skip), from the DP count.
         "decisions": payload.get("decisions"),
+        # Clustered sets: the clusters used with their DP sizes (each demonstration names its cluster).
+        **({"clusters": payload["clusters"]} if "clusters" in payload else {}),
         # The prompt width used and, for ``auto``, the DP share of units it fits (admin view).
         "prompt_width": payload.get("prompt_width"),
     }

@@ -39,6 +39,7 @@ from proxy.store.base import (
     demo_filter,
 )
 from proxy.store.client_keys import SQLITE_SCHEMA, SqliteClientKeys
+from proxy.store.clusters import SQLITE_SCHEMA as CLUSTERS_SCHEMA, SqliteClusterReleases
 from proxy.store.sqlite_migrate import ROWS_TABLE, migrate_if_needed, rebuild_rows_table
 from proxy.store.sqlite_uploads import SQLITE_SCHEMA as UPLOADS_SCHEMA
 from proxy.store.sqlite_uploads import SqliteUploads
@@ -115,7 +116,7 @@ CREATE TABLE IF NOT EXISTS blobs (
     data BLOB NOT NULL
 );
 INSERT OR IGNORE INTO schema_info (key, value) VALUES ('version', '2');
-""" + ROWS_TABLE + ";" + SQLITE_SCHEMA + WARMUPS_SCHEMA + UPLOADS_SCHEMA + WIDTHS_SCHEMA
+""" + ROWS_TABLE + ";" + SQLITE_SCHEMA + WARMUPS_SCHEMA + UPLOADS_SCHEMA + WIDTHS_SCHEMA + CLUSTERS_SCHEMA
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
@@ -124,7 +125,7 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-class SqliteStore(SqliteClientKeys, SqliteWarmups, SqliteUploads, SqliteWidthReleases, Store):
+class SqliteStore(SqliteClientKeys, SqliteWarmups, SqliteUploads, SqliteWidthReleases, SqliteClusterReleases, Store):
     """:class:`~proxy.store.base.Store` on one SQLite file (created with its parent directory)."""
 
     def __init__(self, path: str | os.PathLike[str], timeout: float = 60.0):
@@ -259,6 +260,7 @@ class SqliteStore(SqliteClientKeys, SqliteWarmups, SqliteUploads, SqliteWidthRel
             c.execute("DELETE FROM dataset_rows WHERE dataset_id = ?", (dataset_id,))
             c.execute("DELETE FROM demos WHERE dataset_id = ?", (dataset_id,))
             c.execute("DELETE FROM width_releases WHERE dataset_id = ?", (dataset_id,))
+            c.execute("DELETE FROM cluster_releases WHERE dataset_id = ?", (dataset_id,))
             # The population (budget, last version) and its ledger stay: spend on deleted data is
             # still spend on the same people, and a re-upload under the name continues it.
 

@@ -209,7 +209,8 @@ const pages = {
       page.append(el("h3", {}, `${r.t.name}: cached demonstrations (DP output)`),
         el("p", { class: "muted" }, `dataset ${p.dataset_id} v${p.dataset_version ?? "-"}, ε ${eps(p.epsilon)}, `,
           `δ ${sci(p.delta)}, ${p.tokens ?? "-"} tokens in ${fmt(p.seconds, 1)} s, made ${when(p.created_at)}`),
-        ...(p.demos || []).map((d) => el("div", { class: "demo" }, el("strong", {}, d.label), ": ", d.text)));
+        ...(p.demos || []).map((d) => el("div", { class: "demo" }, el("strong", {}, d.label),
+          d.cluster === undefined ? "" : ` (cluster ${d.cluster}, noisy size ${d.cluster_size})`, ": ", d.text)));
     }
   },
 
@@ -309,7 +310,7 @@ function resetForm(names) {
 // The task form's defaults are the API's: read from the server's OpenAPI document (TaskConfig and
 // GenerationSettings), with the values of this version as the fallback for servers without it.
 const TASK_DEFAULTS = { input_prefix: "Text:", label_prefix: "Label:", epsilon: 1, mode: "resample",
-  max_tokens: 30, num_subsets: 10 };
+  max_tokens: 30, num_subsets: 10, clusters: 0, clustering: "dp" };
 
 async function taskDefaults() {
   const doc = await optional("/admin/openapi.json").catch(() => null);
@@ -317,7 +318,7 @@ async function taskDefaults() {
   const task = (schemas.TaskConfig || {}).properties || {}, gen = (schemas.GenerationSettings || {}).properties || {};
   const out = { ...TASK_DEFAULTS };
   for (const k of ["input_prefix", "label_prefix", "epsilon"]) if (task[k] && task[k].default !== undefined) out[k] = task[k].default;
-  for (const k of ["mode", "max_tokens", "num_subsets"]) if (gen[k] && gen[k].default !== undefined) out[k] = gen[k].default;
+  for (const k of ["mode", "max_tokens", "num_subsets", "clusters", "clustering"]) if (gen[k] && gen[k].default !== undefined) out[k] = gen[k].default;
   return out;
 }
 
@@ -335,12 +336,15 @@ async function taskForm() {
     el("label", {}, "Mode", el("select", { name: "mode" }, modes.map((m) => el("option", { selected: m === d.mode }, m)))),
     el("label", {}, "Tokens", el("input", { name: "max_tokens", type: "number", value: String(d.max_tokens), min: "1" })),
     el("label", {}, "Subsets M", el("input", { name: "num_subsets", type: "number", value: String(d.num_subsets), min: "1" })),
+    el("label", {}, "Clusters K (0 = off)", el("input", { name: "clusters", type: "number", value: String(d.clusters), min: "0", max: "32" })),
+    el("label", {}, "Centroids", el("select", { name: "clustering" }, ["dp", "public"].map((m) => el("option", { selected: m === d.clustering }, m)))),
     el("button", { type: "submit" }, "Create task"));
   form.addEventListener("submit", guarded(async () => {
     const fd = new FormData(form);
     const spec = { name: fd.get("name"), dataset: fd.get("dataset"), instruction: fd.get("instruction"),
       input_prefix: fd.get("input_prefix"), label_prefix: fd.get("label_prefix"), epsilon: Number(fd.get("epsilon")),
-      generation: { mode: fd.get("mode"), max_tokens: Number(fd.get("max_tokens")), num_subsets: Number(fd.get("num_subsets")) } };
+      generation: { mode: fd.get("mode"), max_tokens: Number(fd.get("max_tokens")), num_subsets: Number(fd.get("num_subsets")),
+        clusters: Number(fd.get("clusters") || 0), clustering: fd.get("clustering") } };
     const labels = String(fd.get("labels") || "").split(",").map((s) => s.trim()).filter(Boolean);
     if (labels.length) spec.labels = labels;
     await api("POST", "/admin/tasks", spec);
