@@ -56,6 +56,14 @@ VARIANTS = {
     "block4-auto": {"mode": "block", "block_tokens": 4, "max_prompt_tokens": "auto"},
     "block8-auto": {"mode": "block", "block_tokens": 8, "max_prompt_tokens": "auto"},
     "resample-auto": {"mode": "resample", "max_prompt_tokens": "auto"},
+    # neutral label aliases and private clusters (issue 19); the first clustered variant of a run
+    # also pays the dataset's clustering release (embedding every unit), later ones reuse it
+    "fixed-auto-alias": {"mode": "fixed", "max_prompt_tokens": "auto", "label_hint": "alias"},
+    "fixed-auto-alias-c4": {"mode": "fixed", "max_prompt_tokens": "auto", "label_hint": "alias", "clusters": 4},
+    "block4-auto-alias-c4": {"mode": "block", "block_tokens": 4, "max_prompt_tokens": "auto",
+                             "label_hint": "alias", "clusters": 4},
+    "block8-auto-alias-c4": {"mode": "block", "block_tokens": 8, "max_prompt_tokens": "auto",
+                             "label_hint": "alias", "clusters": 4},
     "resample": {"mode": "resample"},
     "resample-w128": {"mode": "resample", "max_prompt_tokens": 128},
 }
