@@ -143,17 +143,27 @@ def test_console_partial_pages_budget_history_steps_names_and_defaults(live, bro
     from proxy.config import GenerationSettings, TaskConfig
     from tests.test_app_support import admin_headers, task_spec, upload
 
+    from tests.test_serving_clusters import FakeEmbed
+
     srv, _ = live
     page, errors = browser_page
     with httpx.Client(base_url=srv.url, timeout=120, headers=admin_headers()) as http:
+        FakeEmbed(srv.app, "qs").install()  # a cheap deterministic embedder for the clustered task
         qs = upload(http, "qs", jsonl_bytes(dataset_rows(10)), epsilon="5").json()
         assert http.put("/admin/budget/qs", json={"epsilon": 7}).status_code == 200  # budget history: 5, then 7
+        clustered = task_spec("clu", "qs", generation={"mode": "fixed", "num_subsets": 2, "shots_per_subset": 1,
+                                                       "max_tokens": 3, "top_k": 8, "clusters": 2})
+        assert http.post("/admin/tasks", json=clustered).status_code == 201
+        warmed = http.post("/admin/tasks/clu/demos", json={"wait": True})
+        assert warmed.status_code == 200 and warmed.json()["state"] == "done", warmed.text
         gone = upload(http, "gone", jsonl_bytes(dataset_rows(5))).json()
         assert http.post("/admin/tasks", json=task_spec("ok-task", "qs")).status_code == 201
         assert http.post("/admin/tasks", json=task_spec("broken", "gone")).status_code == 201
         assert http.delete(f"/admin/datasets/{gone['id']}").status_code == 200  # its task now points at nothing
         warmed = http.post("/admin/tasks/ok-task/demos", json={"wait": True})
         assert warmed.status_code == 200 and warmed.json()["state"] == "done", warmed.text
+        partitions = http.get("/admin/budget/qs").json()["partitions"]
+        assert any("#" in p for p in partitions)  # cluster partitions label#j were charged
 
     page.goto(f"{srv.url}/admin/ui")
     page.fill("#admin-key", ADMIN_KEY)
@@ -187,6 +197,10 @@ def test_console_partial_pages_budget_history_steps_names_and_defaults(live, bro
     assert len(drawn) == 1 and drawn[0]["span"] > 0  # not an empty box
     assert max(drawn[0]["spent"]) > 0 and drawn[0]["spent"][0] == 0  # from zero up to the warm-up's charge
     assert drawn[0]["budget"][-1] == 7 and 5 in drawn[0]["budget"]  # the budget line steps from 5 to 7
+    # The per-partition table: every partition of GET /admin/budget with its spent epsilon, label#j included.
+    shown = page.eval_on_selector_all('[data-partitions="qs"] tbody tr',
+                                      "rows => rows.map((r) => [...r.cells].map((c) => c.textContent))")
+    assert shown == [[p, f"{v:.3f}"] for p, v in partitions.items()] and any("#" in p for p, _ in shown)
 
     # Jobs show dataset names (a job list answered by the route, as a server with jobs would).
     job = {"id": "job_1", "kind": "pe", "state": "succeeded", "progress": 100, "dataset_id": qs["id"],

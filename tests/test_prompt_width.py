@@ -134,3 +134,52 @@ def test_a_very_long_unit_moves_only_the_noisy_release(tmp_path, monkeypatch, fa
     assert [y - x for x, y in zip(bins_a, bins_b)] == [0.0] * len(WIDTH_GRID) + [1.0]  # overflow bin only
     for r in (a, b):  # what is reported is post-processing of the release and public text
         assert r["width"] == r["shown"] == r["derived"]
+
+
+def test_task_view_of_a_released_auto_width_never_loads_the_model(tmp_path, monkeypatch, fake_upstream,
+                                                                  tiny_model_dir):
+    """GET /admin/tasks/{name} (and the dry run) derive the width from the stored release with the
+    generator's tokenizer alone: a fresh process on the same store shows the same width and never
+    calls the model loader."""
+    import aggregation.sources.local
+    import aggregation.sources.models
+    from aggregation.sources.local import TokenizerCounter
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    first = create_app(make_config(url, fake_upstream.base_url, tiny_model_dir))
+    with LiveServer(first) as srv, httpx.Client(base_url=srv.url, timeout=300, headers=admin_headers()) as client:
+        upload(client, "d", jsonl_bytes(dataset_rows(30)), epsilon=20)
+        assert client.post("/admin/tasks", json=task_spec("a", "d", generation=AUTO)).status_code == 201
+        warm = client.post("/admin/tasks/a/demos", json={"wait": True}).json()
+        assert warm["state"] == "done", warm
+        width = warm["result"]["prompt_width"]
+        source = first.state.demos.generators.source(first.state.tasks._admin["a"])
+    counting = TokenizerCounter(source.tokenizer)  # the same numbers as the loaded model's counting
+    for text, prefix in (("Question: where is Paris?", ""), ("x", "Answer type: location\n"), ("", "")):
+        assert counting.count_tokens(text, prefix) == source.count_tokens(text, prefix)
+
+    loads: list[str] = []
+
+    def no_model(*args, **kwargs):
+        loads.append("model")
+        raise RuntimeError("the model must not be loaded to show a task")
+
+    for module in (aggregation.sources.local, aggregation.sources.models):
+        monkeypatch.setattr(module, "load_model", no_model)
+    second = create_app(make_config(url, fake_upstream.base_url, tiny_model_dir))  # a fresh process's state
+    with LiveServer(second) as srv, httpx.Client(base_url=srv.url, timeout=300, headers=admin_headers()) as client:
+        shown = client.get("/admin/tasks/a")
+        dry = client.post("/admin/tasks/a/demos", json={"dry_run": True})
+    assert shown.status_code == 200 and shown.json()["prompt_width"] == width and width["width"] is not None
+    assert dry.status_code == 200 and dry.json()["prompt_width"] == width
+    assert loads == []
+
+    def no_tokenizer(*args, **kwargs):
+        raise FileNotFoundError("no model directory here")
+
+    monkeypatch.setattr(aggregation.sources.models, "load_tokenizer", no_tokenizer)
+    monkeypatch.setattr(aggregation.sources.local, "load_tokenizer", no_tokenizer)
+    third = create_app(make_config(url, fake_upstream.base_url, tiny_model_dir))
+    with LiveServer(third) as srv, httpx.Client(base_url=srv.url, timeout=300, headers=admin_headers()) as client:
+        view = client.get("/admin/tasks/a")  # a server without the tokenizer still shows the task
+    assert view.status_code == 200 and view.json()["prompt_width"] is None and loads == []

@@ -276,6 +276,13 @@ def test_cli_options_round_trip_and_budget_pages_show_cluster_partitions(tmp_pat
                 break
             time.sleep(0.2)
         assert view["state"] == "done", view
+        dry = run("tasks", "warm", "t", "--dry-run")  # the table output lists the clusters, not only --json
+        dry_json = json.loads(run("tasks", "warm", "t", "--dry-run", "--json").stdout)
+        assert dry.exit_code == 0 and dry_json["clusters"] and "clusters (DP sizes)" in dry.stdout
+        for label, used in dry_json["clusters"].items():
+            for c in used:
+                assert any(ln.split() == ["│", label, "│", str(c["cluster"]), "│", f"{c['noisy_size']:.3f}", "│",
+                                          str(c["shots"]), "│"] for ln in dry.stdout.splitlines()), dry.stdout
         demos = run("tasks", "demos", "t")
         assert demos.exit_code == 0 and "cluster" in demos.stdout and "noisy size" in demos.stdout
         shown = run("budget", "show", "qs")

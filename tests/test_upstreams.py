@@ -386,6 +386,25 @@ def test_first_request_logs_that_it_loads_the_local_model(tiny_model_dir: str) -
     assert not any(str(r.get("event", "")).startswith("model.") for r in later)
 
 
+def test_label_answers_score_words_as_the_evaluation_does() -> None:
+    # The two label-word scorers (serving's upstream, the evaluation's ModelScorer) live apart by
+    # the import rules (proxy/upstreams/labels.py says why): they must give the same numbers.
+    pytest.importorskip("torch")
+    from aggregation.datasets import TREC_PROMPT
+    from aggregation.evaluation.scoring import ModelScorer
+    from aggregation.prompts import Example
+    from proxy.upstreams import labels
+    from tests.tiny_model import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer()
+    words = ["location", "number", "person", "zygomorphic"]  # 1 and several tokens
+    prefix = TREC_PROMPT.serving_prefix([Example("Where is Oslo ?", "LOC")])
+    query = TREC_PROMPT.query("Who wrote Hamlet ?")
+    ids = list(tok(prefix + query, add_special_tokens=False)["input_ids"])
+    served = labels.score_words(model, ids, labels.word_token_ids(tok, words, chat=False))
+    assert served == pytest.approx(list(ModelScorer(model, tok, words).logprobs(prefix, [query])[0]), abs=1e-6)
+
+
 def test_local_label_answer_is_the_best_scored_word(tiny_local: Any) -> None:
     # The batched, right-padded scoring equals a plain forward pass per word, and the answer is the
     # word with the highest summed log-probability (words of 1 and several tokens mixed).

@@ -33,6 +33,7 @@ from aggregation.sources.models import (  # noqa: F401 - re-exported: callers im
     ensure_gemma3,
     ensure_smollm2,
     load_model,
+    load_tokenizer,
     model_precision,
     rows_independent,
     smollm2_gguf_path,
@@ -199,6 +200,22 @@ class LocalSource(NextTokenSource):
         return self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                           use_cache=use_cache or cache is not None, logits_to_keep=1,
                           **{self._cache_arg: cache})
+
+
+class TokenizerCounter:
+    """:meth:`LocalSource.count_tokens` from the tokenizer alone, without the model's weights: what
+    deriving a prompt width needs when nothing is generated (the same numbers, tested)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.bos = leading_bos(tokenizer)
+
+    def count_tokens(self, text: str, prefix: str = "") -> int:
+        """Tokens of the row ``prefix + text`` (BOS included), as :meth:`LocalSource.open` encodes it."""
+        def n(s: str) -> int:
+            return len(self.tokenizer(s, add_special_tokens=False)["input_ids"])
+
+        return len(self.bos) + (n(prefix) if prefix else 0) + n(text)
 
 
 def _cache_of(out: Any) -> Any:

@@ -179,6 +179,14 @@ def model_dir(name_or_dir: str | None) -> Path:
     return path
 
 
+def load_tokenizer(name_or_dir: str | None = None) -> Any:
+    """The tokenizer of a model :func:`load_model` loads, alone (no weights): for counting tokens
+    where nothing is generated, e.g. an admin view of a task's prompt width."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir(name_or_dir))
+
+
 #: Numeric precisions :func:`load_model` offers for the local model on a CPU.
 PRECISIONS = ("float32", "bfloat16", "int8")
 

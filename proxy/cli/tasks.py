@@ -168,6 +168,15 @@ def _print_demos(rec: dict[str, Any]) -> None:
     table(demos or [], columns, empty="no demonstrations cached")
 
 
+def _print_clusters(clusters: dict[str, Any]) -> None:
+    """The clusters a clustered set uses: label, cluster id, DP size, shots (released sizes only)."""
+    rows = [{"label": label, **c} for label, used in clusters.items() for c in used]
+    if rows:
+        table(rows, [("label", lambda r: r.get("label")), ("cluster", lambda r: r.get("cluster")),
+                     ("DP size", lambda r: r.get("noisy_size")), ("shots", lambda r: r.get("shots"))],
+              title="clusters (DP sizes)")
+
+
 def _follow(api: AdminClient, view: dict[str, Any], interval: float) -> dict[str, Any]:
     """Poll the warm-up until it finishes, drawing a progress bar of tokens generated."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -204,6 +213,7 @@ def warm(
             else:
                 fields(rec, ["task", "cached", "epsilon_cost", "set_epsilon", "spent_epsilon", "remaining_epsilon",
                              "remaining_after", "budget_epsilon", "fits", "estimate", "prompt_width"], title="dry run (nothing charged)")
+                _print_clusters(rec.get("clusters") or {})
             if rec.get("fits") is False and not rec.get("cached"):  # scripts can test the exit status
                 die(f"the set for {name} does not fit the budget: it costs epsilon {cell(rec.get('epsilon_cost'))}, "
                     f"{cell(rec.get('remaining_epsilon'))} remains")

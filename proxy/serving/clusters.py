@@ -132,7 +132,7 @@ class ClusterReleases:
         """The stored release of each label (None where there is none yet)."""
         out: dict[str, LabelClusters | None] = {}
         for label, key in keys.items():
-            raw = self.store.get_cluster_release(meta.id, key)  # type: ignore[attr-defined]
+            raw = self.store.get_cluster_release(meta.id, key)
             out[label] = LabelClusters.from_dict(raw) if raw is not None else None
         return out
 
@@ -168,7 +168,7 @@ class ClusterReleases:
             noise = Noise(None)  # CSPRNG
             for label in missing:
                 rel = cluster_label(pools.get(label, UnitPool(label, ())), embed, cc, noise, texts.get(label, ()))
-                kept = self.store.set_cluster_release(meta.id, keys[label], {  # type: ignore[attr-defined]
+                kept = self.store.set_cluster_release(meta.id, keys[label], {
                     "label": label, "centroids": rel.centroids.tolist(), "noisy_sizes": rel.noisy_sizes,
                     "clusters": cc.clusters, "method": cc.method, "embedder": EMBEDDER_ID})
                 have[label] = LabelClusters.from_dict(kept)

@@ -280,6 +280,8 @@ class DemoService:
                 return self.warmup.width(task, self._prepare(task)).to_dict()
             except (APIError, NotFound):
                 return None
+            except (ImportError, OSError):  # no tokenizer here (missing extra or model): the warm-up says why
+                return None
 
         return await anyio.to_thread.run_sync(run)
 

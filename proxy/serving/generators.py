@@ -5,11 +5,17 @@ once per process (the built-in local model, shared with its upstream, or an Open
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import Callable, Protocol
 
 from aggregation.sources.base import NextTokenSource
 from proxy.config import LOCAL_ALIASES, LOCAL_MODEL_NAME, Config, TaskConfig
 from proxy.errors import APIError
+
+
+class TokenCounting(Protocol):
+    """Anything that counts a generator's tokens (a :class:`NextTokenSource`, or a tokenizer alone)."""
+
+    def count_tokens(self, text: str, prefix: str = "") -> int | None: ...
 
 
 class Generators:
@@ -19,6 +25,7 @@ class Generators:
         self.config = config
         self._local_source_factory = local_source
         self._sources: dict[str, NextTokenSource] = {}
+        self._counters: dict[str, TokenCounting] = {}
         self._sources_lock = threading.Lock()
 
     def generator_id(self, task: TaskConfig) -> str:
@@ -52,6 +59,24 @@ class Generators:
                 src = self._openai_source(task)
             self._sources[gid] = src
             return src
+
+    def token_counter(self, task: TaskConfig) -> TokenCounting:
+        """What counts the generator's tokens where nothing is generated (an admin view, a dry run):
+        the loaded source when this process has it, else for the local model its tokenizer alone
+        (loaded once per process), so showing a derived prompt width never loads model weights."""
+        gid = self.generator_id(task)
+        if not gid.startswith("local:"):
+            return self.source(task)  # an API generator: nothing heavy to load
+        with self._sources_lock:
+            loaded = self._sources.get(gid)
+            if loaded is not None:
+                return loaded
+            counting = self._counters.get(gid)
+            if counting is None:
+                from aggregation.sources.local import TokenizerCounter, load_tokenizer
+
+                counting = self._counters[gid] = TokenizerCounter(load_tokenizer(self.config.server.local_model))
+            return counting
 
     def _openai_source(self, task: TaskConfig) -> NextTokenSource:
         import os

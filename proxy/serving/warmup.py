@@ -123,7 +123,8 @@ class Warmup:
         release = self._stored_release(task, prep.meta)
         if release is None:
             return Width(None, auto=True)
-        return from_release(task, self.generators.source(task), task_prompt(task), prep.labels, release)
+        # Token counting only: a view or dry run does not load the generator's weights for this.
+        return from_release(task, self.generators.token_counter(task), task_prompt(task), prep.labels, release)
 
     def _release_keys(self, task: TaskConfig, labels: list[str], width: int | None) -> dict[str, str]:
         return cl.release_keys(task, labels, task_prompt(task, labels), generation_config(task, width),

@@ -16,9 +16,9 @@ from typing import Any
 
 from aggregation.prompts import Example, TaskPrompt
 from aggregation.quantile import WIDTH_QUANTILE, WidthRelease, derived_width
-from aggregation.sources.base import NextTokenSource
 from proxy.config import DEFAULT_PROMPT_TOKENS, TaskConfig
 from proxy.errors import APIError
+from proxy.serving.generators import TokenCounting
 
 #: Tokens allowed per example for tokens merging across its boundaries (public).
 BOUNDARY_MARGIN = 2
@@ -53,7 +53,7 @@ def fixed_width(task: TaskConfig) -> Width:
     return Width(w if isinstance(w, int) else DEFAULT_PROMPT_TOKENS, auto=False)
 
 
-def counter(task: TaskConfig, source: NextTokenSource) -> Any:
+def counter(task: TaskConfig, source: TokenCounting) -> Any:
     """The generator's public token counting of one text; 400 (before any charge) when the
     generator cannot count tokens, since then there is nothing to derive a width in."""
     if source.count_tokens("a") is None:
@@ -66,7 +66,7 @@ def counter(task: TaskConfig, source: NextTokenSource) -> Any:
     return count
 
 
-def from_release(task: TaskConfig, source: NextTokenSource, prompt: TaskPrompt, labels: list[str],
+def from_release(task: TaskConfig, source: TokenCounting, prompt: TaskPrompt, labels: list[str],
                  release: WidthRelease) -> Width:
     """The derived width of ``task`` (post-processing of ``release`` and public text)."""
     count = counter(task, source)

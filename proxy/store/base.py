@@ -8,8 +8,9 @@ admin-created tasks, offline jobs and the append-only admin audit log.
 Operations that need care are atomic read-check-write sections: :meth:`Store.append_ledger` (read
 the population's ledger, let the caller's check decide whether new charges fit, append them),
 :meth:`Store.set_budget` (compare-and-set against the same ledger) and
-:meth:`Store.set_noisy_counts` (the first stored release wins). Stores hold data, not policy: the
-checks are callables handed in by :mod:`proxy.budget`.
+:meth:`Store.set_noisy_counts` (the first stored release wins; every kind of stored DP release is
+declared in :mod:`proxy.store.releases`). Stores hold data, not policy: the checks are callables
+handed in by :mod:`proxy.budget`.
 
 Schema version 2 (this one) keys budgets and ledgers by dataset name; see docs/stores.md for the
 migration of a schema-1 SQLite file (backed up first) and why a schema-1 Redis is refused.
@@ -22,6 +23,8 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
+
+from proxy.store.releases import DpReleases
 
 
 class StoreError(Exception):
@@ -257,8 +260,9 @@ class StagedUpload(ABC):
 ACTIVE_WARMUP_STATES = ("queued", "running")
 
 
-class Store(ABC):
-    """Persistence for datasets, ledger, demonstration cache, tasks and jobs."""
+class Store(DpReleases, ABC):
+    """Persistence for datasets, ledger, demonstration cache, tasks and jobs; the DP releases of
+    dataset versions (noisy counts, widths, clusters) are declared in :class:`DpReleases`."""
 
     # -- datasets -------------------------------------------------------------------------
     @abstractmethod
@@ -306,21 +310,6 @@ class Store(ABC):
     @abstractmethod
     def delete_dataset(self, dataset_id: str) -> None:
         """Remove rows, metadata and cached demonstrations; the name's ledger and budget stay."""
-
-    @abstractmethod
-    def set_noisy_counts(self, dataset_id: str, counts: dict[str, float]) -> dict[str, float]:
-        """Store the DP label counts unless some are stored already (first release wins).
-
-        Returns the stored counts: ``counts`` if this call stored them, else the earlier ones.
-        """
-
-    @abstractmethod
-    def get_width_release(self, dataset_id: str, key: str) -> dict[str, Any] | None:
-        """The DP row-length release of a dataset version for tokenizer ``key`` (None if none yet)."""
-
-    @abstractmethod
-    def set_width_release(self, dataset_id: str, key: str, release: dict[str, Any]) -> dict[str, Any]:
-        """Store the release for ``key`` unless one is stored (first wins); returns the stored one."""
 
     # -- populations (dataset names) ------------------------------------------------------
     @abstractmethod

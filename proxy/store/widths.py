@@ -2,7 +2,7 @@
 
 A release (:class:`aggregation.quantile.WidthRelease` as JSON) is DP output, charged once by
 :meth:`proxy.budget.BudgetService.width_release`; the first stored release for a (dataset version,
-tokenizer) wins, like :meth:`proxy.store.base.Store.set_noisy_counts`. Deleting the dataset
+tokenizer) wins, like the other DP releases (:mod:`proxy.store.releases`). Deleting the dataset
 deletes its releases.
 """
 

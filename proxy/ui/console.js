@@ -159,6 +159,14 @@ const pages = {
           `${b.events ?? "-"} charges, versions: ${(b.versions || []).join(", ") || "-"}`)));
       page.append(el("h3", {}, `ε spent over time: ${name}`));
       page.append(chart(name, (full && full.ledger) || [], budgetSteps(name, history, budget)));
+      // Spent epsilon per partition: "*" (whole dataset), a label, or "label#j" (cluster j of a
+      // label, generation.clusters); "version/partition" once several versions were charged.
+      const parts = Object.entries(b.partitions || b.per_partition || {});
+      if (parts.length) {
+        page.append(el("h3", {}, `ε spent per partition: ${name}`),
+          el("div", { class: "partitions", dataset: { partitions: name } },
+            table([["partition", ([p]) => p], ["spent ε", ([, v]) => eps(v)]], parts)));
+      }
     }
     page.append(el("h3", {}, "Reset a budget"), resetForm(names));
   },

@@ -7,6 +7,10 @@ the highest wins. A completion prompt in the task's format ends with the label p
 (``...\\nAnswer type:``), so a word is scored with a leading space, exactly as the evaluation does;
 in a chat the answer opens the assistant's turn, so it is scored as written.
 
+The scoring is not shared with ``aggregation.evaluation.scoring`` because no module may be imported
+by both (tests/test_layout.py: proxy/upstreams imports only proxy/upstreams, and aggregation nothing
+of proxy), so tests/test_upstreams.py checks that the two give the same numbers instead.
+
 The words are public task configuration; the prompt carries private text (DP demonstrations and
 the client's input), which nothing here logs or puts into an error.
 """
