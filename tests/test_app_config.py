@@ -141,7 +141,7 @@ def test_new_tasks_default_to_the_public_prior_and_sigma_keeps_meaning_gaussian(
     from proxy.config import GenerationSettings
 
     default = GenerationSettings()
-    assert (default.mechanism, default.mode, default.clip, default.temperature) == ("public_prior", "resample", None, 1.0)
+    assert (default.mechanism, default.mode, default.clip, default.temperature) == ("public_prior", "fixed", None, 1.0)
     assert GenerationSettings(sigma=1.5).mechanism == "gaussian"
     assert GenerationSettings(sigma=1.5, mechanism="exponential").mechanism == "exponential"
     with pytest.raises(ValidationError, match="not sigma"):
