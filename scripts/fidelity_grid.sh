@@ -72,6 +72,12 @@ HINT=${GRID_HINT:-alias}
 K=${GRID_K:-4}
 METHOD=${GRID_METHOD:-dp}
 
+if [ "${1:-}" = cell ]; then  # cell NAME DATASET HINT K METHOD MODES EPSILONS [options]: one directory
+  shift
+  cell "$@"
+  exit
+fi
+
 if [ "${1:-}" = one ]; then
   shift
   hint=$1 k=$2 method=$3 mode=$4 block=${5:-}
