@@ -31,6 +31,7 @@ def _config(settings: dict, mode: str) -> dict:
         "mode": f"block k={block}" if mode == "block" else mode,
         "hint": settings.get("label_hint", "word"),
         "clusters": f"{k} {settings.get('clustering', 'dp')}" if k else "off",
+        "width": settings.get("max_prompt_tokens", 256),
     }
 
 
@@ -79,12 +80,12 @@ _ROW_NAMES = {PUBLIC: "ε 0 (public prompt)", REAL: "real examples", DP: "DP"}
 
 def markdown(table: list[dict]) -> str:
     """The table, reference rows deduplicated per dataset and hint."""
-    head = ("| dataset | row | mode | label hint | clusters | ε (set) | ε incl. clustering | fidelity % (95 % interval) "
+    head = ("| dataset | row | mode | label hint | clusters | width | ε (set) | ε incl. clustering | fidelity % (95 % interval) "
             "| demos | Δ vs ε 0 (seeds better) | beyond spread | ICL accuracy % | s per demo |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     seen = set()
     order = sorted(table, key=lambda r: (r["dataset"], r["row"] != PUBLIC, r["row"] != REAL, r["hint"], r["mode"],
-                                        r["clusters"], r["epsilon"]))
+                                        r["clusters"], r["width"], r["epsilon"]))
     for r in order:
         if r["row"] != DP:
             key = (r["dataset"], r["row"], r["hint"] if r["row"] == PUBLIC else "")
@@ -97,7 +98,8 @@ def markdown(table: list[dict]) -> str:
         hint = r["hint"] if r["row"] != REAL else "-"
         eps_total = "-" if r["row"] != DP else eps_text(round(r["epsilon_total"], 2))
         secs = f"{r['seconds_per_demo']:.1f}" if r["row"] == DP else "-"
-        lines.append(f"| {r['dataset']} | {_ROW_NAMES[r['row']]} | {r['mode']} | {hint} | {r['clusters']} "
+        width = r["width"] if r["row"] == DP else "-"
+        lines.append(f"| {r['dataset']} | {_ROW_NAMES[r['row']]} | {r['mode']} | {hint} | {r['clusters']} | {width} "
                      f"| {eps_text(r['epsilon'])} | {eps_total} | {100 * p:.1f} ± {100 * _half_width(p, n):.1f} | {n} "
                      f"| {diff} | {beyond} | {100 * r['accuracy']:.1f} | {secs} |")
     return "\n".join(lines) + "\n"
@@ -116,7 +118,8 @@ def plot(table: list[dict], path: Path) -> None:
         lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
         base = [r for r in table if r["dataset"] == "trec-opaque" and r["row"] == PUBLIC and r["hint"] == hint]
         for r in table:
-            if r["dataset"] == "trec-opaque" and r["row"] == DP and r["hint"] == hint and r["epsilon"] in xs:
+            if (r["dataset"] == "trec-opaque" and r["row"] == DP and r["hint"] == hint and r["epsilon"] in xs
+                    and r["width"] != 256):
                 lines[f"{r['mode']}, clusters {r['clusters']}"].append((xs[r["epsilon"]], 100 * r["fidelity"]))
         for name, pts in sorted(lines.items()):
             pts = sorted(pts + [(0, 100 * b["fidelity"]) for b in base[:1]])
@@ -128,8 +131,8 @@ def plot(table: list[dict], path: Path) -> None:
         ax.set_xlabel("ε per demonstration set")
         ax.set_title(f"trec-opaque, label hint: {hint}")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     axes[0].set_ylabel("fidelity % (60 demonstrations per point)")
-    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
