@@ -33,19 +33,7 @@ from tests.test_app_support import (  # noqa: F401 - fixtures
     jsonl_bytes, make_config, task_spec, tiny_model_dir, upload,
 )
 
-EMPTY = "RARE"  # declared, absent from D
-DOMAIN = [*LABELS, EMPTY]
-FAST = {"mode": "fixed", "num_subsets": 2, "shots_per_subset": 1, "max_tokens": 3, "top_k": 8, "sigma": 1.5}
-
-
-class _ZeroNoise:
-    """Noise of zero, so that D and D' can be compared exactly (the neighbour test's only stub)."""
-
-    def __init__(self, seed=None):
-        pass
-
-    def normal(self, scale: float, size: int) -> np.ndarray:
-        return np.zeros(size)
+from tests.test_privacy_neighbours import DOMAIN, EMPTY, FAST, _ZeroNoise  # noqa: E402,F401 - shared with the neighbour test
 
 
 class FakeEmbed:

@@ -10,22 +10,12 @@ The first stored release for a (dataset version, key) wins, like the row-length 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from proxy.store.base import NotFound
+from proxy.store.keyed_releases import redis_get, redis_set, sqlite_get, sqlite_schema, sqlite_set
 
 #: The SQLite table (part of the SQLite store's schema).
-SQLITE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS cluster_releases (
-    dataset_id TEXT NOT NULL,
-    key TEXT NOT NULL,
-    release TEXT NOT NULL,
-    PRIMARY KEY (dataset_id, key)
-);
-"""
-
-_SELECT = "SELECT release FROM cluster_releases WHERE dataset_id = ? AND key = ?"
+SQLITE_SCHEMA = sqlite_schema("cluster_releases")
 
 
 class SqliteClusterReleases:
@@ -33,18 +23,11 @@ class SqliteClusterReleases:
 
     def get_cluster_release(self, dataset_id: str, key: str) -> dict[str, Any] | None:
         """The stored release of ``key`` on dataset version ``dataset_id`` (None if none yet)."""
-        row = self._conn().execute(_SELECT, (dataset_id, key)).fetchone()  # type: ignore[attr-defined]
-        return json.loads(row[0]) if row is not None else None
+        return sqlite_get(self, "cluster_releases", dataset_id, key)
 
     def set_cluster_release(self, dataset_id: str, key: str, release: dict[str, Any]) -> dict[str, Any]:
         """Store ``release`` unless one is stored for ``key`` (first wins); returns the stored one."""
-        with self._tx() as c:  # type: ignore[attr-defined]
-            if c.execute("SELECT 1 FROM datasets WHERE id = ?", (dataset_id,)).fetchone() is None:
-                raise NotFound(f"dataset {dataset_id} not found")
-            c.execute("INSERT OR IGNORE INTO cluster_releases (dataset_id, key, release) VALUES (?, ?, ?)",
-                      (dataset_id, key, json.dumps(release)))
-            row = c.execute(_SELECT, (dataset_id, key)).fetchone()
-        return dict(json.loads(row[0]))  # an earlier release may have won (both were charged)
+        return sqlite_set(self, "cluster_releases", dataset_id, key, release)
 
 
 class RedisClusterReleases:
@@ -52,21 +35,8 @@ class RedisClusterReleases:
 
     def get_cluster_release(self, dataset_id: str, key: str) -> dict[str, Any] | None:
         """The stored release of ``key`` on dataset version ``dataset_id`` (None if none yet)."""
-        raw = self.r.hget(self._k("clusters", dataset_id), key)  # type: ignore[attr-defined]
-        return json.loads(raw) if raw is not None else None
+        return redis_get(self, "clusters", dataset_id, key)
 
     def set_cluster_release(self, dataset_id: str, key: str, release: dict[str, Any]) -> dict[str, Any]:
         """Store ``release`` unless one is stored for ``key`` (first wins); returns the stored one."""
-        meta_key, releases = self._k("ds", dataset_id), self._k("clusters", dataset_id)  # type: ignore[attr-defined]
-
-        def txn(pipe: Any) -> dict[str, Any]:
-            if not pipe.exists(meta_key):
-                raise NotFound(f"dataset {dataset_id} not found")
-            raw = pipe.hget(releases, key)
-            pipe.multi()
-            if raw is not None:
-                return dict(json.loads(raw))  # an earlier release won (both were charged)
-            pipe.hset(releases, key, json.dumps(release))
-            return dict(release)
-
-        return self._transaction(txn, meta_key, releases)  # type: ignore[attr-defined]
+        return redis_set(self, "clusters", dataset_id, key, release)
