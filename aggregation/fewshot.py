@@ -149,7 +149,7 @@ def generate_demonstration(
                 assert private is not None
                 private_lp = log_probs(private.probs(candidates)[offset:])
                 left -= 1
-            choice, _ = public_prior_sample(private_lp, public_lp, clip, tau, noise)
+            choice, _ = public_prior_sample(private_lp, public_lp, clip, tau, noise, config.guidance)
         elif public_only:
             assert public is not None
             candidates, choice = public.top_tokens(config.top_k or 1), 0  # sorted: greedy decoding

@@ -10,7 +10,8 @@ Everything a reviewer needs to check one mechanism sits here side by side:
   a record sits in at most one subset and so changes at most one vector), then argmax.
 * :func:`exponential_noisy_max` - the exponential mechanism via the Gumbel-max trick.
 * :func:`public_prior_sample` - the public-prior mechanism: private-minus-public log-probabilities
-  clipped to ``[-C, C]``, averaged, added back to the public ones, sampled at temperature ``tau``
+  (each scaled by the public guidance ``g``) clipped to ``[-C, C]``, averaged, added back to the
+  public ones, sampled at temperature ``tau``
   over the candidate set :func:`top_k_plus` (public inputs only); an exponential mechanism whose
   per-token bound is :func:`public_prior_epsilon_per_token` = ``4C/(M tau)``.
 * :func:`demonstration_event` - the DpEvent of one demonstration for each sampling mode and
@@ -213,32 +214,39 @@ def public_prior_epsilon_per_token(clip: float, temperature: float, num_subsets:
     return 4.0 * clip / (num_subsets * temperature)
 
 
-def public_prior_scores(private_logprobs: np.ndarray | None, public_logprobs: np.ndarray, clip: float) -> np.ndarray:
-    """``pub + mean_i clip(lp_i - pub, -C, C)`` over the candidates (``[M, K]`` and ``[K]``).
+def public_prior_scores(private_logprobs: np.ndarray | None, public_logprobs: np.ndarray, clip: float,
+                        guidance: float = 1.0) -> np.ndarray:
+    """``pub + mean_i clip(g * (lp_i - pub), -C, C)`` over the candidates (``[M, K]`` and ``[K]``).
 
+    ``g`` (guidance, a public constant) scales each prompt's own shift before it is clipped, as
+    classifier-free guidance does: the shift away from the public prompt is what carries the
+    private data, and the mean over M prompts dilutes it. Each prompt's clipped shift still lies in
+    ``[-C, C]``, so :func:`public_prior_epsilon_per_token` holds for every ``g`` unchanged.
     ``None`` or ``C = 0``: the public log-probabilities alone. A token a private prompt gives
     probability 0 gets shift ``-C`` from that prompt (within the bound).
     """
+    if not (guidance > 0 and math.isfinite(guidance)):
+        raise ValueError("guidance must be a positive finite number")
     pub = np.asarray(public_logprobs, dtype=np.float64)
     if private_logprobs is None or clip == 0:
         return pub.copy()
     with np.errstate(invalid="ignore"):
         diff = np.asarray(private_logprobs, dtype=np.float64) - pub[None, :]
-    diff = np.clip(np.nan_to_num(diff, nan=0.0, posinf=math.inf, neginf=-math.inf), -clip, clip)
-    return pub + diff.mean(axis=0)
+    diff = np.nan_to_num(diff, nan=0.0, posinf=math.inf, neginf=-math.inf) * guidance
+    return pub + np.clip(diff, -clip, clip).mean(axis=0)
 
 
 def public_prior_sample(private_logprobs: np.ndarray | None, public_logprobs: np.ndarray, clip: float,
-                        temperature: float, noise: Noise) -> tuple[int, np.ndarray]:
+                        temperature: float, noise: Noise, guidance: float = 1.0) -> tuple[int, np.ndarray]:
     """Sample a candidate with probability proportional to ``exp(u / tau)`` (Gumbel-max).
 
-    ``u`` is :func:`public_prior_scores`. With ``private_logprobs=None`` (epsilon 0) this is
-    sampling from the public prompt at temperature ``tau`` over the candidates. Returns the
-    winning column and the scores.
+    ``u`` is :func:`public_prior_scores` (with ``guidance``). With ``private_logprobs=None``
+    (epsilon 0) this is sampling from the public prompt at temperature ``tau`` over the
+    candidates. Returns the winning column and the scores.
     """
     if not temperature > 0:
         raise ValueError("temperature must be positive")
-    u = public_prior_scores(private_logprobs, public_logprobs, clip)
+    u = public_prior_scores(private_logprobs, public_logprobs, clip, guidance)
     noisy = u / temperature + noise.gumbel(u.shape[0])
     return int(np.argmax(noisy)), u
 

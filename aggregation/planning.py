@@ -48,6 +48,9 @@ class GenerationConfig:
     #: clip and text closer to public sampling, never flatter sampling).
     clip: float | None = None
     temperature: float | None = 1.0
+    #: Public-prior mechanism: guidance ``g`` scales each prompt's private-minus-public shift
+    #: before the clip (classifier-free guidance); the per-token bound ``4C/(M tau)`` is unchanged.
+    guidance: float = 1.0
     public_only: bool = False  # epsilon 0: public prompt only, no private data read
     #: Token budget of one prompt. Examples that do not fit are left out of that prompt (a function
     #: of its own subset only, so the sensitivity argument is unchanged). In ``fixed`` mode on a
@@ -72,6 +75,10 @@ class GenerationConfig:
             raise ValueError("clip must be positive (epsilon 0 is spelled public_only)")
         if self.temperature is not None and not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError("temperature must be a positive finite number")
+        if not (self.guidance > 0 and math.isfinite(self.guidance)):
+            raise ValueError("guidance must be a positive finite number")
+        if self.mechanism != "public_prior" and self.guidance != 1.0:
+            raise ValueError("guidance applies to the public-prior mechanism only")
         if self.mechanism == "public_prior" and self.sigma is not None:
             raise ValueError("the public-prior mechanism takes clip and temperature, not sigma")
         if self.num_subsets < 1 or self.shots_per_subset < 1:

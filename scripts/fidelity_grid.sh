@@ -28,10 +28,15 @@ cell() {  # NAME DATASET HINT K METHOD MODES EPSILONS [extra dpicl eval options]
   echo "== $name: $dataset hint=$hint clusters=$k/$method modes=$modes epsilons=$eps $*"
   # The reference rows (zero-shot, epsilon 0, real examples) do not depend on clustering or mode:
   # take them from the plain fixed-mode cell of the same dataset and hint when it exists.
-  local ref="$OUT/${name%%-*}-fixed-$hint-c0" block=null
-  [ "${1:-}" = --block-tokens ] && block=$2
+  local ref="$OUT/${name%%-*}-fixed-$hint-c0" block=null guidance=() prev="" a
+  for a in "$@"; do  # the options that do not change the reference rows
+    [ "$prev" = --block-tokens ] && block=$a
+    [ "$prev" = --guidance ] && guidance=("guidance=$a")
+    prev=$a
+  done
   if [ "$OUT/$name" != "$ref" ] && [ -s "$ref/runs.csv" ] && [ "$WIDTH" = 104 ]; then
-    python scripts/grid_reference.py "$ref" "$OUT/$name" "clusters=$k" "clustering=$method" "block_tokens=$block"
+    python scripts/grid_reference.py "$ref" "$OUT/$name" "clusters=$k" "clustering=$method" "block_tokens=$block" \
+      "${guidance[@]}"
   fi
   dpicl eval --dataset "$dataset" --quick --seeds "$SEEDS" --n-test 50 --fidelity-demos 2 \
     --label-hint "$hint" --clusters "$k" --clustering "$method" --modes "$modes" --epsilons "$eps" \

@@ -8,7 +8,7 @@ settings.json, so that `dpicl eval --resume` runs only the DP rows. It refuses w
 directories differ in anything else.
 
 Usage: python scripts/grid_reference.py SOURCE_DIR TARGET_DIR key=value ...  (the settings that differ:
-clusters, clustering, block_tokens)
+clusters, clustering, block_tokens, guidance)
 """
 
 from __future__ import annotations
@@ -19,7 +19,19 @@ import sys
 from pathlib import Path
 
 REFERENCE_ROWS = {"zero_shot", "epsilon_0", "non_private"}
-MAY_DIFFER = {"clusters", "clustering", "block_tokens"}
+MAY_DIFFER = {"clusters", "clustering", "block_tokens", "guidance"}
+
+
+def _value(text: str) -> object:
+    """``null``, an int, a float or the text itself, as settings.json stores the setting."""
+    if text == "null":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def main() -> None:
@@ -32,7 +44,7 @@ def main() -> None:
         key, _, value = pair.partition("=")
         if key not in MAY_DIFFER:
             sys.exit(f"{key} changes the reference rows; run them")
-        settings[key] = None if value == "null" else int(value) if value.isdigit() else value
+        settings[key] = _value(value)
     with open(source / "runs.csv", newline="") as f:
         reader = csv.DictReader(f)
         fields, runs = reader.fieldnames, [r for r in reader if r["row"] in REFERENCE_ROWS]

@@ -26,9 +26,10 @@ from aggregation.evaluation.settings import DP, PUBLIC, REAL, eps_text
 def _config(settings: dict, mode: str) -> dict:
     k = settings.get("clusters", 0)
     block = settings.get("block_tokens") or 4
+    g = float(settings.get("guidance", 1.0))
     return {
         "dataset": settings["dataset"].split("/")[-1].removesuffix(".jsonl"),
-        "mode": f"block k={block}" if mode == "block" else mode,
+        "mode": (f"block k={block}" if mode == "block" else mode) + (f", guidance {g:g}" if g != 1.0 else ""),
         "hint": settings.get("label_hint", "word"),
         "clusters": f"{k} {settings.get('clustering', 'dp')}" if k else "off",
         "width": settings.get("max_prompt_tokens", 256),

@@ -21,10 +21,10 @@ from aggregation.prompts import Example
 from tests.test_fewshot import NEVER_STOP, POOL
 
 
-def _loss(private_a, private_b, pub, clip, tau):
+def _loss(private_a, private_b, pub, clip, tau, guidance=1.0):
     """Privacy-loss vector log P_a(v) - log P_b(v) of the exact sampling distributions."""
-    la = log_softmax(public_prior_scores(private_a, pub, clip) / tau)
-    lb = log_softmax(public_prior_scores(private_b, pub, clip) / tau)
+    la = log_softmax(public_prior_scores(private_a, pub, clip, guidance) / tau)
+    lb = log_softmax(public_prior_scores(private_b, pub, clip, guidance) / tau)
     return la - lb
 
 
@@ -32,9 +32,11 @@ def _random_logprobs(rng, shape, spread):
     return log_softmax(rng.normal(0.0, spread, shape), axis=-1)
 
 
-@pytest.mark.parametrize("m,clip,tau", [(1, 0.5, 1.0), (4, 1.0, 1.0), (10, 2.0, 0.7), (10, 0.1, 1.5)])
-def test_brute_force_privacy_loss_never_exceeds_4c_over_m_tau(m, clip, tau):
-    """Neighbours: one subset's prompt changes arbitrarily (one record added or removed), M fixed."""
+@pytest.mark.parametrize("m,clip,tau,guidance", [(1, 0.5, 1.0, 1.0), (4, 1.0, 1.0, 1.0), (10, 2.0, 0.7, 1.0),
+                                                 (10, 0.1, 1.5, 1.0), (10, 1.3, 1.0, 3.0), (4, 1.0, 1.0, 0.5)])
+def test_brute_force_privacy_loss_never_exceeds_4c_over_m_tau(m, clip, tau, guidance):
+    """Neighbours: one subset's prompt changes arbitrarily (one record added or removed), M fixed.
+    Guidance scales each prompt's shift before the clip, so the bound must not move with it."""
     rng = np.random.default_rng(m)
     bound = public_prior_epsilon_per_token(clip, tau, m)
     assert bound == pytest.approx(4 * clip / (m * tau))
@@ -49,7 +51,7 @@ def test_brute_force_privacy_loss_never_exceeds_4c_over_m_tau(m, clip, tau):
         b[i] = _random_logprobs(rng, k, float(rng.choice([0.5, 3.0, 30.0])))  # arbitrary new row
         if rng.random() < 0.3:
             b[i, rng.integers(k)] = -np.inf  # a token the changed prompt rules out
-        loss = _loss(a, b, pub, clip, tau)
+        loss = _loss(a, b, pub, clip, tau, guidance)
         worst_abs = max(worst_abs, float(np.max(np.abs(loss))))
         worst_range = max(worst_range, float(loss.max() - loss.min()))
     assert worst_abs <= bound + 1e-9  # pure epsilon per token
@@ -61,8 +63,24 @@ def test_brute_force_privacy_loss_never_exceeds_4c_over_m_tau(m, clip, tau):
     b = a.copy()
     a[0, 0], a[0, 1] = pub[0] + 10 * clip, pub[1] - 10 * clip
     b[0, 0], b[0, 1] = pub[0] - 10 * clip, pub[1] + 10 * clip
-    loss = _loss(a, b, pub, clip, tau)
+    loss = _loss(a, b, pub, clip, tau, guidance)
     assert loss.max() - loss.min() == pytest.approx(bound, rel=1e-6)
+
+
+def test_guidance_amplifies_the_mean_shift_without_a_clip_and_saturates_at_the_clip():
+    rng = np.random.default_rng(3)
+    pub = _random_logprobs(rng, 8, 2.0)
+    private = _random_logprobs(rng, (5, 8), 2.0)
+    shift = (private - pub).mean(axis=0)
+    # epsilon = infinity (C infinite): classifier-free guidance, pub + g * mean shift.
+    for g in (0.5, 1.0, 2.5):
+        assert np.allclose(public_prior_scores(private, pub, math.inf, g), pub + g * shift)
+    # A finite clip bounds every prompt's contribution whatever g: huge g gives C * mean sign.
+    big = public_prior_scores(private, pub, 0.3, 1e6)
+    assert np.allclose(big, pub + 0.3 * np.sign(private - pub).mean(axis=0))
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="guidance"):
+            public_prior_scores(private, pub, 1.0, bad)
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 4.0, 16.0])
@@ -138,6 +156,14 @@ def test_calibration_meets_the_target_and_the_event_is_the_exponential_one(mode,
 
 
 def test_config_rules_for_the_public_prior():
+    with pytest.raises(ValueError, match="guidance applies"):
+        GenerationConfig(mechanism="gaussian", guidance=2.0, epsilon=1.0).validate()
+    with pytest.raises(ValueError, match="guidance must"):
+        GenerationConfig(mechanism="public_prior", guidance=0.0).validate()
+    # Guidance is post-processing inside the clip: the plan (and so the charge) does not change.
+    plans = [plan_demonstrations(GenerationConfig(mechanism="public_prior", mode="fixed", epsilon=2.0, guidance=g),
+                                 {"a": 1}, {"a": 500.0}, 1e-5).labels["a"] for g in (1.0, 3.0)]
+    assert plans[0].clip == plans[1].clip and plans[0].event == plans[1].event
     with pytest.raises(ValueError, match="not sigma"):
         GenerationConfig(mechanism="public_prior", sigma=1.0).validate()
     with pytest.raises(ValueError, match="clip or temperature"):

@@ -221,6 +221,8 @@ def settings_record(settings: EvalSettings, dataset: str) -> dict:
         record.pop(key)
     if record.get("label_hint") == "word":  # the default; settings.json files from before it lack the key
         record.pop("label_hint")
+    if record.get("guidance") == 1.0:  # likewise: directories from before guidance
+        record.pop("guidance")
     if record.get("max_prompt_tokens") == 256:  # likewise: directories from before the option
         record.pop("max_prompt_tokens")
     return {"dataset": dataset, **record}

@@ -45,6 +45,9 @@ class EvalSettings:
     #: What generation shows for a label: its word, or a neutral alias ("type A", ...); the
     #: injected (scored) demonstrations carry the label words either way.
     label_hint: str = "word"
+    #: Public-prior guidance ``g``: each prompt's private-minus-public shift is scaled by it before
+    #: the clip (the per-token bound is unchanged; docs/privacy.md).
+    guidance: float = 1.0
     calibrate: bool = False  # which accuracy the plot shows; both are always computed
     #: Demonstrations per label and seed that the fidelity metric scores (each an independent draw
     #: of a one-per-label set at the row's epsilon; the first set is also the ICL set). 0 = off.
@@ -65,6 +68,7 @@ class EvalSettings:
         return GenerationConfig(mode=mode, mechanism=self.mechanism,  # type: ignore[arg-type]
                                 num_subsets=self.num_subsets, shots_per_subset=self.shots_per_subset,
                                 max_tokens=self.max_tokens, top_k=self.top_k, epsilon=epsilon,
+                                guidance=self.guidance if self.mechanism == "public_prior" else 1.0,
                                 block_tokens=self.block_tokens if mode == "block" else None,
                                 max_prompt_tokens=self.max_prompt_tokens)
 

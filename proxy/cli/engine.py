@@ -24,6 +24,7 @@ def generate(
     shots_per_subset: int = typer.Option(2, "--shots-per-subset", "-N", help="Private examples per prompt, N."),
     max_tokens: int = typer.Option(20, "--max-tokens", "-T", help="Max tokens per demonstration, T."),
     top_k: int = typer.Option(100, help="Candidates from the public prompt (0 = full vocabulary)."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Public prior: each prompt's private-minus-public shift is scaled by this before the clip (classifier-free guidance; epsilon unchanged)."),
     instruction: str = typer.Option("Generate an example text for the given label.", help="Task instruction."),
     input_prefix: str = typer.Option("Text:", help="Prefix of the text field."),
     label_prefix: str = typer.Option("Label:", help="Prefix of the label field."),
@@ -69,7 +70,10 @@ def generate(
     pools = unit_pools(records, domain)  # pools over privacy units (rows carry privacy_unit)
     config = GenerationConfig(mode=mode.value, block_tokens=block_tokens, mechanism=mechanism.value, num_subsets=num_subsets,
                               shots_per_subset=shots_per_subset, max_tokens=max_tokens,
-                              top_k=top_k or None, epsilon=epsilon)
+                              top_k=top_k or None, epsilon=epsilon,
+                              guidance=guidance if mechanism is MechanismOpt.public_prior else 1.0)
+    if guidance != 1.0 and mechanism is not MechanismOpt.public_prior:
+        _fail("--guidance applies to the public_prior mechanism only")
     try:
         config.validate()
     except ValueError as exc:

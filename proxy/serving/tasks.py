@@ -90,7 +90,7 @@ def generation_config(task: TaskConfig, width: int | None = None) -> GenerationC
                             shots_per_subset=g.shots_per_subset, max_tokens=g.max_tokens, top_k=g.top_k,
                             epsilon=task.epsilon, sigma=g.sigma, public_only=g.public_only,
                             max_prompt_tokens=width, block_tokens=g.block_tokens,
-                            clip=g.clip, temperature=g.temperature)
+                            clip=g.clip, temperature=g.temperature, guidance=g.guidance)
 
 
 #: A task's state as the admin sees it: its dataset is uploaded and fits it, is not uploaded yet,
