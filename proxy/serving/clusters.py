@@ -5,7 +5,7 @@ label. The privacy order, on top of :mod:`proxy.serving.warmup`'s:
 
 1. The clustering of a label is released once per (dataset version, label, clustering settings,
    embedder[, public prompt and generator for ``public`` centroids]) and stored
-   (:mod:`proxy.store.clusters`): its events (:func:`aggregation.clusters.clustering_events`) are
+   (:mod:`proxy.store.keyed_releases`): its events (:func:`aggregation.clusters.clustering_events`) are
    charged on the LABEL partition before any row is embedded; later warm-ups and other tasks
    reuse it for free. What is stored is DP output (or public): centroids and DP cluster sizes.
 2. The set is planned from the stored DP sizes only: shots go one per usable cluster, largest
