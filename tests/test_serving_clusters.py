@@ -111,6 +111,24 @@ def test_clustering_is_charged_once_and_reused_by_later_warmups_and_tasks(tmp_pa
         assert CANARY not in text and "centroid" not in text
 
 
+def test_the_embedder_is_held_by_each_app_and_worker_and_loads_only_when_used(tmp_path, env, monkeypatch):
+    """No module-level cache: every app's warm-up (made in its lifespan) and the worker's hold their
+    own MiniLM handle, as they hold their generators; none loads its model before a clustered task
+    embeds something."""
+    import proxy.serving.warmup_runners as runners
+    from aggregation.embeddings import MiniLMEmbedder
+
+    apps = [_serve(tmp_path, env, name) for name in ("a", "b")]
+    with LiveServer(apps[0]), LiveServer(apps[1]):
+        held = [app.state.demos.warmup.embedder for app in apps]
+    config = make_config(f"sqlite:///{tmp_path / 'w'}.db", env[0], env[1])
+    monkeypatch.setattr(runners, "_WORKER", {"config": config})
+    held.append(runners._worker_executor().warmup.embedder)
+    assert all(isinstance(e, MiniLMEmbedder) and e._model is None for e in held)
+    assert len({id(e) for e in held}) == 3
+    assert not hasattr(proxy.serving.clusters, "shared_embedder")
+
+
 def test_spend_comes_before_any_row_is_embedded_and_refusals_cost_nothing(store_url, env):
     """On both backends (a real redis-server for Redis): the release is stored and reused there."""
     app = create_app(make_config(store_url, env[0], env[1], client_tasks=["*"]))

@@ -48,20 +48,6 @@ EMBEDDER_ID = "all-MiniLM-L6-v2"
 #: ``public_texts(labels) -> {label: texts}``: epsilon-0 demonstrations (public centroids only).
 PublicTexts = Callable[[Sequence[str]], Mapping[str, Sequence[str]]]
 
-_shared: dict[str, Any] = {}
-_shared_lock = threading.Lock()
-
-
-def shared_embedder() -> Embed:
-    """The process's MiniLM embedder (loaded lazily, once)."""
-    with _shared_lock:
-        if "minilm" not in _shared:
-            from aggregation.embeddings import MiniLMEmbedder
-
-            _shared["minilm"] = MiniLMEmbedder()
-        return _shared["minilm"]
-
-
 def embedder_problem() -> str | None:
     """Why this install cannot embed rows (one line, public), or None."""
     from aggregation.embeddings import minilm_path
