@@ -26,8 +26,7 @@ from proxy.cli import app as cli
 from proxy.config import TaskConfig
 from proxy.serving.clusters import LabelClusters, plan_clusters
 from proxy.serving.demos import PAYLOAD_VERSION, cache_key
-from proxy.store import open_store
-from proxy.store.base import DatasetMeta, NotFound
+from proxy.store.base import DatasetMeta
 from tests.test_app_support import (  # noqa: F401 - fixtures
     ADMIN_KEY, CANARY, LABELS, LiveServer, admin_headers, assert_openai_error, dataset_rows, fake_upstream,
     jsonl_bytes, make_config, task_spec, tiny_model_dir, upload,
@@ -110,6 +109,24 @@ def test_clustering_is_charged_once_and_reused_by_later_warmups_and_tasks(tmp_pa
         cached = http.get("/admin/tasks/b/demos").json()
         text = json.dumps([dry, result, budget, after, cached, again.json()])
         assert CANARY not in text and "centroid" not in text
+
+
+def test_the_embedder_is_held_by_each_app_and_worker_and_loads_only_when_used(tmp_path, env, monkeypatch):
+    """No module-level cache: every app's warm-up (made in its lifespan) and the worker's hold their
+    own MiniLM handle, as they hold their generators; none loads its model before a clustered task
+    embeds something."""
+    import proxy.serving.warmup_runners as runners
+    from aggregation.embeddings import MiniLMEmbedder
+
+    apps = [_serve(tmp_path, env, name) for name in ("a", "b")]
+    with LiveServer(apps[0]), LiveServer(apps[1]):
+        held = [app.state.demos.warmup.embedder for app in apps]
+    config = make_config(f"sqlite:///{tmp_path / 'w'}.db", env[0], env[1])
+    monkeypatch.setattr(runners, "_WORKER", {"config": config})
+    held.append(runners._worker_executor().warmup.embedder)
+    assert all(isinstance(e, MiniLMEmbedder) and e._model is None for e in held)
+    assert len({id(e) for e in held}) == 3
+    assert not hasattr(proxy.serving.clusters, "shared_embedder")
 
 
 def test_spend_comes_before_any_row_is_embedded_and_refusals_cost_nothing(store_url, env):
@@ -278,24 +295,3 @@ def test_cli_options_round_trip_and_budget_pages_show_cluster_partitions(tmp_pat
         assert run("budget", "show").exit_code == 0
         page = http.get("/admin/budget/qs").json()
         assert any("#" in p for p in page["partitions"]) and CANARY not in demos.stdout + shown.stdout
-
-
-def test_cluster_releases_round_trip(store_url):
-    """A release per (dataset version, key): first wins, survives a reopen, goes with its dataset."""
-    s = open_store(store_url)
-    rows = [("a b", "x"), ("c d", "y")]
-    m = s.create_dataset("w", rows, 2.0, 1e-6)
-    other = s.create_dataset("w", rows, 2.0, 1e-6)
-    release = {"label": "x", "centroids": [[0.6, 0.8]], "noisy_sizes": [3.5]}
-    assert s.get_cluster_release(m.id, "k") is None
-    assert s.set_cluster_release(m.id, "k", release) == release
-    assert s.set_cluster_release(m.id, "k", {**release, "noisy_sizes": [9.0]}) == release
-    assert s.get_cluster_release(other.id, "k") is None
-    s.close()
-    s2 = open_store(store_url)
-    assert s2.get_cluster_release(m.id, "k") == release
-    s2.delete_dataset(m.id)
-    assert s2.get_cluster_release(m.id, "k") is None
-    with pytest.raises(NotFound):
-        s2.set_cluster_release(m.id, "k", release)
-    s2.close()

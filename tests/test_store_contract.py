@@ -64,25 +64,39 @@ def test_dataset_lifecycle(store):
         store.append_ledger(meta.id, [charge()], "admin", "warm", count_check(10))
 
 
-def test_width_releases_round_trip(store_url):
-    """A DP row-length release per (dataset version, tokenizer): first wins, survives a reopen,
-    goes with its dataset."""
+#: kind -> (a release, a different release of the same shape, two keys); one kind's keys are
+#: never visible as the other's (each has its own table / hash).
+KEYED_RELEASES = {
+    "width": ({"grid": [8, 10], "bins": [1.5, -0.25, 2.0], "sigma": 20.0}, {"bins": [9.0, 9.0, 9.0], "sigma": 5.0},
+              ("local:a", "local:b")),
+    "cluster": ({"label": "x", "centroids": [[0.6, 0.8]], "noisy_sizes": [3.5]}, {"noisy_sizes": [9.0]},
+                ("k", "k2")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KEYED_RELEASES))
+def test_keyed_releases_round_trip(store_url, kind):
+    """A DP release per (dataset version, key) of each kind (row lengths, clusters): first wins,
+    survives a reopen, is kept apart from the other kind, goes with its dataset."""
+    release, change, (key, key2) = KEYED_RELEASES[kind]
+    other_kind = next(k for k in KEYED_RELEASES if k != kind)
     s = open_store(store_url)
+    get, put = getattr(s, f"get_{kind}_release"), getattr(s, f"set_{kind}_release")
     m = s.create_dataset("w", ROWS, 2.0, 1e-6)
     other = s.create_dataset("w", ROWS, 2.0, 1e-6)  # version 2 has its own releases
-    release = {"grid": [8, 10], "bins": [1.5, -0.25, 2.0], "sigma": 20.0}
-    assert s.get_width_release(m.id, "local:a") is None
-    assert s.set_width_release(m.id, "local:a", release) == release
-    assert s.set_width_release(m.id, "local:a", {**release, "bins": [9.0, 9.0, 9.0]}) == release
-    assert s.set_width_release(m.id, "local:b", {**release, "sigma": 5.0})["sigma"] == 5.0
-    assert s.get_width_release(other.id, "local:a") is None
+    assert get(m.id, key) is None
+    assert put(m.id, key, release) == release
+    assert put(m.id, key, {**release, **change}) == release  # the first stored wins
+    assert put(m.id, key2, {**release, **change}) == {**release, **change}
+    assert get(other.id, key) is None
+    assert getattr(s, f"get_{other_kind}_release")(m.id, key) is None
     s.close()
     s2 = open_store(store_url)
-    assert s2.get_width_release(m.id, "local:a") == release
+    assert getattr(s2, f"get_{kind}_release")(m.id, key) == release
     s2.delete_dataset(m.id)
-    assert s2.get_width_release(m.id, "local:a") is None
-    with pytest.raises(NotFound):
-        s2.set_width_release(m.id, "local:a", release)
+    assert getattr(s2, f"get_{kind}_release")(m.id, key) is None
+    with pytest.raises(NotFound):  # refused for a deleted dataset version
+        getattr(s2, f"set_{kind}_release")(m.id, key, release)
     s2.close()
 
 

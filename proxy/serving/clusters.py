@@ -5,7 +5,7 @@ label. The privacy order, on top of :mod:`proxy.serving.warmup`'s:
 
 1. The clustering of a label is released once per (dataset version, label, clustering settings,
    embedder[, public prompt and generator for ``public`` centroids]) and stored
-   (:mod:`proxy.store.clusters`): its events (:func:`aggregation.clusters.clustering_events`) are
+   (:mod:`proxy.store.keyed_releases`): its events (:func:`aggregation.clusters.clustering_events`) are
    charged on the LABEL partition before any row is embedded; later warm-ups and other tasks
    reuse it for free. What is stored is DP output (or public): centroids and DP cluster sizes.
 2. The set is planned from the stored DP sizes only: shots go one per usable cluster, largest
@@ -47,20 +47,6 @@ from proxy.store.base import DatasetMeta, Store
 EMBEDDER_ID = "all-MiniLM-L6-v2"
 #: ``public_texts(labels) -> {label: texts}``: epsilon-0 demonstrations (public centroids only).
 PublicTexts = Callable[[Sequence[str]], Mapping[str, Sequence[str]]]
-
-_shared: dict[str, Any] = {}
-_shared_lock = threading.Lock()
-
-
-def shared_embedder() -> Embed:
-    """The process's MiniLM embedder (loaded lazily, once)."""
-    with _shared_lock:
-        if "minilm" not in _shared:
-            from aggregation.embeddings import MiniLMEmbedder
-
-            _shared["minilm"] = MiniLMEmbedder()
-        return _shared["minilm"]
-
 
 def embedder_problem() -> str | None:
     """Why this install cannot embed rows (one line, public), or None."""

@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import anyio
 
+from aggregation.embeddings import MiniLMEmbedder
 from aggregation.prompts import Example
 from aggregation.sources.base import NextTokenSource
 from proxy.auth import Principal
@@ -118,7 +119,8 @@ class DemoService:
         self.tasks = tasks
         self.recheck = config.server.cache_recheck_seconds
         self.generators = Generators(config, local_source)
-        self.warmup = Warmup(store, budget, metrics, self.generators)
+        # The clustered tasks' embedder: one per service (process), its model loaded on first use.
+        self.warmup = Warmup(store, budget, metrics, self.generators, MiniLMEmbedder())
         jobs = config.jobs
         runner: ThreadRunner | RQWarmupRunner
         owner = Owner.current("server")  # this process, as the holder of in-process warm-ups

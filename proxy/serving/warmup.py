@@ -20,7 +20,7 @@ from typing import Any, Callable
 import dp_accounting as dpa
 
 from aggregation.accounting import WHOLE_DATASET
-from aggregation.embeddings import CachedEmbedder
+from aggregation.embeddings import CachedEmbedder, MiniLMEmbedder
 from aggregation.evaluation.clustered import public_centroid_texts
 from aggregation.fewshot import COUNT_SIGMA, Plan, generate_demonstration, plan_demonstrations
 from aggregation.mechanisms import Noise
@@ -73,7 +73,8 @@ class Prepared:
 class Warmup:
     """Prices and generates demonstration sets (one generation at a time per process)."""
 
-    def __init__(self, store: Store, budget: BudgetService, metrics: Metrics, generators: Generators):
+    def __init__(self, store: Store, budget: BudgetService, metrics: Metrics, generators: Generators,
+                 embedder: cl.Embed):
         self.store = store
         self.budget = budget
         self.metrics = metrics
@@ -82,8 +83,9 @@ class Warmup:
         self.calibrations = StoreCalibrationCache(store)
         #: Per-label cluster releases of clustered tasks (charged once, shared by every task).
         self.clusters = cl.ClusterReleases(store, budget)
-        #: The sentence embedder of clustered tasks (tests may replace it); loaded on first use.
-        self.embedder: cl.Embed | None = None
+        #: The sentence embedder of clustered tasks, held by the process's lifespan objects like the
+        #: generators (a :class:`MiniLMEmbedder` loads its model on first use; tests may replace it).
+        self.embedder = embedder
         #: Generation is CPU-heavy: one at a time per process.
         self._gen_lock = threading.Lock()
 
@@ -212,7 +214,7 @@ class Warmup:
         meta, labels = prep.meta, prep.labels
         reason = f"task {task.name} demos {prep.key[:12]}"
         config = generation_config(task)
-        embed = CachedEmbedder(self.embedder or cl.shared_embedder())  # this warm-up's only: rows stay here
+        embed = CachedEmbedder(self.embedder)  # this warm-up's only: rows stay here
         entered = time.perf_counter()
         load_s = 0.0  # loading the generator model (the first warm-up of a process)
         # epsilon_cost is the increase of the name's spent epsilon, the one-time count release
@@ -230,7 +232,7 @@ class Warmup:
             pools: dict[str, float] = {}
             releases: dict[str, cl.LabelClusters] | None = None
             clustered = cl.clustered(task)
-            if clustered and self.embedder is None and cl.embedder_problem():
+            if clustered and isinstance(self.embedder, MiniLMEmbedder) and cl.embedder_problem():
                 raise APIError(501, f"{cl.embedder_problem()}; nothing was charged", "missing_extra")
             if not config.public_only:
                 pending: list[tuple[str, dpa.DpEvent]] = []

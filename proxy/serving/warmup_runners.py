@@ -188,6 +188,7 @@ def _worker_executor() -> WarmupExecutor:
         return ex
     if "config" not in _WORKER:
         raise RuntimeError("rq_warmup runs inside 'dpicl worker' only")
+    from aggregation.embeddings import MiniLMEmbedder
     from proxy.budget import BudgetService
     from proxy.metrics import Metrics
     from proxy.serving.generators import Generators
@@ -197,7 +198,7 @@ def _worker_executor() -> WarmupExecutor:
     config: Config = _WORKER["config"]
     store = open_store(_WORKER.get("store_url") or config.store.url)
     metrics = Metrics()
-    warmup = Warmup(store, BudgetService(store), metrics, Generators(config))
+    warmup = Warmup(store, BudgetService(store), metrics, Generators(config), MiniLMEmbedder())
     ex = WarmupExecutor(store, warmup, metrics, worker=f"rq:{os.uname().nodename}:{os.getpid()}",
                         owner=_WORKER.get("owner"), still_owner=_parent_alive())
     _WORKER.update(executor=ex, pid=os.getpid())

@@ -14,8 +14,8 @@ Every key starts with a prefix (``dpicl:`` by default) so one Redis can hold sev
 ``{p}ledger:{name}``          list of ledger entries (JSON); entry ``seq`` = list index + 1
 ``{p}audit``, ``{p}audit:seq``  sorted set of audit records by seq; the seq counter
 ``{p}demo:{key}``             cached demonstration set ``{dataset_id, task, payload}``
-``{p}widths:{id}``            hash: tokenizer -> DP row-length release JSON (proxy.store.widths)
-``{p}clusters:{id}``          hash: key -> per-label cluster release JSON (proxy.store.clusters)
+``{p}widths:{id}``            hash: tokenizer -> DP row-length release JSON (proxy.store.keyed_releases)
+``{p}clusters:{id}``          hash: key -> per-label cluster release JSON (proxy.store.keyed_releases)
 ``{p}demos:ds:{id}``          set of demo keys of a dataset; ``{p}demos:task:{task}`` by task
 ``{p}tasks``                  hash: task name -> spec JSON
 ``{p}client_keys``            hash: client key name -> record JSON (the key's SHA-256, not the key)
@@ -59,11 +59,10 @@ from proxy.store.base import (
     demo_filter,
 )
 from proxy.store.client_keys import RedisClientKeys
+from proxy.store.keyed_releases import KINDS, RedisKeyedReleases
 from proxy.store.redis_uploads import RedisUploads
 from proxy.store.warmups import RedisWarmups
 from proxy.store.redis_url import split_prefix
-from proxy.store.clusters import RedisClusterReleases
-from proxy.store.widths import RedisWidthReleases
 
 T = TypeVar("T")
 
@@ -72,7 +71,7 @@ T = TypeVar("T")
 _MAX_ATTEMPTS = 10_000
 
 
-class RedisStore(RedisClientKeys, RedisWarmups, RedisUploads, RedisWidthReleases, RedisClusterReleases, Store):
+class RedisStore(RedisClientKeys, RedisWarmups, RedisUploads, RedisKeyedReleases, Store):
     """:class:`~proxy.store.base.Store` on Redis (``redis://host:port/db``; ``?prefix=`` optional)."""
 
     def __init__(self, url: str, prefix: str | None = None, socket_timeout: float = 30.0):
@@ -195,8 +194,8 @@ class RedisStore(RedisClientKeys, RedisWarmups, RedisUploads, RedisWidthReleases
             pipe.multi()
             # The population and its ledger are deliberately kept: spend on deleted data is still
             # spend on the same people, and a re-upload under the name continues it.
-            pipe.delete(meta_key, self._k("rows", dataset_id), by_ds, self._k("widths", dataset_id),
-                        self._k("clusters", dataset_id), *demo_keys)
+            pipe.delete(meta_key, self._k("rows", dataset_id), by_ds,
+                        *(self._k(kind.hash, dataset_id) for kind in KINDS), *demo_keys)
             pipe.srem(self._k("ds", "ids"), dataset_id)
 
         self._transaction(txn, meta_key, by_ds)

@@ -3,10 +3,10 @@ contract that keeps mechanism outputs, charged once and reused for free afterwar
 
 Three kinds, each DP output (or public) and never private text: the noisy label counts
 (:meth:`DpReleases.set_noisy_counts`, in the dataset's metadata), the row-length releases per
-tokenizer (:mod:`proxy.store.widths`) and the per-label cluster releases (:mod:`proxy.store.clusters`).
+tokenizer and the per-label cluster releases (both :mod:`proxy.store.keyed_releases`).
 For every kind the first stored release wins: two processes that raced both paid (over-counting,
 which is safe) and both go on with the one that was kept. Deleting a dataset version deletes its
-releases. The backends implement the methods in the mixins of those modules.
+releases. The backends implement the methods (the keyed ones in the mixins of that module).
 """
 
 from __future__ import annotations

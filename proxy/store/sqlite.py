@@ -39,12 +39,11 @@ from proxy.store.base import (
     demo_filter,
 )
 from proxy.store.client_keys import SQLITE_SCHEMA, SqliteClientKeys
-from proxy.store.clusters import SQLITE_SCHEMA as CLUSTERS_SCHEMA, SqliteClusterReleases
+from proxy.store.keyed_releases import KINDS, SQLITE_SCHEMA as RELEASES_SCHEMA, SqliteKeyedReleases
 from proxy.store.sqlite_migrate import ROWS_TABLE, migrate_if_needed, rebuild_rows_table
 from proxy.store.sqlite_uploads import SQLITE_SCHEMA as UPLOADS_SCHEMA
 from proxy.store.sqlite_uploads import SqliteUploads
 from proxy.store.warmups import SQLITE_SCHEMA as WARMUPS_SCHEMA
-from proxy.store.widths import SQLITE_SCHEMA as WIDTHS_SCHEMA, SqliteWidthReleases
 from proxy.store.warmups import SqliteWarmups
 
 _SCHEMA = """
@@ -116,7 +115,7 @@ CREATE TABLE IF NOT EXISTS blobs (
     data BLOB NOT NULL
 );
 INSERT OR IGNORE INTO schema_info (key, value) VALUES ('version', '2');
-""" + ROWS_TABLE + ";" + SQLITE_SCHEMA + WARMUPS_SCHEMA + UPLOADS_SCHEMA + WIDTHS_SCHEMA + CLUSTERS_SCHEMA
+""" + ROWS_TABLE + ";" + SQLITE_SCHEMA + WARMUPS_SCHEMA + UPLOADS_SCHEMA + RELEASES_SCHEMA
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
@@ -125,7 +124,7 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-class SqliteStore(SqliteClientKeys, SqliteWarmups, SqliteUploads, SqliteWidthReleases, SqliteClusterReleases, Store):
+class SqliteStore(SqliteClientKeys, SqliteWarmups, SqliteUploads, SqliteKeyedReleases, Store):
     """:class:`~proxy.store.base.Store` on one SQLite file (created with its parent directory)."""
 
     def __init__(self, path: str | os.PathLike[str], timeout: float = 60.0):
@@ -259,8 +258,8 @@ class SqliteStore(SqliteClientKeys, SqliteWarmups, SqliteUploads, SqliteWidthRel
                 raise NotFound(f"dataset {dataset_id} not found")
             c.execute("DELETE FROM dataset_rows WHERE dataset_id = ?", (dataset_id,))
             c.execute("DELETE FROM demos WHERE dataset_id = ?", (dataset_id,))
-            c.execute("DELETE FROM width_releases WHERE dataset_id = ?", (dataset_id,))
-            c.execute("DELETE FROM cluster_releases WHERE dataset_id = ?", (dataset_id,))
+            for kind in KINDS:
+                c.execute(f"DELETE FROM {kind.table} WHERE dataset_id = ?", (dataset_id,))
             # The population (budget, last version) and its ledger stay: spend on deleted data is
             # still spend on the same people, and a re-upload under the name continues it.
 
