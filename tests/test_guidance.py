@@ -1,0 +1,90 @@
+"""Public-prior guidance (``generation.guidance``, ``--guidance``): it reaches the mechanism, it is
+refused where it has no meaning, it changes no charge, and old cache keys and eval directories stay."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import replace
+
+import pytest
+from pydantic import ValidationError
+
+from aggregation.evaluation.runs import settings_record
+from aggregation.evaluation.settings import QUICK
+from aggregation.fewshot import GenerationConfig, generate_demonstration, plan_demonstrations
+from aggregation.mechanisms import Noise
+from proxy.config import TaskConfig
+from proxy.serving.demos import PAYLOAD_VERSION, cache_key
+from proxy.serving.tasks import generation_config
+from proxy.store.base import DatasetMeta
+from tests.test_fewshot import NEVER_STOP, POOL
+
+LABELS = ["DESC", "LOC"]
+
+
+def _task(**generation) -> TaskConfig:
+    return TaskConfig(name="t", dataset="d", instruction="Classify.", generation=generation)
+
+
+def test_task_guidance_reaches_the_generator_config_and_is_refused_off_the_public_prior():
+    assert generation_config(_task(guidance=2.5)).guidance == 2.5
+    assert generation_config(_task()).guidance == 1.0
+    for bad in ({"guidance": 0}, {"guidance": -1}, {"guidance": 1e9},
+                {"guidance": 2.0, "mechanism": "gaussian", "sigma": 1.0}):
+        with pytest.raises(ValidationError):
+            _task(**bad)
+
+
+def test_cache_key_keeps_old_tasks_and_changes_with_guidance():
+    meta = DatasetMeta(id="ds_1", rows=3, created_at=0.0, budget_epsilon=4.0, budget_delta=1e-5, labels=LABELS,
+                       name="d", version=1)
+    plain = _task(guidance=1.0)
+    gen = plain.generation.model_dump(mode="json")
+    for k in ("clusters", "clustering", "guidance"):
+        gen.pop(k)
+    old = hashlib.sha256(json.dumps({  # the key as computed before guidance existed
+        "dataset_id": "ds_1", "dataset_version": 1, "template": plain.template_hash(), "generation": gen,
+        "epsilon": repr(1.0), "shots": 1, "labels": LABELS, "generator": "g", "seed": 0, "v": PAYLOAD_VERSION,
+    }, sort_keys=True).encode()).hexdigest()
+    assert cache_key(plain, meta, "g") == old
+    assert cache_key(_task(guidance=2.0), meta, "g") != old
+
+
+def test_eval_settings_keep_old_directories_resumable():
+    assert "guidance" not in settings_record(replace(QUICK, guidance=1.0), "trec")
+    assert settings_record(replace(QUICK, guidance=3.0), "trec")["guidance"] == 3.0
+    assert replace(QUICK, guidance=3.0, mechanism="public_prior").generation("fixed", 1.0).guidance == 3.0
+    assert replace(QUICK, guidance=3.0, mechanism="gaussian").generation("fixed", 1.0).guidance == 1.0
+
+
+@pytest.fixture(scope="module")
+def source():
+    from tests.tiny_model import tiny_source
+
+    return tiny_source()
+
+
+@pytest.mark.parametrize("epsilon", [2.0, math.inf])
+def test_generation_passes_guidance_to_the_mechanism_and_charges_the_same(source, monkeypatch, epsilon):
+    from aggregation import fewshot
+
+    seen: list[float] = []
+    real = fewshot.public_prior_sample
+
+    def spy(private_lp, public_lp, clip, tau, noise, guidance=1.0):
+        seen.append(guidance)
+        return real(private_lp, public_lp, clip, tau, noise, guidance)
+
+    monkeypatch.setattr(fewshot, "public_prior_sample", spy)
+    events = []
+    for g in (1.0, 4.0):
+        config = GenerationConfig(mode="fixed", mechanism="public_prior", num_subsets=3, shots_per_subset=2,
+                                  max_tokens=3, top_k=10, epsilon=epsilon, max_prompt_tokens=160, guidance=g)
+        plan = plan_demonstrations(config, {"LOC": 1}, {"LOC": 60.0}, 1e-4)
+        seen.clear()
+        demo = generate_demonstration(source, NEVER_STOP, POOL, "LOC", config, plan.labels["LOC"], Noise(1))
+        assert seen and set(seen) == {g}
+        events.append((demo.event, plan.labels["LOC"].clip))
+    assert events[0] == events[1]  # the same event and clip: guidance is not paid for
