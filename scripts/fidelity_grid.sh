@@ -10,6 +10,10 @@
 #   finite   the same grid at epsilon 1 and 4
 #   modes    the chosen configuration in resample and block k = 2, 4, 8 (epsilon 1, 4, inf)
 #   trec     trec and an unseen label mapping, fixed mode, chosen configuration and plain
+#   guidance the public prior's guidance g on trec-opaque (aliases: 2, 3, 5 at epsilon inf and 3 at 1, 4;
+#            words: 3 at 1, 4, inf and 0.5 at 1, 4; 16 DP clusters with g = 3 at inf), then g = 3 at inf
+#            on trec and the unseen mapping
+#   int8     the plain words cell at epsilon inf with the int8 generator (2 seeds; 8x slower per token)
 #
 # Every cell: M=10, N=2 (the task default), T=15, 5 seeds x 2 sets x 6 labels = 60 scored
 # demonstrations per row, 50 test questions for the ICL accuracy column, prompts padded to 104
@@ -109,7 +113,20 @@ for stage in "$@"; do
         [ "$HINT" = word ] || cell "$tag-fixed-$HINT-c0" "$ds" "$HINT" 0 dp fixed 1,4,inf
         [ "$K" = 0 ] || cell "$tag-fixed-$HINT-c$K$METHOD" "$ds" "$HINT" "$K" "$METHOD" fixed 1,4,inf
       done ;;
+    guidance)
+      for g in 2 3 5; do
+        cell "opaque-fixed-alias-c0-g$g" trec-opaque alias 0 dp fixed "$([ $g = 3 ] && echo inf,4,1 || echo inf)" --guidance $g
+      done
+      cell opaque-fixed-word-c0-g3 trec-opaque word 0 dp fixed inf,4,1 --guidance 3
+      cell opaque-fixed-word-c0-g0.5 trec-opaque word 0 dp fixed 1,4 --guidance 0.5
+      cell opaque-fixed-alias-c16dp-g3 trec-opaque alias 16 dp fixed inf --guidance 3
+      cell trec-fixed-word-c0-g3 trec word 0 dp fixed inf --guidance 3
+      cell unseen-fixed-word-c0-g3 "$(unseen_mapping)" word 0 dp fixed inf --guidance 3 ;;
+    int8)  # the precision changes the epsilon-0 row too, so this directory runs its own references
+      dpicl eval --dataset trec-opaque --quick --seeds 2 --n-test 50 --fidelity-demos 2 --label-hint word \
+        --modes fixed --epsilons inf --max-prompt-tokens "$WIDTH" --precision int8 --resume --no-progress \
+        --out "$OUT/opaque-fixed-word-c0-int8" ;;
     width) WIDTH=256 cell "opaque-fixed-$HINT-c$K$METHOD-w256" trec-opaque "$HINT" "$K" "$METHOD" fixed inf ;;
-    *) echo "unknown stage $stage (ceiling, finite, modes, trec, width; or: one HINT K METHOD MODE [BLOCK])" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (ceiling, finite, modes, trec, guidance, int8, width; or: one HINT K METHOD MODE [BLOCK])" >&2; exit 2 ;;
   esac
 done

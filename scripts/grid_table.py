@@ -27,9 +27,11 @@ def _config(settings: dict, mode: str) -> dict:
     k = settings.get("clusters", 0)
     block = settings.get("block_tokens") or 4
     g = float(settings.get("guidance", 1.0))
+    precision = settings.get("precision", "float32")
     return {
         "dataset": settings["dataset"].split("/")[-1].removesuffix(".jsonl"),
-        "mode": (f"block k={block}" if mode == "block" else mode) + (f", guidance {g:g}" if g != 1.0 else ""),
+        "mode": ((f"block k={block}" if mode == "block" else mode) + (f", guidance {g:g}" if g != 1.0 else "")
+                 + (f", {precision}" if precision != "float32" else "")),
         "hint": settings.get("label_hint", "word"),
         "clusters": f"{k} {settings.get('clustering', 'dp')}" if k else "off",
         "width": settings.get("max_prompt_tokens", 256),
