@@ -130,7 +130,12 @@ def test_model_scorer_matches_a_plain_forward_pass():
     assert not scorer.single_token_labels
     prefix = TREC_PROMPT.serving_prefix([Example("How many legs has a spider ?", "NUM"), Example("Where is Oslo ?", "LOC")])
     queries = [TREC_PROMPT.query(t) for t in ["What is DNA ?", "Who wrote Hamlet and many other plays long ago ?", ""]]
-    got = scorer.logprobs(prefix, queries)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # the renamed cache argument, not the old one
+        warnings.simplefilter("always")
+        got = scorer.logprobs(prefix, queries)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
 
     def plain(text: str, word: str) -> float:
         ids = tok(text, add_special_tokens=False)["input_ids"]
