@@ -13,7 +13,8 @@
 #   guidance the public prior's guidance g on trec-opaque (aliases: 2, 3, 5 at epsilon inf and 3 at 1, 4;
 #            words: 3 at 1, 4, inf and 0.5 at 1, 4; 16 DP clusters with g = 3 at inf), then g = 3 at inf
 #            on trec and the unseen mapping
-#   int8     the plain words cell at epsilon inf with the int8 generator (2 seeds; 8x slower per token)
+#   precision  the plain words cell at epsilon inf with the int8 and the bfloat16 generator (2 seeds each;
+#            both slower than float32 on this CPU, docs/sources.md)
 #
 # Every cell: M=10, N=2 (the task default), T=15, 5 seeds x 2 sets x 6 labels = 60 scored
 # demonstrations per row, 50 test questions for the ICL accuracy column, prompts padded to 104
@@ -122,11 +123,13 @@ for stage in "$@"; do
       cell opaque-fixed-alias-c16dp-g3 trec-opaque alias 16 dp fixed inf --guidance 3
       cell trec-fixed-word-c0-g3 trec word 0 dp fixed inf --guidance 3
       cell unseen-fixed-word-c0-g3 "$(unseen_mapping)" word 0 dp fixed inf --guidance 3 ;;
-    int8)  # the precision changes the epsilon-0 row too, so this directory runs its own references
-      dpicl eval --dataset trec-opaque --quick --seeds 2 --n-test 50 --fidelity-demos 2 --label-hint word \
-        --modes fixed --epsilons inf --max-prompt-tokens "$WIDTH" --precision int8 --resume --no-progress \
-        --out "$OUT/opaque-fixed-word-c0-int8" ;;
+    precision)  # the precision changes the epsilon-0 row too, so these directories run their own references
+      for p in int8:int8 bfloat16:bf16; do
+        dpicl eval --dataset trec-opaque --quick --seeds 2 --n-test 50 --fidelity-demos 2 --label-hint word \
+          --modes fixed --epsilons inf --max-prompt-tokens "$WIDTH" --precision "${p%%:*}" --resume --no-progress \
+          --out "$OUT/opaque-fixed-word-c0-${p##*:}"
+      done ;;
     width) WIDTH=256 cell "opaque-fixed-$HINT-c$K$METHOD-w256" trec-opaque "$HINT" "$K" "$METHOD" fixed inf ;;
-    *) echo "unknown stage $stage (ceiling, finite, modes, trec, guidance, int8, width; or: one HINT K METHOD MODE [BLOCK])" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (ceiling, finite, modes, trec, guidance, precision, width; or: one HINT K METHOD MODE [BLOCK])" >&2; exit 2 ;;
   esac
 done

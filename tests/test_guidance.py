@@ -88,3 +88,21 @@ def test_generation_passes_guidance_to_the_mechanism_and_charges_the_same(source
         assert seen and set(seen) == {g}
         events.append((demo.event, plan.labels["LOC"].clip))
     assert events[0] == events[1]  # the same event and clip: guidance is not paid for
+
+
+def test_cli_refuses_guidance_where_it_means_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from proxy.cli import app
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a", "label": "x"}\n')
+    runner = CliRunner()
+    for args, message in (
+        (["eval", "--guidance", "0", "--out", str(tmp_path)], "positive finite"),
+        (["eval", "--guidance", "2", "--mechanism", "gaussian", "--out", str(tmp_path)], "public_prior mechanism only"),
+        (["generate", "--data", str(data), "--label", "x", "--epsilon", "1", "--mechanism", "gaussian",
+          "--guidance", "2"], "public_prior mechanism only"),
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
