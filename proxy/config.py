@@ -81,8 +81,7 @@ class GenerationSettings(_Strict):
     mechanism: Literal["gaussian", "exponential", "public_prior"] = "public_prior"
     clip: float | None = Field(None, gt=0)
     temperature: float | None = Field(1.0, gt=0)
-    #: public_prior: each prompt's private-minus-public shift is scaled by ``guidance`` before the
-    #: clip (classifier-free guidance); the epsilon of a token does not change (docs/privacy.md).
+    #: public_prior: scales each prompt's shift before the clip; epsilon unchanged (docs/privacy.md).
     guidance: float = Field(1.0, gt=0, le=100)
     num_subsets: int = Field(10, ge=1, le=1000)
     shots_per_subset: int = Field(2, ge=1, le=100)
@@ -127,10 +126,8 @@ class GenerationSettings(_Strict):
                 raise ValueError("the public_prior mechanism takes clip and temperature, not sigma")
             if self.clip is None and self.temperature is None:
                 raise ValueError("the public_prior mechanism needs clip or temperature (the other is calibrated)")
-        elif self.clip is not None:
-            raise ValueError("clip applies to the public_prior mechanism only")
-        elif self.guidance != 1.0:
-            raise ValueError("guidance applies to the public_prior mechanism only")
+        elif self.clip is not None or self.guidance != 1.0:
+            raise ValueError(f"{'clip' if self.clip is not None else 'guidance'} applies to the public_prior mechanism only")
         if self.clusters and self.public_only:
             raise ValueError("clusters need private generation: public_only reads no rows to cluster")
         return self
