@@ -119,7 +119,9 @@ def plot(table: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, hint in zip(axes, ("word", "alias")):
         lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
-        base = [r for r in table if r["dataset"] == "trec-opaque" and r["row"] == PUBLIC and r["hint"] == hint]
+        # The reference rows of the cell with the most demonstrations (some cells ran fewer seeds).
+        base = sorted((r for r in table if r["dataset"] == "trec-opaque" and r["row"] == PUBLIC and r["hint"] == hint),
+                      key=lambda r: -r["n"])
         for r in table:
             if (r["dataset"] == "trec-opaque" and r["row"] == DP and r["hint"] == hint and r["epsilon"] in xs
                     and r["width"] != 256):
@@ -127,7 +129,7 @@ def plot(table: list[dict], path: Path) -> None:
         for name, pts in sorted(lines.items()):
             pts = sorted(pts + [(0, 100 * b["fidelity"]) for b in base[:1]])
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
-        real = [r for r in table if r["dataset"] == "trec-opaque" and r["row"] == REAL]
+        real = sorted((r for r in table if r["dataset"] == "trec-opaque" and r["row"] == REAL), key=lambda r: -r["n"])
         if real:
             ax.axhline(100 * real[0]["fidelity"], color="grey", linestyle="--", label="real examples")
         ax.set_xticks(list(xs.values()), ["0", "1", "4", "∞"])
@@ -135,7 +137,7 @@ def plot(table: list[dict], path: Path) -> None:
         ax.set_title(f"trec-opaque, label hint: {hint}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0].set_ylabel("fidelity % (60 demonstrations per point)")
+    axes[0].set_ylabel("fidelity % (24-60 demonstrations per point)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
