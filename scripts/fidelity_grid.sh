@@ -36,7 +36,8 @@ cell() {  # NAME DATASET HINT K METHOD MODES EPSILONS [extra dpicl eval options]
   local ref="$OUT/${name%%-*}-fixed-$hint-c0" block=null guidance=() prev="" a
   for a in "$@"; do  # the options that do not change the reference rows
     [ "$prev" = --block-tokens ] && block=$a
-    [ "$prev" = --guidance ] && guidance=("guidance=$a")
+    [ "$prev" = --guidance ] && guidance+=("guidance=$a")
+    [ "$prev" = --num-subsets ] && guidance+=("num_subsets=$a")
     prev=$a
   done
   if [ "$OUT/$name" != "$ref" ] && [ -s "$ref/runs.csv" ] && [ "$WIDTH" = 104 ]; then
@@ -121,6 +122,7 @@ for stage in "$@"; do
       cell opaque-fixed-word-c0-g3 trec-opaque word 0 dp fixed inf,4,1 --guidance 3
       cell opaque-fixed-word-c0-g0.5 trec-opaque word 0 dp fixed 1,4 --guidance 0.5
       cell opaque-fixed-alias-c16dp-g3 trec-opaque alias 16 dp fixed inf --guidance 3
+      cell opaque-fixed-word-c0-g3-m20 trec-opaque word 0 dp fixed 1,4 --guidance 3 --num-subsets 20
       cell trec-fixed-word-c0-g3 trec word 0 dp fixed inf --guidance 3
       cell unseen-fixed-word-c0-g3 "$(unseen_mapping)" word 0 dp fixed inf --guidance 3 ;;
     precision)  # the precision changes the epsilon-0 row too, so these directories run their own references
