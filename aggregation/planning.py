@@ -78,7 +78,7 @@ class GenerationConfig:
         if not (self.guidance > 0 and math.isfinite(self.guidance)):
             raise ValueError("guidance must be a positive finite number")
         if self.mechanism != "public_prior" and self.guidance != 1.0:
-            raise ValueError("guidance applies to the public-prior mechanism only")
+            raise ValueError("guidance applies to the public_prior mechanism only")
         if self.mechanism == "public_prior" and self.sigma is not None:
             raise ValueError("the public-prior mechanism takes clip and temperature, not sigma")
         if self.num_subsets < 1 or self.shots_per_subset < 1:

@@ -33,16 +33,16 @@ cell() {  # NAME DATASET HINT K METHOD MODES EPSILONS [extra dpicl eval options]
   echo "== $name: $dataset hint=$hint clusters=$k/$method modes=$modes epsilons=$eps $*"
   # The reference rows (zero-shot, epsilon 0, real examples) do not depend on clustering or mode:
   # take them from the plain fixed-mode cell of the same dataset and hint when it exists.
-  local ref="$OUT/${name%%-*}-fixed-$hint-c0" block=null guidance=() prev="" a
+  local ref="$OUT/${name%%-*}-fixed-$hint-c0" block=null same=() prev="" a
   for a in "$@"; do  # the options that do not change the reference rows
     [ "$prev" = --block-tokens ] && block=$a
-    [ "$prev" = --guidance ] && guidance+=("guidance=$a")
-    [ "$prev" = --num-subsets ] && guidance+=("num_subsets=$a")
+    [ "$prev" = --guidance ] && same+=("guidance=$a")
+    [ "$prev" = --num-subsets ] && same+=("num_subsets=$a")
     prev=$a
   done
   if [ "$OUT/$name" != "$ref" ] && [ -s "$ref/runs.csv" ] && [ "$WIDTH" = 104 ]; then
     python scripts/grid_reference.py "$ref" "$OUT/$name" "clusters=$k" "clustering=$method" "block_tokens=$block" \
-      "${guidance[@]}"
+      "${same[@]}"
   fi
   dpicl eval --dataset "$dataset" --quick --seeds "$SEEDS" --n-test 50 --fidelity-demos 2 \
     --label-hint "$hint" --clusters "$k" --clustering "$method" --modes "$modes" --epsilons "$eps" \

@@ -7,7 +7,6 @@ mean under content-free inputs).
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -101,19 +100,18 @@ class ModelScorer:
                 if len(ids) > 1:
                     rows.append((i, rest + ids[:-1], [(last + t, ids[t], j) for t in range(1, len(ids))]))
 
+        from aggregation.sources.local import cache_arg, cache_of
+
         base = self.model.base_model
         head = self.model.get_output_embeddings()
-        # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns on every call).
-        cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        cache_kw = cache_arg(base)
 
         order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))  # less padding per batch
         batches = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
         with torch.inference_mode():
             past = None
             if shared > 0:
-                opened = base(input_ids=torch.tensor([full[0][:shared]], dtype=torch.long), use_cache=True)
-                past = getattr(opened, "cache", None)
-                past = opened.past_key_values if past is None else past
+                past = cache_of(base(input_ids=torch.tensor([full[0][:shared]], dtype=torch.long), use_cache=True))
             for batch in tqdm(batches, desc="scoring", leave=False, disable=not self.progress):
                 width = max(len(rows[r][1]) for r in batch)
                 n = len(batch)
@@ -130,7 +128,7 @@ class ModelScorer:
                     cache = copy.deepcopy(past)
                     cache.batch_repeat_interleave(n)
                 hidden = base(input_ids=ids, attention_mask=mask, position_ids=positions,
-                              use_cache=cache is not None, **{cache_arg: cache}).last_hidden_state
+                              use_cache=cache is not None, **{cache_kw: cache}).last_hidden_state
                 bi, pi, tgt, qi, lab = [], [], [], [], []
                 for b, r in enumerate(batch):
                     for pos, token, j in rows[r][2]:

@@ -116,8 +116,7 @@ class LocalSource(NextTokenSource):
         self._vocab_size = int(model.get_input_embeddings().weight.shape[0])
         self.bos = leading_bos(tokenizer)
         self.window = _sliding_window(model.config)
-        # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns until 5.40).
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_arg = cache_arg(model)
         self.prefixes = _PrefixCache(prefix_cache_size)
         self.precision = model_precision(model)
         self.rows_independent = rows_independent(self.precision)
@@ -187,7 +186,7 @@ class LocalSource(NextTokenSource):
             with torch.inference_mode():
                 x = torch.tensor([key], dtype=torch.long)
                 out = self.forward(x, torch.ones_like(x), torch.arange(len(key)).unsqueeze(0), None, True)
-            kv = [(layer.keys, layer.values) for layer in _cache_of(out).layers]
+            kv = [(layer.keys, layer.values) for layer in cache_of(out).layers]
             self.prefixes.put(key, kv)
         with torch.inference_mode():
             cache = DynamicCache(config=self.model.config)
@@ -218,7 +217,14 @@ class TokenizerCounter:
         return len(self.bos) + (n(prefix) if prefix else 0) + n(text)
 
 
-def _cache_of(out: Any) -> Any:
+def cache_arg(model: Any) -> str:
+    """The keyword ``model.forward`` takes its KV cache by: transformers 5 renamed
+    ``past_key_values`` to ``cache`` (the old name warns on every call until 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(out: Any) -> Any:
+    """The KV cache of a model output, under either name."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
 
@@ -273,11 +279,11 @@ class LocalState(DecodeState):
                 outs = [self.source.forward(ids[i:i + 1], mask[i:i + 1], positions[i:i + 1], self._past[i],
                                             self.keep_state) for i in range(ids.shape[0])]
                 logits = torch.cat([o.logits[:, -1, :] for o in outs]).double()
-                past: Any = [_cache_of(o) for o in outs] if self.keep_state else [None] * len(outs)
+                past: Any = [cache_of(o) for o in outs] if self.keep_state else [None] * len(outs)
             else:
                 out = self.source.forward(ids, mask, positions, self._past, self.keep_state)
                 logits = out.logits[:, -1, :].double()
-                past = _cache_of(out) if self.keep_state else None
+                past = cache_of(out) if self.keep_state else None
             probs = torch.softmax(logits, dim=-1).numpy()
         self.calls += 1
         self._past = past

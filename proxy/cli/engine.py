@@ -70,10 +70,7 @@ def generate(
     pools = unit_pools(records, domain)  # pools over privacy units (rows carry privacy_unit)
     config = GenerationConfig(mode=mode.value, block_tokens=block_tokens, mechanism=mechanism.value, num_subsets=num_subsets,
                               shots_per_subset=shots_per_subset, max_tokens=max_tokens,
-                              top_k=top_k or None, epsilon=epsilon,
-                              guidance=guidance if mechanism is MechanismOpt.public_prior else 1.0)
-    if guidance != 1.0 and mechanism is not MechanismOpt.public_prior:
-        _fail("--guidance applies to the public_prior mechanism only")
+                              top_k=top_k or None, epsilon=epsilon, guidance=guidance)
     try:
         config.validate()
     except ValueError as exc:
