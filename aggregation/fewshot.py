@@ -91,6 +91,8 @@ def generate_demonstration(
     calls = 0
     m = config.num_subsets
     k = config.block_length
+    # Only the first P tokens read private rows; the rest continue the public prompt after them.
+    private_steps = config.private_steps
     width = config.max_prompt_tokens
     vocab = source.vocabulary()
     if config.top_k is None and vocab is None:
@@ -128,29 +130,34 @@ def generate_demonstration(
         if should_stop is not None and should_stop():
             stopped = True
             break
-        if not public_only and left == 0:
+        private_step = not public_only and step < private_steps
+        if private_step and left == 0:
             # A block starts: a fresh Poisson sample and fresh prompts, padded to the public width.
-            left = min(k, config.max_tokens - step)
+            left = min(k, private_steps - step)
             rows = [public_prompt, *private_prompts()] if shared else private_prompts()
             private = source.open(rows, suffix=generated, keep_state=left > 1, width=width + len(generated),
                                   prefix=prefix)
             if shared:
                 public = private
+        if not private_step and public is None:
+            # The private tokens are over and the public row went with their batch: continue the
+            # public prompt alone from the tokens so far (no private row is read from here on).
+            public = source.open([public_prompt], suffix=generated, keep_state=True, prefix=prefix)
         if prior:
             # Candidates from the public log-probabilities and C only (top-k+); epsilon 0 is
             # sampling from the public prompt at temperature tau over its top k.
             assert public is not None
-            clip = 0.0 if public_only else float(label_plan.clip)  # type: ignore[arg-type]
+            clip = float(label_plan.clip) if private_step else 0.0  # type: ignore[arg-type]
             tau = float(label_plan.temperature or config.temperature or 1.0)
             # (At epsilon = infinity C is infinite; the candidates stay the public top k.)
             candidates, public_lp = _prior_candidates(public, vocab, config.top_k, 0.0 if math.isinf(clip) else clip)
             private_lp = None
-            if not public_only:
+            if private_step:
                 assert private is not None
                 private_lp = log_probs(private.probs(candidates)[offset:])
                 left -= 1
             choice, _ = public_prior_sample(private_lp, public_lp, clip, tau, noise, config.guidance)
-        elif public_only:
+        elif not private_step:
             assert public is not None
             candidates, choice = public.top_tokens(config.top_k or 1), 0  # sorted: greedy decoding
         else:
@@ -175,7 +182,7 @@ def generate_demonstration(
             text = text.split(prompt.stop, 1)[0]
             break
         if step + 1 < config.max_tokens:
-            if public is not None and not shared:
+            if public is not None and public is not private:
                 public.advance(token)
             if private is not None and left > 0:
                 private.advance(token)
@@ -184,7 +191,7 @@ def generate_demonstration(
             private = None
             if shared:
                 public = None
-    calls += (public.calls if public is not None and not shared else 0)
+    calls += (public.calls if public is not None and public is not private else 0)
     calls += (private.calls if private is not None else 0)
     return Demonstration(
         text=text.strip(),

@@ -39,6 +39,10 @@ class GenerationConfig:
     num_subsets: int = 10  # M
     shots_per_subset: int = 2  # N
     max_tokens: int = 20  # T
+    #: P: only the first P tokens are drawn from the private mechanism (and accounted); the rest,
+    #: up to T, are decoded from the public prompt alone after the private prefix (post-processing,
+    #: epsilon 0). None = all T tokens are private. The budget of T tokens then buys P stronger ones.
+    private_tokens: int | None = None
     top_k: int | None = 100  # K; None = full vocabulary (no reduced vocabulary)
     epsilon: float | None = 4.0  # target per demonstration set; math.inf = no noise
     sigma: float | None = None  # explicit noise multiplier instead of a target epsilon
@@ -85,6 +89,8 @@ class GenerationConfig:
             raise ValueError("num_subsets and shots_per_subset must be at least 1")
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
+        if self.private_tokens is not None and self.private_tokens < 1:
+            raise ValueError("private_tokens must be at least 1 (or None: every token is private)")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError("top_k must be at least 1 (or None for the full vocabulary)")
         if self.max_prompt_tokens < 16:
@@ -106,9 +112,14 @@ class GenerationConfig:
         accounting.check_noise_or_target(self.sigma, self.epsilon, "sigma", allow_infinite=True)
 
     @property
+    def private_steps(self) -> int:
+        """Tokens drawn from the private mechanism: min(P, T), or T when P is not set."""
+        return self.max_tokens if self.private_tokens is None else min(self.private_tokens, self.max_tokens)
+
+    @property
     def block_length(self) -> int:
-        """Tokens generated from one Poisson sample (1 in resample mode, T in fixed mode)."""
-        return block_length(self.mode, self.max_tokens, self.block_tokens)
+        """Tokens generated from one Poisson sample (1 in resample mode, the private tokens in fixed mode)."""
+        return block_length(self.mode, self.private_steps, self.block_tokens)
 
     @property
     def pool_threshold(self) -> float:
@@ -209,7 +220,7 @@ def _single_event(config: GenerationConfig, q: float, sigma: float | None, ept: 
         return dpa.NoOpDpEvent()
     if not config.private:
         return dpa.NonPrivateDpEvent()
-    return demonstration_event("block", q, config.max_tokens, sigma=sigma, epsilon_per_token=ept,
+    return demonstration_event("block", q, config.private_steps, sigma=sigma, epsilon_per_token=ept,
                                block_tokens=config.block_length)
 
 
@@ -251,7 +262,7 @@ def plan_demonstrations(
                 clip, temperature = math.inf, temperature or 1.0
         if config.private:
             def calibrated(family: str) -> float:
-                return calibrate_noise(family, config.block_length, q, config.max_tokens, count,  # type: ignore[arg-type]
+                return calibrate_noise(family, config.block_length, q, config.private_steps, count,  # type: ignore[arg-type]
                                        float(config.epsilon), delta, cache)
 
             if config.mechanism == "gaussian":

@@ -13,6 +13,7 @@
 #   guidance the public prior's guidance g on trec-opaque (aliases: 2, 3, 5 at epsilon inf and 3 at 1, 4;
 #            words: 3 at 1, 4, inf and 0.5 at 1, 4; 16 DP clusters with g = 3 at inf), then g = 3 at inf
 #            on trec and the unseen mapping
+#   prefix   only the first P tokens private (P = 4 and 2; words with g = 1 and 3, aliases with g = 3)
 #   precision  the plain words cell at epsilon inf with the int8 and the bfloat16 generator (2 seeds each;
 #            both slower than float32 on this CPU, docs/sources.md)
 #
@@ -38,6 +39,7 @@ cell() {  # NAME DATASET HINT K METHOD MODES EPSILONS [extra dpicl eval options]
     [ "$prev" = --block-tokens ] && block=$a
     [ "$prev" = --guidance ] && same+=("guidance=$a")
     [ "$prev" = --num-subsets ] && same+=("num_subsets=$a")
+    [ "$prev" = --private-tokens ] && same+=("private_tokens=$a")
     prev=$a
   done
   if [ "$OUT/$name" != "$ref" ] && [ -s "$ref/runs.csv" ] && [ "$WIDTH" = 104 ]; then
@@ -125,6 +127,11 @@ for stage in "$@"; do
       cell opaque-fixed-word-c0-g3-m20 trec-opaque word 0 dp fixed 1,4 --guidance 3 --num-subsets 20
       cell trec-fixed-word-c0-g3 trec word 0 dp fixed inf --guidance 3
       cell unseen-fixed-word-c0-g3 "$(unseen_mapping)" word 0 dp fixed inf --guidance 3 ;;
+    prefix)  # only the first P of the T = 15 tokens private (the budget of 15 buys P stronger tokens)
+      cell opaque-fixed-word-c0-g3-p4 trec-opaque word 0 dp fixed 1,4,inf --guidance 3 --private-tokens 4
+      cell opaque-fixed-word-c0-p4 trec-opaque word 0 dp fixed 1,4,inf --private-tokens 4
+      cell opaque-fixed-word-c0-g3-p2 trec-opaque word 0 dp fixed 1,4 --guidance 3 --private-tokens 2
+      cell opaque-fixed-alias-c0-g3-p4 trec-opaque alias 0 dp fixed 1,4 --guidance 3 --private-tokens 4 ;;
     precision)  # the precision changes the epsilon-0 row too, so these directories run their own references
       for p in int8:int8 bfloat16:bf16; do
         dpicl eval --dataset trec-opaque --quick --seeds 2 --n-test 50 --fidelity-demos 2 --label-hint word \
@@ -132,6 +139,6 @@ for stage in "$@"; do
           --out "$OUT/opaque-fixed-word-c0-${p##*:}"
       done ;;
     width) WIDTH=256 cell "opaque-fixed-$HINT-c$K$METHOD-w256" trec-opaque "$HINT" "$K" "$METHOD" fixed inf ;;
-    *) echo "unknown stage $stage (ceiling, finite, modes, trec, guidance, precision, width; or: one HINT K METHOD MODE [BLOCK])" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (ceiling, finite, modes, trec, guidance, prefix, precision, width; or: one HINT K METHOD MODE [BLOCK])" >&2; exit 2 ;;
   esac
 done

@@ -32,7 +32,8 @@ def _config(settings: dict, mode: str) -> dict:
         "dataset": settings["dataset"].split("/")[-1].removesuffix(".jsonl"),
         "mode": ((f"block k={block}" if mode == "block" else mode) + (f", guidance {g:g}" if g != 1.0 else "")
                  + (f", {precision}" if precision != "float32" else "")
-                 + (f", M={settings['num_subsets']}" if settings.get("num_subsets", 10) != 10 else "")),
+                 + (f", M={settings['num_subsets']}" if settings.get("num_subsets", 10) != 10 else "")
+                 + (f", P={settings['private_tokens']}" if settings.get("private_tokens") else "")),
         "hint": settings.get("label_hint", "word"),
         "clusters": f"{k} {settings.get('clustering', 'dp')}" if k else "off",
         "width": settings.get("max_prompt_tokens", 256),

@@ -40,6 +40,9 @@ class EvalSettings:
     num_subsets: int = 10
     shots_per_subset: int = 2
     max_tokens: int = 15
+    #: P: only the first P tokens of a DP demonstration are private (None: all T); the rest
+    #: continue the public prompt (GenerationConfig.private_tokens).
+    private_tokens: int | None = None
     top_k: int | None = 100
     block_tokens: int | None = None  # k, for mode "block"
     #: What generation shows for a label: its word, or a neutral alias ("type A", ...); the
@@ -67,7 +70,8 @@ class EvalSettings:
     def generation(self, mode: str, epsilon: float) -> GenerationConfig:
         return GenerationConfig(mode=mode, mechanism=self.mechanism,  # type: ignore[arg-type]
                                 num_subsets=self.num_subsets, shots_per_subset=self.shots_per_subset,
-                                max_tokens=self.max_tokens, top_k=self.top_k, epsilon=epsilon,
+                                max_tokens=self.max_tokens, private_tokens=self.private_tokens,
+                                top_k=self.top_k, epsilon=epsilon,
                                 guidance=self.guidance if self.mechanism == "public_prior" else 1.0,
                                 block_tokens=self.block_tokens if mode == "block" else None,
                                 max_prompt_tokens=self.max_prompt_tokens)
