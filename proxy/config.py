@@ -86,6 +86,9 @@ class GenerationSettings(_Strict):
     num_subsets: int = Field(10, ge=1, le=1000)
     shots_per_subset: int = Field(2, ge=1, le=100)
     max_tokens: int = Field(30, ge=1, le=512)
+    #: P: only the first P tokens of a demonstration are drawn from the private rows (and charged);
+    #: the rest continue the public prompt after them (epsilon 0). None = all ``max_tokens``.
+    private_tokens: int | None = Field(None, ge=1, le=512)
     top_k: int | None = Field(100, ge=1)
     #: Explicit noise multiplier instead of calibrating to the task's target epsilon (the ledger
     #: still records the exact event, so the spent epsilon stays honest).
@@ -128,6 +131,8 @@ class GenerationSettings(_Strict):
                 raise ValueError("the public_prior mechanism needs clip or temperature (the other is calibrated)")
         elif self.clip is not None or self.guidance != 1.0:
             raise ValueError(f"{'clip' if self.clip is not None else 'guidance'} applies to the public_prior mechanism only")
+        if self.private_tokens is not None and self.public_only:
+            raise ValueError("private_tokens needs private generation: public_only draws no private token")
         if self.clusters and self.public_only:
             raise ValueError("clusters need private generation: public_only reads no rows to cluster")
         return self

@@ -34,7 +34,7 @@ def account(
     shots_per_subset: int = typer.Option(2, "--shots-per-subset", "-N", help="Private examples per prompt, N."),
     sample_size: Optional[int] = typer.Option(None, "--sample-size", help="Expected records per sample (default M*N)."),
     pool_size: int = typer.Option(..., "--pool-size", help="Records (privacy units) in the label's pool, n."),
-    tokens: int = typer.Option(..., help="Tokens per demonstration, T (charged in full)."),
+    tokens: int = typer.Option(..., help="Private tokens per demonstration, charged in full: T, or P when only the first P are private (a task's private_tokens)."),
     delta: float = typer.Option(..., help="Target delta."),
     demonstrations: int = typer.Option(1, help="Demonstrations from the same pool (composed)."),
     clusters: int = typer.Option(0, help="Clusters K the pool is split into (0 = off): each cluster holds n/K, demonstrations spread over the clusters compose in parallel; the clustering's own release is not included."),

@@ -23,6 +23,7 @@ def generate(
     num_subsets: int = typer.Option(10, "--num-subsets", "-M", help="Disjoint subsets (parallel prompts), M."),
     shots_per_subset: int = typer.Option(2, "--shots-per-subset", "-N", help="Private examples per prompt, N."),
     max_tokens: int = typer.Option(20, "--max-tokens", "-T", help="Max tokens per demonstration, T."),
+    private_tokens: Optional[int] = typer.Option(None, "--private-tokens", "-P", min=1, help="P: only the first P tokens are drawn from the private rows (and charged); the rest continue the public prompt (default: all T)."),
     top_k: int = typer.Option(100, help="Candidates from the public prompt (0 = full vocabulary)."),
     guidance: float = typer.Option(1.0, "--guidance", help="Public prior: each prompt's private-minus-public shift is scaled by this before the clip (classifier-free guidance; epsilon unchanged)."),
     instruction: str = typer.Option("Generate an example text for the given label.", help="Task instruction."),
@@ -70,7 +71,7 @@ def generate(
     pools = unit_pools(records, domain)  # pools over privacy units (rows carry privacy_unit)
     config = GenerationConfig(mode=mode.value, block_tokens=block_tokens, mechanism=mechanism.value, num_subsets=num_subsets,
                               shots_per_subset=shots_per_subset, max_tokens=max_tokens,
-                              top_k=top_k or None, epsilon=epsilon, guidance=guidance)
+                              private_tokens=private_tokens, top_k=top_k or None, epsilon=epsilon, guidance=guidance)
     try:
         config.validate()
     except ValueError as exc:

@@ -63,12 +63,14 @@ def cache_key(task: TaskConfig, meta: DatasetMeta, generator_id: str) -> str:
 
 
 def _generation_key(task: TaskConfig) -> dict[str, Any]:
-    """The generation settings in the cache key; clustering only when it is on and guidance only
-    when it is not 1, so that tasks written before either existed keep their cache keys (and
-    their cached sets)."""
+    """The generation settings in the cache key; clustering only when it is on, guidance only
+    when it is not 1 and private_tokens only when set, so that tasks written before any of them
+    existed keep their cache keys (and their cached sets)."""
     gen = task.generation.model_dump(mode="json")
     if gen.get("guidance") == 1.0:
         gen.pop("guidance")
+    if gen.get("private_tokens") is None:
+        gen.pop("private_tokens", None)
     if not gen.get("clusters"):
         gen.pop("clusters", None)
         gen.pop("clustering", None)

@@ -87,7 +87,8 @@ def generation_config(task: TaskConfig, width: int | None = None) -> GenerationC
     if width is None:
         width = g.max_prompt_tokens if isinstance(g.max_prompt_tokens, int) else DEFAULT_PROMPT_TOKENS
     return GenerationConfig(mode=g.mode, mechanism=g.mechanism, num_subsets=g.num_subsets,
-                            shots_per_subset=g.shots_per_subset, max_tokens=g.max_tokens, top_k=g.top_k,
+                            shots_per_subset=g.shots_per_subset, max_tokens=g.max_tokens,
+                            private_tokens=g.private_tokens, top_k=g.top_k,
                             epsilon=task.epsilon, sigma=g.sigma, public_only=g.public_only,
                             max_prompt_tokens=width, block_tokens=g.block_tokens,
                             clip=g.clip, temperature=g.temperature, guidance=g.guidance)
