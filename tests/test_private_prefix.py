@@ -8,6 +8,7 @@ import json
 import math
 from dataclasses import replace
 
+import httpx
 import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
@@ -18,11 +19,17 @@ from aggregation.evaluation.settings import QUICK
 from aggregation.fewshot import GenerationConfig, generate_demonstration, plan_demonstrations
 from aggregation.mechanisms import Noise
 from aggregation.prompts import Example
+from proxy.app import create_app
 from proxy.config import TaskConfig
 from proxy.serving.demos import PAYLOAD_VERSION, cache_key
 from proxy.serving.tasks import generation_config
 from proxy.store.base import DatasetMeta
+from tests.test_app_support import (  # noqa: F401 - fixtures
+    LABELS, LiveServer, admin_headers, dataset_rows, fake_upstream, jsonl_bytes, make_config, task_spec,
+    tiny_model_dir, upload,
+)
 from tests.test_fewshot import NEVER_STOP, POOL
+from tests.test_privacy_neighbours import FAST
 
 MECHANISMS = [
     {"mechanism": "gaussian", "epsilon": 4.0},
@@ -169,3 +176,26 @@ def test_cli_generate_refuses_a_prefix_below_one_token(tmp_path):
     bad = runner.invoke(app, ["generate", "--data", str(data), "--label", "LOC", "--epsilon", "2",
                               "--private-tokens", "0"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def _gaussian_multipliers(event: dict) -> list[float]:
+    out = [event["noise_multiplier"]] if event.get("type") == "GaussianDpEvent" else []
+    for value in event.values():
+        for sub in value if isinstance(value, list) else [value]:
+            if isinstance(sub, dict):
+                out += _gaussian_multipliers(sub)
+    return out
+
+
+def test_a_served_task_charges_its_private_prefix_alone(tmp_path, fake_upstream, tiny_model_dir):
+    """Through the app: the ledger holds the P-token event (fixed mode, Gaussian: multiplier sigma/sqrt(P))."""
+    app = create_app(make_config(f"sqlite:///{tmp_path}/s.db", fake_upstream.base_url, tiny_model_dir))
+    with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=600, headers=admin_headers()) as http:
+        assert upload(http, "qs", jsonl_bytes(dataset_rows(40)), labels=LABELS, epsilon=50).status_code == 201
+        gen = {**FAST, "max_tokens": 4, "private_tokens": 1}  # sigma 1.5
+        assert http.post("/admin/tasks", json=task_spec("a", "qs", generation=gen)).status_code == 201
+        warmed = http.post("/admin/tasks/a/demos", json={"wait": True})
+        assert warmed.status_code == 200, warmed.text
+        ledger = http.get("/admin/budget/qs").json()["ledger"]
+        multipliers = [m for e in ledger if e["kind"] == "warmup" for m in _gaussian_multipliers(e["event"])]
+        assert multipliers and all(m == pytest.approx(1.5) for m in multipliers)  # not 1.5 / sqrt(4)
