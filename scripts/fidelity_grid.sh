@@ -13,7 +13,7 @@
 #   guidance the public prior's guidance g on trec-opaque (aliases: 2, 3, 5 at epsilon inf and 3 at 1, 4;
 #            words: 3 at 1, 4, inf and 0.5 at 1, 4; 16 DP clusters with g = 3 at inf), then g = 3 at inf
 #            on trec and the unseen mapping
-#   prefix   only the first P tokens private (P = 4 and 2; words with g = 1 and 3, aliases with g = 3 and
+#   prefix   only the first P tokens private (P = 2, 4, 6; words with g = 1 and 3, aliases with g = 3 and 5,
 #            M = 10 and 20)
 #   precision  the plain words cell at epsilon inf with the int8 and the bfloat16 generator (2 seeds each;
 #            both slower than float32 on this CPU, docs/sources.md)
@@ -134,7 +134,9 @@ for stage in "$@"; do
       cell opaque-fixed-word-c0-g3-p2 trec-opaque word 0 dp fixed 1,4 --guidance 3 --private-tokens 2
       cell opaque-fixed-alias-c0-g3-p4 trec-opaque alias 0 dp fixed 1,4,inf --guidance 3 --private-tokens 4
       cell opaque-fixed-alias-c0-g3-p4-m20 trec-opaque alias 0 dp fixed 1,4 --guidance 3 --private-tokens 4 \
-        --num-subsets 20 ;;
+        --num-subsets 20
+      cell opaque-fixed-alias-c0-g5-p4 trec-opaque alias 0 dp fixed 1,4 --guidance 5 --private-tokens 4
+      cell opaque-fixed-alias-c0-g3-p6 trec-opaque alias 0 dp fixed 1,4 --guidance 3 --private-tokens 6 ;;
     precision)  # the precision changes the epsilon-0 row too, so these directories run their own references
       for p in int8:int8 bfloat16:bf16; do
         dpicl eval --dataset trec-opaque --quick --seeds 2 --n-test 50 --fidelity-demos 2 --label-hint word \
