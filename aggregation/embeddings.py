@@ -11,7 +11,7 @@ import importlib.util
 import os
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -30,6 +30,16 @@ def minilm_path() -> Path:
     return path
 
 
+class Embedder(Protocol):
+    """What a server holds to embed rows: ``texts -> [n, d]`` and whether it can run at all."""
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def unavailable(self) -> str | None:
+        """Why this embedder cannot run on this install (one public line), or None."""
+        ...
+
+
 class MiniLMEmbedder:
     """Callable ``texts -> float32 array [n, 384]`` of L2-normalised embeddings (lazy load)."""
 
@@ -38,6 +48,14 @@ class MiniLMEmbedder:
         self.batch_size = batch_size
         self._model: Any = None
         self._lock = threading.Lock()
+
+    def unavailable(self) -> str | None:
+        """Why the model cannot load here (its package or files are missing), or None."""
+        try:
+            minilm_path()
+        except FileNotFoundError as exc:
+            return str(exc)
+        return None
 
     def _load(self) -> Any:
         with self._lock:

@@ -219,3 +219,24 @@ def assert_openai_error(resp: Any, status: int) -> dict[str, Any]:
     assert isinstance(err["message"], str) and err["message"]
     assert "Traceback" not in err["message"]
     return err
+
+
+#: Generation settings added after cache keys were first written; at their defaults they must stay
+#: out of the key, so that tasks written before them keep their cached sets.
+LATER_GENERATION_SETTINGS = ("clusters", "clustering", "guidance", "private_tokens")
+
+
+def legacy_cache_key(task: Any, meta: Any, generator: str) -> str:
+    """The cache key of ``task`` computed as it was before any of LATER_GENERATION_SETTINGS existed."""
+    import hashlib
+
+    from proxy.serving.demos import PAYLOAD_VERSION
+
+    gen = task.generation.model_dump(mode="json")
+    for key in LATER_GENERATION_SETTINGS:
+        gen.pop(key)
+    return hashlib.sha256(json.dumps({
+        "dataset_id": meta.id, "dataset_version": meta.version, "template": task.template_hash(),
+        "generation": gen, "epsilon": repr(float(task.epsilon)), "shots": task.shots, "labels": meta.labels,
+        "generator": generator, "seed": task.revision, "v": PAYLOAD_VERSION,
+    }, sort_keys=True).encode()).hexdigest()

@@ -3,8 +3,6 @@ refused where it has no meaning, it changes no charge, and old cache keys and ev
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import replace
 
@@ -16,9 +14,10 @@ from aggregation.evaluation.settings import QUICK
 from aggregation.fewshot import GenerationConfig, generate_demonstration, plan_demonstrations
 from aggregation.mechanisms import Noise
 from proxy.config import TaskConfig
-from proxy.serving.demos import PAYLOAD_VERSION, cache_key
+from proxy.serving.demos import cache_key
 from proxy.serving.tasks import generation_config
 from proxy.store.base import DatasetMeta
+from tests.test_app_support import legacy_cache_key
 from tests.test_fewshot import NEVER_STOP, POOL
 
 LABELS = ["DESC", "LOC"]
@@ -41,13 +40,7 @@ def test_cache_key_keeps_old_tasks_and_changes_with_guidance():
     meta = DatasetMeta(id="ds_1", rows=3, created_at=0.0, budget_epsilon=4.0, budget_delta=1e-5, labels=LABELS,
                        name="d", version=1)
     plain = _task(guidance=1.0)
-    gen = plain.generation.model_dump(mode="json")
-    for k in ("clusters", "clustering", "guidance", "private_tokens"):
-        gen.pop(k)
-    old = hashlib.sha256(json.dumps({  # the key as computed before guidance existed
-        "dataset_id": "ds_1", "dataset_version": 1, "template": plain.template_hash(), "generation": gen,
-        "epsilon": repr(1.0), "shots": 1, "labels": LABELS, "generator": "g", "seed": 0, "v": PAYLOAD_VERSION,
-    }, sort_keys=True).encode()).hexdigest()
+    old = legacy_cache_key(plain, meta, "g")  # the key as computed before guidance existed
     assert cache_key(plain, meta, "g") == old
     assert cache_key(_task(guidance=2.0), meta, "g") != old
 
@@ -56,7 +49,8 @@ def test_eval_settings_keep_old_directories_resumable():
     assert "guidance" not in settings_record(replace(QUICK, guidance=1.0), "trec")
     assert settings_record(replace(QUICK, guidance=3.0), "trec")["guidance"] == 3.0
     assert replace(QUICK, guidance=3.0, mechanism="public_prior").generation("fixed", 1.0).guidance == 3.0
-    assert replace(QUICK, guidance=3.0, mechanism="gaussian").generation("fixed", 1.0).guidance == 1.0
+    with pytest.raises(ValueError, match="public_prior mechanism only"):
+        replace(QUICK, guidance=3.0, mechanism="gaussian")
 
 
 @pytest.fixture(scope="module")

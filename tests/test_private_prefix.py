@@ -3,7 +3,6 @@ read private rows and are charged; the rest continue the public prompt after the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import replace
@@ -21,12 +20,12 @@ from aggregation.mechanisms import Noise
 from aggregation.prompts import Example
 from proxy.app import create_app
 from proxy.config import TaskConfig
-from proxy.serving.demos import PAYLOAD_VERSION, cache_key
+from proxy.serving.demos import cache_key
 from proxy.serving.tasks import generation_config
 from proxy.store.base import DatasetMeta
 from tests.test_app_support import (  # noqa: F401 - fixtures
-    LABELS, LiveServer, admin_headers, dataset_rows, fake_upstream, jsonl_bytes, make_config, task_spec,
-    tiny_model_dir, upload,
+    LABELS, LiveServer, admin_headers, dataset_rows, fake_upstream, jsonl_bytes, legacy_cache_key, make_config,
+    task_spec, tiny_model_dir, upload,
 )
 from tests.test_fewshot import NEVER_STOP, POOL
 from tests.test_privacy_neighbours import FAST
@@ -150,13 +149,7 @@ def test_task_setting_reaches_the_generator_keeps_old_cache_keys_and_refuses_pub
     meta = DatasetMeta(id="ds_1", rows=3, created_at=0.0, budget_epsilon=4.0, budget_delta=1e-5,
                        labels=["LOC"], name="d", version=1)
     plain = _task()
-    gen = plain.generation.model_dump(mode="json")
-    for k in ("clusters", "clustering", "guidance", "private_tokens"):
-        gen.pop(k)
-    old = hashlib.sha256(json.dumps({  # the key as computed before private_tokens existed
-        "dataset_id": "ds_1", "dataset_version": 1, "template": plain.template_hash(), "generation": gen,
-        "epsilon": repr(1.0), "shots": 1, "labels": ["LOC"], "generator": "g", "seed": 0, "v": PAYLOAD_VERSION,
-    }, sort_keys=True).encode()).hexdigest()
+    old = legacy_cache_key(plain, meta, "g")  # the key as computed before private_tokens existed
     assert cache_key(plain, meta, "g") == old
     assert cache_key(_task(private_tokens=4), meta, "g") != old
 

@@ -8,7 +8,6 @@ charged on ``label#j`` of its cluster; views show cluster ids and DP sizes, neve
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 import zlib
@@ -25,11 +24,11 @@ from proxy.app import create_app
 from proxy.cli import app as cli
 from proxy.config import TaskConfig
 from proxy.serving.clusters import LabelClusters, plan_clusters
-from proxy.serving.demos import PAYLOAD_VERSION, cache_key
+from proxy.serving.demos import cache_key
 from proxy.store.base import DatasetMeta
 from tests.test_app_support import (  # noqa: F401 - fixtures
     ADMIN_KEY, CANARY, LABELS, LiveServer, admin_headers, assert_openai_error, dataset_rows, fake_upstream,
-    jsonl_bytes, make_config, task_spec, tiny_model_dir, upload,
+    jsonl_bytes, legacy_cache_key, make_config, task_spec, tiny_model_dir, upload,
 )
 
 from tests.test_privacy_neighbours import DOMAIN, EMPTY, FAST, _ZeroNoise  # noqa: E402,F401 - shared with the neighbour test
@@ -45,6 +44,9 @@ class FakeEmbed:
         """Use it in the app's warm-ups (call once the app has started)."""
         self.app.state.demos.warmup.embedder = self
         return self
+
+    def unavailable(self):
+        return None
 
     def __call__(self, texts):
         self.seen.append(({e.kind for e in self.app.state.store.ledger(self.name)}, len(texts)))
@@ -236,17 +238,29 @@ def test_creation_refuses_what_cannot_run(tmp_path, env, monkeypatch):
         assert http.get("/admin/budget/qs").json()["ledger"] == []
 
 
+def test_a_warm_up_whose_embedder_cannot_run_is_refused_before_any_charge(tmp_path, env):
+    """The task was accepted while the embedder was installed; if it cannot run at warm-up time the
+    warm-up answers 501 with the embedder's reason and the ledger stays empty."""
+    app = _serve(tmp_path, env)
+    with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=600, headers=admin_headers()) as http:
+        assert upload(http, "qs", jsonl_bytes(dataset_rows(40)), labels=LABELS, epsilon=50).status_code == 201
+        assert http.post("/admin/tasks", json=task_spec("t", "qs", generation={**FAST, "clusters": 2})).status_code == 201
+
+        class Gone(FakeEmbed):
+            def unavailable(self):
+                return "the package went away"
+
+        Gone(app, "qs").install()
+        err = assert_openai_error(http.post("/admin/tasks/t/demos", json={"wait": True}), 501)
+        assert "the package went away" in err["message"] and "nothing was charged" in err["message"]
+        assert http.get("/admin/budget/qs").json()["ledger"] == []
+
+
 def test_cache_key_changes_only_when_clusters_are_on():
     meta = DatasetMeta(id="ds_1", rows=3, created_at=0.0, budget_epsilon=4.0, budget_delta=1e-5, labels=LABELS,
                        name="qs", version=1)
     plain = TaskConfig.model_validate(task_spec("t", "qs"))
-    gen = plain.generation.model_dump(mode="json")
-    for k in ("clusters", "clustering", "guidance"):  # guidance 1 is not in the key either
-        gen.pop(k)
-    old = hashlib.sha256(json.dumps({  # the key as it was computed before clusters existed
-        "dataset_id": "ds_1", "dataset_version": 1, "template": plain.template_hash(), "generation": gen,
-        "epsilon": repr(1.0), "shots": 1, "labels": LABELS, "generator": "g", "seed": 0, "v": PAYLOAD_VERSION,
-    }, sort_keys=True).encode()).hexdigest()
+    old = legacy_cache_key(plain, meta, "g")  # the key as it was computed before clusters existed
     assert cache_key(plain, meta, "g") == old
     public_off = TaskConfig.model_validate(task_spec("t", "qs", generation={**plain.generation.model_dump(),
                                                                             "clustering": "public"}))

@@ -67,12 +67,17 @@ class EvalSettings:
     #: ``auto`` derives 89 for TREC at N=2: docs/serving.md).
     max_prompt_tokens: int = 256
 
+    def __post_init__(self) -> None:
+        # Refused here rather than silently dropped when the runs are made.
+        if self.guidance != 1.0 and self.mechanism != "public_prior":
+            raise ValueError("guidance applies to the public_prior mechanism only")
+
     def generation(self, mode: str, epsilon: float) -> GenerationConfig:
         return GenerationConfig(mode=mode, mechanism=self.mechanism,  # type: ignore[arg-type]
                                 num_subsets=self.num_subsets, shots_per_subset=self.shots_per_subset,
                                 max_tokens=self.max_tokens, private_tokens=self.private_tokens,
                                 top_k=self.top_k, epsilon=epsilon,
-                                guidance=self.guidance if self.mechanism == "public_prior" else 1.0,
+                                guidance=self.guidance,
                                 block_tokens=self.block_tokens if mode == "block" else None,
                                 max_prompt_tokens=self.max_prompt_tokens)
 

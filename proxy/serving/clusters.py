@@ -50,13 +50,10 @@ PublicTexts = Callable[[Sequence[str]], Mapping[str, Sequence[str]]]
 
 def embedder_problem() -> str | None:
     """Why this install cannot embed rows (one line, public), or None."""
-    from aggregation.embeddings import minilm_path
+    from aggregation.embeddings import MiniLMEmbedder
 
-    try:
-        minilm_path()
-    except FileNotFoundError as exc:
-        return f"generation.clusters needs the offline sentence embedder: {exc}"
-    return None
+    problem = MiniLMEmbedder().unavailable()  # constructing it loads nothing
+    return f"generation.clusters needs the offline sentence embedder: {problem}" if problem else None
 
 
 def cluster_config(task: TaskConfig) -> ClusterConfig:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import dp_accounting as dpa
 
 from aggregation.accounting import WHOLE_DATASET
-from aggregation.embeddings import CachedEmbedder, MiniLMEmbedder
+from aggregation.embeddings import CachedEmbedder, Embedder
 from aggregation.evaluation.clustered import public_centroid_texts
 from aggregation.fewshot import COUNT_SIGMA, Plan, generate_demonstration, plan_demonstrations
 from aggregation.mechanisms import Noise
@@ -74,7 +74,7 @@ class Warmup:
     """Prices and generates demonstration sets (one generation at a time per process)."""
 
     def __init__(self, store: Store, budget: BudgetService, metrics: Metrics, generators: Generators,
-                 embedder: cl.Embed):
+                 embedder: Embedder):
         self.store = store
         self.budget = budget
         self.metrics = metrics
@@ -84,7 +84,7 @@ class Warmup:
         #: Per-label cluster releases of clustered tasks (charged once, shared by every task).
         self.clusters = cl.ClusterReleases(store, budget)
         #: The sentence embedder of clustered tasks, held by the process's lifespan objects like the
-        #: generators (a :class:`MiniLMEmbedder` loads its model on first use; tests may replace it).
+        #: generators (a MiniLMEmbedder loads its model on first use; tests may replace it).
         self.embedder = embedder
         #: Generation is CPU-heavy: one at a time per process.
         self._gen_lock = threading.Lock()
@@ -232,8 +232,10 @@ class Warmup:
             pools: dict[str, float] = {}
             releases: dict[str, cl.LabelClusters] | None = None
             clustered = cl.clustered(task)
-            if clustered and isinstance(self.embedder, MiniLMEmbedder) and cl.embedder_problem():
-                raise APIError(501, f"{cl.embedder_problem()}; nothing was charged", "missing_extra")
+            problem = self.embedder.unavailable() if clustered else None
+            if problem:  # the install lost its embedder after the task was accepted
+                raise APIError(501, f"generation.clusters needs the offline sentence embedder: {problem}; "
+                                    "nothing was charged", "missing_extra")
             if not config.public_only:
                 pending: list[tuple[str, dpa.DpEvent]] = []
                 if clustered:  # the clusters' DP sizes replace the label histogram
