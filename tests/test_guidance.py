@@ -47,7 +47,7 @@ def test_cache_key_keeps_old_tasks_and_changes_with_guidance():
 
 def test_eval_settings_keep_old_directories_resumable():
     assert "guidance" not in settings_record(replace(QUICK, guidance=1.0), "trec")
-    assert settings_record(replace(QUICK, guidance=3.0), "trec")["guidance"] == 3.0
+    assert settings_record(replace(QUICK, guidance=3.0, mechanism="public_prior"), "trec")["guidance"] == 3.0
     assert replace(QUICK, guidance=3.0, mechanism="public_prior").generation("fixed", 1.0).guidance == 3.0
     with pytest.raises(ValueError, match="public_prior mechanism only"):
         replace(QUICK, guidance=3.0, mechanism="gaussian")
