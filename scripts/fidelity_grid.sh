@@ -14,7 +14,8 @@
 #            words: 3 at 1, 4, inf and 0.5 at 1, 4; 16 DP clusters with g = 3 at inf), then g = 3 at inf
 #            on trec and the unseen mapping
 #   prefix   only the first P tokens private (P = 2, 4, 6; words with g = 1 and 3, aliases with g = 3 and 5,
-#            M = 10 and 20; aliases with g = 3 in resample mode; trec and the unseen mapping with g = 3, P = 4)
+#            M = 10 and 20; aliases with g = 3 in resample mode; trec and the unseen mapping with g = 3, P = 4;
+#            aliases, g = 3: resample with M = 20, P = 4 and fixed with M = 30, N = 1, P = 3)
 #   precision  the plain words cell at epsilon inf with the int8 and the bfloat16 generator (2 seeds each;
 #            both slower than float32 on this CPU, docs/sources.md)
 #
@@ -40,6 +41,7 @@ cell() {  # NAME DATASET HINT K METHOD MODES EPSILONS [extra dpicl eval options]
     [ "$prev" = --block-tokens ] && block=$a
     [ "$prev" = --guidance ] && same+=("guidance=$a")
     [ "$prev" = --num-subsets ] && same+=("num_subsets=$a")
+    [ "$prev" = --shots-per-subset ] && same+=("shots_per_subset=$a")
     [ "$prev" = --private-tokens ] && same+=("private_tokens=$a")
     prev=$a
   done
@@ -140,7 +142,11 @@ for stage in "$@"; do
       cell opaque-resample-alias-c0-g3-p4 trec-opaque alias 0 dp resample 1,4 --guidance 3 --private-tokens 4
       cell trec-fixed-alias-c0-g3-p4 trec alias 0 dp fixed 1,4 --guidance 3 --private-tokens 4
       cell trec-fixed-word-c0-g3-p4 trec word 0 dp fixed 1,4 --guidance 3 --private-tokens 4
-      cell unseen-fixed-alias-c0-g3-p4 "$(unseen_mapping)" alias 0 dp fixed 1,4 --guidance 3 --private-tokens 4 ;;
+      cell unseen-fixed-alias-c0-g3-p4 "$(unseen_mapping)" alias 0 dp fixed 1,4 --guidance 3 --private-tokens 4
+      cell opaque-resample-alias-c0-g3-p4-m20 trec-opaque alias 0 dp resample 1,4 --guidance 3 --private-tokens 4 \
+        --num-subsets 20
+      cell opaque-fixed-alias-c0-g3-p3-m30n1 trec-opaque alias 0 dp fixed 1,4,inf --guidance 3 --private-tokens 3 \
+        --num-subsets 30 --shots-per-subset 1 ;;
     precision)  # the precision changes the epsilon-0 row too, so these directories run their own references
       for p in int8:int8 bfloat16:bf16; do
         dpicl eval --dataset trec-opaque --quick --seeds 2 --n-test 50 --fidelity-demos 2 --label-hint word \

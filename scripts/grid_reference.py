@@ -8,7 +8,7 @@ settings.json, so that `dpicl eval --resume` runs only the DP rows. It refuses w
 directories differ in anything else.
 
 Usage: python scripts/grid_reference.py SOURCE_DIR TARGET_DIR key=value ...  (the settings that differ:
-clusters, clustering, block_tokens, guidance, num_subsets, private_tokens)
+clusters, clustering, block_tokens, guidance, num_subsets, shots_per_subset, private_tokens)
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 REFERENCE_ROWS = {"zero_shot", "epsilon_0", "non_private"}
-# num_subsets and private_tokens too: the epsilon-0 row reads the public prompt alone, whatever M or P is.
-MAY_DIFFER = {"clusters", "clustering", "block_tokens", "guidance", "num_subsets", "private_tokens"}
+# M, N and P too: the epsilon-0 row reads the public prompt alone, whatever they are.
+MAY_DIFFER = {"clusters", "clustering", "block_tokens", "guidance", "num_subsets", "shots_per_subset", "private_tokens"}
 
 
 def _value(text: str) -> object:

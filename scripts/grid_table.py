@@ -33,6 +33,7 @@ def _config(settings: dict, mode: str) -> dict:
         "mode": ((f"block k={block}" if mode == "block" else mode) + (f", guidance {g:g}" if g != 1.0 else "")
                  + (f", {precision}" if precision != "float32" else "")
                  + (f", M={settings['num_subsets']}" if settings.get("num_subsets", 10) != 10 else "")
+                 + (f", N={settings['shots_per_subset']}" if settings.get("shots_per_subset", 2) != 2 else "")
                  + (f", P={settings['private_tokens']}" if settings.get("private_tokens") else "")),
         "hint": settings.get("label_hint", "word"),
         "clusters": f"{k} {settings.get('clustering', 'dp')}" if k else "off",
