@@ -66,6 +66,15 @@ VARIANTS = {
                              "label_hint": "alias", "clusters": 4},
     "resample": {"mode": "resample"},
     "resample-w128": {"mode": "resample", "max_prompt_tokens": 128},
+    # a private prefix of P = 4 tokens with aliases and guidance 3 (the README's finite-epsilon rows)
+    "fixed-auto-prefix4": {"mode": "fixed", "max_prompt_tokens": "auto", "label_hint": "alias", "guidance": 3.0,
+                           "private_tokens": 4},
+    "fixed-auto-prefix4-m20": {"mode": "fixed", "max_prompt_tokens": "auto", "label_hint": "alias",
+                               "guidance": 3.0, "private_tokens": 4, "num_subsets": 20},
+    "resample-auto-prefix4": {"mode": "resample", "max_prompt_tokens": "auto", "label_hint": "alias",
+                              "guidance": 3.0, "private_tokens": 4},
+    "resample-auto-prefix4-m20": {"mode": "resample", "max_prompt_tokens": "auto", "label_hint": "alias",
+                                  "guidance": 3.0, "private_tokens": 4, "num_subsets": 20},
 }
 
 
@@ -163,21 +172,22 @@ def main() -> None:
                     print("    where the time went: " + "  ".join(f"{p} {parts.get(p, 0.0):.1f} s" for p in PARTS),
                           flush=True)
                     print("    " + " | ".join(f"{d['label']}: {d['text'][:40]!r}" for d in demos[:3]), flush=True)
-        print(f"\n{'variant':<15}{'mode':<9}{'k':>4}{'width':>7}{'wall s':>9}{'cpu s':>9}{'cpu/2 s':>9}"
+        print(f"\n{'variant':<27}{'mode':<9}{'k':>4}{'width':>7}{'wall s':>9}{'cpu s':>9}{'cpu/2 s':>9}"
               f"{'epsilon':>9}{'T total':>9}")
         for name in names:
             if not rows[name]:
                 continue
             gen = {**base_task["generation"], **VARIANTS[name]}
             med = {k: statistics.median(r[k] for r in rows[name]) for k in ("wall", "cpu", "eps")}
-            k = gen.get("block_tokens") or (1 if gen["mode"] == "resample" else gen["max_tokens"])
-            print(f"{name:<15}{gen['mode']:<9}{k:>4}{gen.get('max_prompt_tokens', 256):>7}{med['wall']:>9.1f}"
+            private = min(gen.get("private_tokens") or gen["max_tokens"], gen["max_tokens"])
+            k = gen.get("block_tokens") or (1 if gen["mode"] == "resample" else private)
+            print(f"{name:<27}{gen['mode']:<9}{k:>4}{gen.get('max_prompt_tokens', 256):>7}{med['wall']:>9.1f}"
                   f"{med['cpu']:>9.1f}{med['cpu'] / 2:>9.1f}{med['eps']:>9.3f}{rows[name][0]['tokens']:>9}")
-        print(f"\nmedian seconds by part (server side; 'other' is the warm-up's own rest):\n{'variant':<15}"
+        print(f"\nmedian seconds by part (server side; 'other' is the warm-up's own rest):\n{'variant':<27}"
               + "".join(f"{p:>12}" for p in PARTS))
         for name in names:
             if rows[name]:
-                print(f"{name:<15}" + "".join(f"{statistics.median(r[p] for r in rows[name]):>12.2f}" for p in PARTS))
+                print(f"{name:<27}" + "".join(f"{statistics.median(r[p] for r in rows[name]):>12.2f}" for p in PARTS))
         print(f"\ngoal: the example task's set ready in <= 60 s on 2 idle cores.  load average at end: {loadavg()}")
     finally:
         if server.poll() is None:
