@@ -69,10 +69,8 @@ class ModelEntry(BaseModel):
 class GenerationSettings(_Strict):
     """DP generation parameters of a task (aggregation.fewshot.GenerationConfig, minus epsilon)."""
 
-    #: fixed is the default: on the README's fidelity grid (trec-opaque, 60 demonstrations per cell)
-    #: no mode that warms the example task in a minute on two cores beat it beyond the spread, and
-    #: resample (3x over that minute) is not a default a CPU install can wait for; block keeps one
-    #: Poisson sample for ``block_tokens`` tokens (between the two).
+    #: fixed is the default: no mode that warms the example task in a minute on two cores beat it
+    #: beyond the spread on the README's grid; block keeps one Poisson sample for ``block_tokens`` tokens.
     mode: Literal["resample", "fixed", "block"] = "fixed"
     block_tokens: int | None = Field(None, ge=1, le=512)
     #: public_prior: clipped private-minus-public log-probabilities sampled at a temperature
@@ -86,16 +84,14 @@ class GenerationSettings(_Strict):
     num_subsets: int = Field(10, ge=1, le=1000)
     shots_per_subset: int = Field(2, ge=1, le=100)
     max_tokens: int = Field(30, ge=1, le=512)
-    #: P: only the first P tokens of a demonstration are drawn from the private rows (and charged);
-    #: the rest continue the public prompt after them (epsilon 0). None = all ``max_tokens``.
+    #: P: only the first P tokens are private (and charged), the rest continue the public prompt; None = all.
     private_tokens: int | None = Field(None, ge=1, le=512)
     top_k: int | None = Field(100, ge=1)
-    #: Explicit noise multiplier instead of calibrating to the task's target epsilon (the ledger
-    #: still records the exact event, so the spent epsilon stays honest).
+    #: Explicit noise multiplier instead of calibrating to epsilon (the ledger records its exact event).
     sigma: float | None = Field(None, gt=0)
     #: epsilon 0: generate from the public prompt only (reads no private data, costs nothing).
     public_only: bool = False
-    #: For an OpenAI-compatible generator: alternatives per call (see aggregation.sources.openai_compat).
+    #: Alternatives per call of an OpenAI-compatible generator (aggregation.sources.openai_compat).
     top_logprobs: int = Field(20, ge=1, le=100_000)
     #: Token budget (and the public batch width of a KV-cached source) of one generation prompt;
     #: ``auto`` derives it from the dataset's DP row-length release (proxy.serving.widths).
@@ -131,10 +127,9 @@ class GenerationSettings(_Strict):
                 raise ValueError("the public_prior mechanism needs clip or temperature (the other is calibrated)")
         elif self.clip is not None or self.guidance != 1.0:
             raise ValueError(f"{'clip' if self.clip is not None else 'guidance'} applies to the public_prior mechanism only")
-        if self.private_tokens is not None and self.public_only:
-            raise ValueError("private_tokens needs private generation: public_only draws no private token")
-        if self.clusters and self.public_only:
-            raise ValueError("clusters need private generation: public_only reads no rows to cluster")
+        if self.public_only and (self.clusters or self.private_tokens is not None):
+            raise ValueError(f"{'clusters' if self.clusters else 'private_tokens'} need private generation: "
+                             "public_only reads no private row")
         return self
 
 
