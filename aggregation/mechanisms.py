@@ -317,7 +317,8 @@ def demonstration_event(
     PLD of its Poisson-amplified randomized-response pair and by its zCDP bound, the smaller
     epsilon of the composition reported. Blocks compose the same way as above.
 
-    The generator always charges the full ``T`` tokens: the stopping time depends on private data.
+    ``tokens`` is every token drawn from private rows (``T``, or ``P`` with ``private_tokens``), charged in
+    full: the stopping time depends on private data.
     """
     k = block_length(mode, tokens, block_tokens)
     if not 0 < q <= 1:
