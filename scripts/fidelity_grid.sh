@@ -16,6 +16,7 @@
 #   prefix   only the first P tokens private (P = 2, 4, 6; words with g = 1 and 3, aliases with g = 3 and 5,
 #            M = 10 and 20; aliases with g = 3 in resample mode; trec and the unseen mapping with g = 3, P = 4;
 #            aliases, g = 3: resample with M = 20, P = 4 and fixed with M = 30, N = 1, P = 3)
+#   prefix-clusters  aliases, g = 3, P = 4 inside 16 and 4 DP clusters; aliases, g = 5, P = 4, M = 20
 #   precision  the plain words cell at epsilon inf with the int8 and the bfloat16 generator (2 seeds each;
 #            both slower than float32 on this CPU, docs/sources.md)
 #
@@ -147,6 +148,11 @@ for stage in "$@"; do
         --num-subsets 20
       cell opaque-fixed-alias-c0-g3-p3-m30n1 trec-opaque alias 0 dp fixed 1,4 --guidance 3 --private-tokens 3 \
         --num-subsets 30 --shots-per-subset 1 ;;
+    prefix-clusters)  # the private prefix inside DP clusters (parallel composition), and the two epsilon-4 levers together
+      cell opaque-fixed-alias-c16dp-g3-p4 trec-opaque alias 16 dp fixed 1,4,inf --guidance 3 --private-tokens 4
+      cell opaque-fixed-alias-c4dp-g3-p4 trec-opaque alias 4 dp fixed 1,4 --guidance 3 --private-tokens 4
+      cell opaque-fixed-alias-c0-g5-p4-m20 trec-opaque alias 0 dp fixed 1,4 --guidance 5 --private-tokens 4 \
+        --num-subsets 20 ;;
     precision)  # the precision changes the epsilon-0 row too, so these directories run their own references
       for p in int8:int8 bfloat16:bf16; do
         dpicl eval --dataset trec-opaque --quick --seeds 2 --n-test 50 --fidelity-demos 2 --label-hint word \
@@ -154,6 +160,6 @@ for stage in "$@"; do
           --out "$OUT/opaque-fixed-word-c0-${p##*:}"
       done ;;
     width) WIDTH=256 cell "opaque-fixed-$HINT-c$K$METHOD-w256" trec-opaque "$HINT" "$K" "$METHOD" fixed inf ;;
-    *) echo "unknown stage $stage (ceiling, finite, modes, trec, guidance, prefix, precision, width; or: one HINT K METHOD MODE [BLOCK])" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (ceiling, finite, modes, trec, guidance, prefix, prefix-clusters, precision, width; or: one HINT K METHOD MODE [BLOCK])" >&2; exit 2 ;;
   esac
 done
