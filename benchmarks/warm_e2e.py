@@ -42,30 +42,37 @@ from proxy.devtools.fake_upstream import free_port  # noqa: E402
 ADMIN_KEY = "bench-admin-key"
 #: Parts of a warm-up's time, as the warm-up view's ``result.timings`` reports them.
 PARTS = ("forward", "sampling", "accounting", "store", "load", "other")
-#: name -> generation overrides of the example task.
+#: The generation defaults before 2026-12-07 (words, no guidance, every token private): the
+#: variants measured before then keep measuring what they measured.
+PREVIOUS = {"label_hint": "word", "guidance": 1.0, "private_tokens": None}
+#: name -> generation overrides of the example task (examples/config.yaml).
 VARIANTS = {
-    "fixed": {"mode": "fixed"},
-    "fixed-w128": {"mode": "fixed", "max_prompt_tokens": 128},
-    "block4": {"mode": "block", "block_tokens": 4},
-    "block4-w128": {"mode": "block", "block_tokens": 4, "max_prompt_tokens": 128},
-    "block2-w128": {"mode": "block", "block_tokens": 2, "max_prompt_tokens": 128},
-    "block8-w128": {"mode": "block", "block_tokens": 8, "max_prompt_tokens": 128},
+    # the example task as configured: today's defaults (aliases, guidance 3, P = 4)
+    "default": {},
+    "default-auto": {"max_prompt_tokens": "auto"},
+    "fixed": {**PREVIOUS, "mode": "fixed"},
+    "fixed-w128": {**PREVIOUS, "mode": "fixed", "max_prompt_tokens": 128},
+    "block4": {**PREVIOUS, "mode": "block", "block_tokens": 4},
+    "block4-w128": {**PREVIOUS, "mode": "block", "block_tokens": 4, "max_prompt_tokens": 128},
+    "block2-w128": {**PREVIOUS, "mode": "block", "block_tokens": 2, "max_prompt_tokens": 128},
+    "block8-w128": {**PREVIOUS, "mode": "block", "block_tokens": 8, "max_prompt_tokens": 128},
     # max_prompt_tokens: auto (the width from the dataset's DP row-length release)
-    "fixed-auto": {"mode": "fixed", "max_prompt_tokens": "auto"},
-    "block2-auto": {"mode": "block", "block_tokens": 2, "max_prompt_tokens": "auto"},
-    "block4-auto": {"mode": "block", "block_tokens": 4, "max_prompt_tokens": "auto"},
-    "block8-auto": {"mode": "block", "block_tokens": 8, "max_prompt_tokens": "auto"},
-    "resample-auto": {"mode": "resample", "max_prompt_tokens": "auto"},
+    "fixed-auto": {**PREVIOUS, "mode": "fixed", "max_prompt_tokens": "auto"},
+    "block2-auto": {**PREVIOUS, "mode": "block", "block_tokens": 2, "max_prompt_tokens": "auto"},
+    "block4-auto": {**PREVIOUS, "mode": "block", "block_tokens": 4, "max_prompt_tokens": "auto"},
+    "block8-auto": {**PREVIOUS, "mode": "block", "block_tokens": 8, "max_prompt_tokens": "auto"},
+    "resample-auto": {**PREVIOUS, "mode": "resample", "max_prompt_tokens": "auto"},
     # neutral label aliases and private clusters (issue 19); the first clustered variant of a run
     # also pays the dataset's clustering release (embedding every unit), later ones reuse it
-    "fixed-auto-alias": {"mode": "fixed", "max_prompt_tokens": "auto", "label_hint": "alias"},
-    "fixed-auto-alias-c4": {"mode": "fixed", "max_prompt_tokens": "auto", "label_hint": "alias", "clusters": 4},
-    "block4-auto-alias-c4": {"mode": "block", "block_tokens": 4, "max_prompt_tokens": "auto",
+    "fixed-auto-alias": {**PREVIOUS, "mode": "fixed", "max_prompt_tokens": "auto", "label_hint": "alias"},
+    "fixed-auto-alias-c4": {**PREVIOUS, "mode": "fixed", "max_prompt_tokens": "auto", "label_hint": "alias",
+                            "clusters": 4},
+    "block4-auto-alias-c4": {**PREVIOUS, "mode": "block", "block_tokens": 4, "max_prompt_tokens": "auto",
                              "label_hint": "alias", "clusters": 4},
-    "block8-auto-alias-c4": {"mode": "block", "block_tokens": 8, "max_prompt_tokens": "auto",
+    "block8-auto-alias-c4": {**PREVIOUS, "mode": "block", "block_tokens": 8, "max_prompt_tokens": "auto",
                              "label_hint": "alias", "clusters": 4},
-    "resample": {"mode": "resample"},
-    "resample-w128": {"mode": "resample", "max_prompt_tokens": 128},
+    "resample": {**PREVIOUS, "mode": "resample"},
+    "resample-w128": {**PREVIOUS, "mode": "resample", "max_prompt_tokens": 128},
     # a private prefix of P = 4 tokens with aliases and guidance 3 (the README's finite-epsilon rows)
     "fixed-auto-prefix4": {"mode": "fixed", "max_prompt_tokens": "auto", "label_hint": "alias", "guidance": 3.0,
                            "private_tokens": 4},

@@ -32,7 +32,8 @@ from proxy.api.openapi import router as openapi_router
 from proxy.auth import Authenticator
 from proxy.budget import BudgetService
 from proxy.gctune import GcGuard
-from proxy.config import LOCAL_MODEL_NAME, Config, load_config
+from proxy.config import Config, load_config
+from proxy.task_config import LOCAL_MODEL_NAME
 from proxy.jobs.manager import JobManager
 from proxy.logs import log_event, setup_logging
 from proxy.metrics import Metrics

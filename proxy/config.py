@@ -11,32 +11,19 @@ With no file at all the service has no tasks, no upstreams except the built-in l
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-#: Name under which the built-in local model is exposed (and how tasks refer to it).
-LOCAL_MODEL_NAME = "local/smollm2"
-#: Generator / upstream names that all mean "the built-in local model".
-LOCAL_ALIASES = frozenset({"local", LOCAL_MODEL_NAME, "smollm2"})
-#: A task's generation prompt width when it sets none (``auto`` derives one from the data instead).
-DEFAULT_PROMPT_TOKENS = 256
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+from proxy.task_config import LOCAL_ALIASES, LOCAL_MODEL_NAME, NAME_RE, Strict, TaskConfig
 
 
 class ConfigError(ValueError):
     """The configuration file or environment is invalid (message says where and why)."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ModelEntry(BaseModel):
@@ -50,7 +37,7 @@ class ModelEntry(BaseModel):
     @field_validator("model_name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
+        if not NAME_RE.match(v):
             raise ValueError("model_name must be 1-128 characters of letters, digits and ._:/-")
         return v
 
@@ -66,139 +53,6 @@ class ModelEntry(BaseModel):
         return v
 
 
-class GenerationSettings(_Strict):
-    """DP generation parameters of a task (aggregation.fewshot.GenerationConfig, minus epsilon)."""
-
-    #: fixed is the default: no mode that warms the example task in a minute on two cores beat it
-    #: beyond the spread on the README's grid; block keeps one Poisson sample for ``block_tokens`` tokens.
-    mode: Literal["resample", "fixed", "block"] = "fixed"
-    block_tokens: int | None = Field(None, ge=1, le=512)
-    #: public_prior: clipped private-minus-public log-probabilities sampled at a temperature
-    #: (docs/privacy.md); ``clip``/``temperature`` are its knobs (one given, the other calibrated).
-    #: The default since it beat Gaussian noisy-max at epsilon 1-4 (docs/evaluation.md).
-    mechanism: Literal["gaussian", "exponential", "public_prior"] = "public_prior"
-    clip: float | None = Field(None, gt=0)
-    temperature: float | None = Field(1.0, gt=0)
-    #: public_prior: scales each prompt's shift before the clip; epsilon unchanged (docs/privacy.md).
-    guidance: float = Field(1.0, gt=0, le=100)
-    num_subsets: int = Field(10, ge=1, le=1000)
-    shots_per_subset: int = Field(2, ge=1, le=100)
-    max_tokens: int = Field(30, ge=1, le=512)
-    #: P: only the first P tokens are private (and charged), the rest continue the public prompt; None = all.
-    private_tokens: int | None = Field(None, ge=1, le=512)
-    top_k: int | None = Field(100, ge=1)
-    #: Explicit noise multiplier instead of calibrating to epsilon (the ledger records its exact event).
-    sigma: float | None = Field(None, gt=0)
-    #: epsilon 0: generate from the public prompt only (reads no private data, costs nothing).
-    public_only: bool = False
-    #: Alternatives per call of an OpenAI-compatible generator (aggregation.sources.openai_compat).
-    top_logprobs: int = Field(20, ge=1, le=100_000)
-    #: Token budget (and the public batch width of a KV-cached source) of one generation prompt;
-    #: ``auto`` derives it from the dataset's DP row-length release (proxy.serving.widths).
-    max_prompt_tokens: Annotated[int, Field(ge=16, le=32_768)] | Literal["auto"] = DEFAULT_PROMPT_TOKENS
-    #: What the generation prompt shows for a label: ``word`` (its label word) or ``alias`` (a
-    #: neutral public alias, "type A", "type B", ... by position in the task's label domain, also
-    #: in the instruction); the injected demonstrations always carry the real label words.
-    label_hint: Literal["word", "alias"] = "word"
-    #: K private clusters per label (0 = off): each demonstration reads one cluster of similar
-    #: units, charged on partition ``label#j`` (proxy.serving.clusters); centroids by DP k-means
-    #: (``dp``) or from epsilon-0 demonstrations (``public``). Not part of the cache key while 0.
-    clusters: int = Field(0, ge=0, le=32)
-    clustering: Literal["dp", "public"] = "dp"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _sigma_means_gaussian(cls, data: Any) -> Any:
-        # ``sigma`` is the Gaussian mechanism's noise multiplier: a task that gives one and no
-        # mechanism (written before public_prior became the default) keeps meaning Gaussian.
-        if isinstance(data, dict) and data.get("sigma") is not None and "mechanism" not in data:
-            return {**data, "mechanism": "gaussian"}
-        return data
-
-    @model_validator(mode="after")
-    def _mechanism_knobs(self) -> "GenerationSettings":
-        # Refused at load time rather than at the first warm-up (GenerationConfig.validate agrees).
-        if self.mode == "block" and self.block_tokens is None:
-            raise ValueError("mode 'block' needs block_tokens")
-        if self.mechanism == "public_prior":
-            if self.sigma is not None:
-                raise ValueError("the public_prior mechanism takes clip and temperature, not sigma")
-            if self.clip is None and self.temperature is None:
-                raise ValueError("the public_prior mechanism needs clip or temperature (the other is calibrated)")
-        elif self.clip is not None or self.guidance != 1.0:
-            raise ValueError(f"{'clip' if self.clip is not None else 'guidance'} applies to the public_prior mechanism only")
-        if self.public_only and (self.clusters or self.private_tokens is not None):
-            raise ValueError(f"{'clusters' if self.clusters else 'private_tokens'} need private generation: "
-                             "public_only reads no private row")
-        return self
-
-
-class TaskConfig(_Strict):
-    """A task: an exposed model name whose requests get DP demonstrations injected."""
-
-    name: str
-    upstream: str = LOCAL_MODEL_NAME
-    #: Model whose next-token distributions generate the demonstrations: None = the local model,
-    #: or the ``model_name`` of an OpenAI-compatible ``model_list`` entry.
-    generator: str | None = None
-    dataset: str
-    instruction: str
-    input_prefix: str = "Text:"
-    label_prefix: str = "Label:"
-    label_words: dict[str, str] = Field(default_factory=dict)
-    labels: list[str] | None = None
-    shots: int = Field(1, ge=1, le=50)
-    generation: GenerationSettings = Field(default_factory=GenerationSettings)
-    #: Target epsilon of one demonstration set (``.inf`` = no noise, public datasets only).
-    epsilon: float = 1.0
-    #: Part of the cache key: change it to force a new (charged) set. It is not a noise seed (the
-    #: noise is always CSPRNG), hence the name; ``seed`` is accepted as a deprecated alias.
-    revision: int = Field(0, validation_alias=AliasChoices("revision", "seed"))
-    on_missing: Literal["generate", "error"] = "error"
-    #: What a request's answer is: ``text`` (the upstream's own completion) or ``label`` (one of the
-    #: task's label words: the one the built-in local model scores highest after the prompt, as the
-    #: evaluation scores them; proxy/upstreams/labels.py). ``label`` needs a local upstream.
-    answer: Literal["text", "label"] = "text"
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError("name must be 1-128 characters of letters, digits and ._:/-")
-        return v
-
-    @field_validator("epsilon")
-    @classmethod
-    def _eps(cls, v: float) -> float:
-        if math.isnan(v) or v <= 0:
-            raise ValueError("epsilon must be positive (set generation.public_only for epsilon 0)")
-        return v
-
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None and (not v or len(set(v)) != len(v)):
-            raise ValueError("labels must be a non-empty list without duplicates")
-        return v
-
-    @field_validator("instruction")
-    @classmethod
-    def _instruction(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("instruction must not be empty")
-        return v
-
-    def template_hash(self) -> str:
-        """SHA-256 of the prompt fields (part of the demonstration cache key)."""
-        fields = {
-            "instruction": self.instruction, "input_prefix": self.input_prefix,
-            "label_prefix": self.label_prefix, "label_words": sorted(self.label_words.items()),
-        }
-        if self.generation.label_hint != "word":  # only then: existing tasks keep their cache keys
-            fields["label_hint"] = self.generation.label_hint
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-
-
 #: Bounds of a dataset name's privacy budget (epsilon), the same on every way in (config default,
 #: upload form, ``PUT`` budget routes). An epsilon of 100 gives no meaningful protection and larger
 #: values are typos (or 1e308); below 0.001 no mechanism the service runs could be paid for, and
@@ -207,12 +61,12 @@ MIN_BUDGET_EPSILON = 1e-3
 MAX_BUDGET_EPSILON = 100.0
 
 
-class StoreSettings(_Strict):
+class StoreSettings(Strict):
     #: ``sqlite:///path`` or ``redis://host:port/db``; None = SQLite file in the data directory.
     url: str | None = None
 
 
-class ServerSettings(_Strict):
+class ServerSettings(Strict):
     #: Seconds per upstream attempt.
     timeout: float = Field(60.0, gt=0)
     #: Extra attempts on transient upstream errors (with backoff).
@@ -256,7 +110,7 @@ class ServerSettings(_Strict):
 DEFAULT_JOB_QUEUE = "dpicl-jobs"
 
 
-class JobSettings(_Strict):
+class JobSettings(Strict):
     """Offline jobs (PE, DP-SGD). Each field also has a ``DPICL_JOB_*`` variable, which wins."""
 
     #: Redis URL of the job queue; unset = a thread pool in the server (``DPICL_JOB_QUEUE``).
@@ -275,7 +129,7 @@ _JOB_ENV = {"DPICL_JOB_QUEUE": "queue_url", "DPICL_JOB_QUEUE_NAME": "queue_name"
             "DPICL_JOB_HEARTBEAT": "heartbeat_seconds", "DPICL_JOB_STALE_AFTER": "stale_after_seconds"}
 
 
-class ClientKey(_Strict):
+class ClientKey(Strict):
     """A per-client API key and the tasks it may use (``"*"`` = every task)."""
 
     name: str
@@ -294,7 +148,7 @@ class ClientKey(_Strict):
         return self
 
 
-class Config(_Strict):
+class Config(Strict):
     model_list: list[ModelEntry] = Field(default_factory=list)
     tasks: list[TaskConfig] = Field(default_factory=list)
     store: StoreSettings = Field(default_factory=StoreSettings)

@@ -12,7 +12,8 @@ import httpx
 import pytest
 import yaml
 
-from proxy.config import LOCAL_MODEL_NAME, ConfigError, config_from_dict, load_config, sha256_hex
+from proxy.config import ConfigError, config_from_dict, load_config, sha256_hex
+from proxy.task_config import LOCAL_MODEL_NAME
 from tests.test_app_support import free_port, tiny_model_dir  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +139,7 @@ def test_new_tasks_default_to_the_public_prior_and_sigma_keeps_meaning_gaussian(
     (the Gaussian noise multiplier) stays Gaussian, and sigma with public_prior is refused."""
     from pydantic import ValidationError
 
-    from proxy.config import GenerationSettings
+    from proxy.task_config import GenerationSettings
 
     default = GenerationSettings()
     assert (default.mechanism, default.mode, default.clip, default.temperature) == ("public_prior", "fixed", None, 1.0)

@@ -140,7 +140,7 @@ def test_console_partial_pages_budget_history_steps_names_and_defaults(live, bro
     the API's."""
     import httpx
 
-    from proxy.config import GenerationSettings, TaskConfig
+    from proxy.task_config import GenerationSettings, TaskConfig
     from tests.test_app_support import admin_headers, task_spec, upload
 
     from tests.test_serving_clusters import FakeEmbed

@@ -593,7 +593,7 @@ def test_cli_eval_takes_the_public_prior_mechanism_block_mode_and_trec_opaque():
 def test_task_config_takes_the_public_prior_mechanism_and_block_mode():
     from pydantic import ValidationError
 
-    from proxy.config import GenerationSettings, TaskConfig
+    from proxy.task_config import GenerationSettings, TaskConfig
     from proxy.serving.tasks import generation_config
 
     task = TaskConfig(name="t", dataset="d", instruction="Classify.", epsilon=2.0,

@@ -13,7 +13,7 @@ from aggregation.evaluation.runs import settings_record
 from aggregation.evaluation.settings import QUICK
 from aggregation.fewshot import GenerationConfig, generate_demonstration, plan_demonstrations
 from aggregation.mechanisms import Noise
-from proxy.config import TaskConfig
+from proxy.task_config import TaskConfig, stored_task
 from proxy.serving.demos import cache_key
 from proxy.serving.tasks import generation_config
 from proxy.store.base import DatasetMeta
@@ -29,7 +29,8 @@ def _task(**generation) -> TaskConfig:
 
 def test_task_guidance_reaches_the_generator_config_and_is_refused_off_the_public_prior():
     assert generation_config(_task(guidance=2.5)).guidance == 2.5
-    assert generation_config(_task()).guidance == 1.0
+    assert generation_config(_task()).guidance == 3.0  # the public prior's default
+    assert generation_config(_task(mechanism="gaussian", sigma=1.0)).guidance == 1.0  # others take none
     for bad in ({"guidance": 0}, {"guidance": -1}, {"guidance": 1e9},
                 {"guidance": 2.0, "mechanism": "gaussian", "sigma": 1.0}):
         with pytest.raises(ValidationError):
@@ -39,7 +40,8 @@ def test_task_guidance_reaches_the_generator_config_and_is_refused_off_the_publi
 def test_cache_key_keeps_old_tasks_and_changes_with_guidance():
     meta = DatasetMeta(id="ds_1", rows=3, created_at=0.0, budget_epsilon=4.0, budget_delta=1e-5, labels=LABELS,
                        name="d", version=1)
-    plain = _task(guidance=1.0)
+    plain = stored_task({"name": "t", "dataset": "d", "instruction": "Classify.", "generation": {}})
+    assert plain.generation.guidance == 1.0  # a task stored before guidance existed keeps meaning none
     old = legacy_cache_key(plain, meta, "g")  # the key as computed before guidance existed
     assert cache_key(plain, meta, "g") == old
     assert cache_key(_task(guidance=2.0), meta, "g") != old

@@ -13,7 +13,7 @@ from aggregation.evaluation.settings import FULL
 from aggregation.fewshot import GenerationConfig, generate_demonstration, plan_demonstrations
 from aggregation.mechanisms import Noise
 from aggregation.prompts import Example, TaskPrompt, neutral_aliases
-from proxy.config import TaskConfig
+from proxy.task_config import TaskConfig, stored_task
 from proxy.serving.tasks import task_prompt
 from tests.test_fewshot import RecordingSource
 
@@ -69,7 +69,11 @@ def _task(**generation) -> TaskConfig:
 
 
 def test_task_setting_changes_the_generation_prompt_and_the_cache_key_only_when_set():
-    word, alias = _task(), _task(label_hint="alias")
+    # A task stored before label_hint existed reads as word; a new task generates with aliases.
+    word = stored_task({"name": "t", "dataset": "d", "instruction": "Classify: marble, river.",
+                        "label_words": {"DESC": "marble", "LOC": "river"}})
+    alias = _task()
+    assert (word.generation.label_hint, alias.generation.label_hint) == ("word", "alias")
     old_hash = hashlib.sha256(json.dumps({
         "instruction": word.instruction, "input_prefix": word.input_prefix, "label_prefix": word.label_prefix,
         "label_words": sorted(word.label_words.items())}, sort_keys=True).encode()).hexdigest()

@@ -19,7 +19,7 @@ from aggregation.fewshot import GenerationConfig, generate_demonstration, plan_d
 from aggregation.mechanisms import Noise
 from aggregation.prompts import Example
 from proxy.app import create_app
-from proxy.config import TaskConfig
+from proxy.task_config import TaskConfig, stored_task
 from proxy.serving.demos import cache_key
 from proxy.serving.tasks import generation_config
 from proxy.store.base import DatasetMeta
@@ -142,13 +142,15 @@ def _task(**generation) -> TaskConfig:
 
 def test_task_setting_reaches_the_generator_keeps_old_cache_keys_and_refuses_public_only():
     assert generation_config(_task(private_tokens=4)).private_tokens == 4
-    assert generation_config(_task()).private_tokens is None
+    assert generation_config(_task()).private_tokens == 4  # the default
+    assert generation_config(_task(private_tokens=None)).private_tokens is None  # null: every token private
     for bad in ({"private_tokens": 0}, {"private_tokens": 4, "public_only": True}):
         with pytest.raises(ValidationError):
             _task(**bad)
     meta = DatasetMeta(id="ds_1", rows=3, created_at=0.0, budget_epsilon=4.0, budget_delta=1e-5,
                        labels=["LOC"], name="d", version=1)
-    plain = _task()
+    plain = stored_task({"name": "t", "dataset": "d", "instruction": "Classify.", "generation": {}})
+    assert plain.generation.private_tokens is None  # a task stored before the field: every token private
     old = legacy_cache_key(plain, meta, "g")  # the key as computed before private_tokens existed
     assert cache_key(plain, meta, "g") == old
     assert cache_key(_task(private_tokens=4), meta, "g") != old

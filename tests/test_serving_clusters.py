@@ -22,7 +22,7 @@ import proxy.serving.clusters
 from aggregation.fewshot import GenerationConfig
 from proxy.app import create_app
 from proxy.cli import app as cli
-from proxy.config import TaskConfig
+from proxy.task_config import TaskConfig, stored_task
 from proxy.serving.clusters import LabelClusters, plan_clusters
 from proxy.serving.demos import cache_key
 from proxy.store.base import DatasetMeta
@@ -259,7 +259,7 @@ def test_a_warm_up_whose_embedder_cannot_run_is_refused_before_any_charge(tmp_pa
 def test_cache_key_changes_only_when_clusters_are_on():
     meta = DatasetMeta(id="ds_1", rows=3, created_at=0.0, budget_epsilon=4.0, budget_delta=1e-5, labels=LABELS,
                        name="qs", version=1)
-    plain = TaskConfig.model_validate(task_spec("t", "qs"))
+    plain = stored_task(task_spec("t", "qs"))  # a task stored before clusters (and later settings) existed
     old = legacy_cache_key(plain, meta, "g")  # the key as it was computed before clusters existed
     assert cache_key(plain, meta, "g") == old
     public_off = TaskConfig.model_validate(task_spec("t", "qs", generation={**plain.generation.model_dump(),

@@ -23,7 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from proxy.app import create_app
-from proxy.config import TaskConfig
+from proxy.task_config import TaskConfig
 from proxy.serving.warmup_owner import Owner, _host_identity, owner_dead, previous_incarnation
 from proxy.serving.warmups import WarmupService
 from tests.test_app_support import (  # noqa: F401 - fixtures

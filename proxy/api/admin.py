@@ -15,7 +15,7 @@ from starlette.responses import Response
 from proxy.api.common import audit, json_response, read_json, require_admin, validate_body
 from proxy.api.schemas import WarmRequest
 from proxy.auth import Principal
-from proxy.config import TaskConfig
+from proxy.task_config import TaskConfig
 from proxy.errors import APIError
 from proxy.logs import log_event
 from proxy.serving.tasks import task_problem, task_status

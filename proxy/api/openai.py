@@ -24,7 +24,7 @@ from proxy.api.common import read_json, validate_body
 from proxy.api.errors import not_found_model
 from proxy.api.schemas import ChatRequest, CompletionRequest
 from proxy.auth import Principal
-from proxy.config import LOCAL_ALIASES, LOCAL_MODEL_NAME, TaskConfig
+from proxy.task_config import LOCAL_ALIASES, LOCAL_MODEL_NAME, TaskConfig
 from proxy.errors import APIError, dumps, error_body
 from proxy.serving.injection import check_completion_prompt, inject_chat, inject_completion
 from proxy.serving.tasks import task_prompt

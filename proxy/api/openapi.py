@@ -25,7 +25,7 @@ from proxy.api.keys import KeyCreate
 from proxy.api.schemas import (
     MAX_BUDGET_EPSILON, MIN_BUDGET_EPSILON, BudgetReset, BudgetUpdate, ChatRequest, CompletionRequest, WarmRequest,
 )
-from proxy.config import TaskConfig
+from proxy.task_config import TaskConfig
 from proxy.jobs.requests import JobRequest
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])

@@ -13,7 +13,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 from aggregation.pe import first_line, random_messages, random_prompt, variation_messages, variation_prompt
 from aggregation.prompts import TaskPrompt
-from proxy.config import LOCAL_ALIASES, Config
+from proxy.config import Config
+from proxy.task_config import LOCAL_ALIASES
 from proxy.jobs.requests import JobError
 from proxy.upstreams.base import resolve_params
 

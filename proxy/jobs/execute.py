@@ -27,7 +27,8 @@ from aggregation.mechanisms import Noise
 from aggregation.pe import Cancelled, PEPlan, run_pe
 from aggregation.prompts import Example
 from aggregation.units import one_row_per_unit
-from proxy.config import LOCAL_ALIASES, Config
+from proxy.config import Config
+from proxy.task_config import LOCAL_ALIASES
 from proxy.heartbeat import Heartbeat
 from proxy.jobs.backends import LocalTextGenerator, PEBackendFactory, default_pe_backend
 from proxy.jobs.requests import CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, DPSGDJobRequest, \

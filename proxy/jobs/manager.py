@@ -36,7 +36,8 @@ from typing import Any
 
 from aggregation.pe import allocate, plan_pe
 from proxy.budget import finite_or_none
-from proxy.config import LOCAL_ALIASES, Config, JobSettings
+from proxy.config import Config, JobSettings
+from proxy.task_config import LOCAL_ALIASES
 from proxy.jobs.backends import PEBackendFactory, default_pe_backend
 from proxy.jobs.execute import WorkerContext
 from proxy.jobs.requirements import check_job_requirements

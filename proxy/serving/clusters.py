@@ -40,7 +40,7 @@ from aggregation.planning import GenerationConfig, Plan, plan_demonstrations
 from aggregation.prompts import Example, TaskPrompt
 from aggregation.units import UnitPool, unit_pools
 from proxy.budget import BudgetService
-from proxy.config import TaskConfig
+from proxy.task_config import TaskConfig
 from proxy.store.base import DatasetMeta, Store
 
 #: Identity of the embedder (part of a release's key): the offline MiniLM of aggregation.embeddings.

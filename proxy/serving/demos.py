@@ -22,7 +22,8 @@ from aggregation.prompts import Example
 from aggregation.sources.base import NextTokenSource
 from proxy.auth import Principal
 from proxy.budget import BudgetService
-from proxy.config import Config, TaskConfig
+from proxy.config import Config
+from proxy.task_config import TaskConfig
 from proxy.errors import APIError
 from proxy.metrics import Metrics
 from proxy.serving.generators import Generators

@@ -8,7 +8,8 @@ import threading
 from typing import Callable, Protocol
 
 from aggregation.sources.base import NextTokenSource
-from proxy.config import LOCAL_ALIASES, LOCAL_MODEL_NAME, Config, TaskConfig
+from proxy.config import Config
+from proxy.task_config import LOCAL_ALIASES, LOCAL_MODEL_NAME, TaskConfig
 from proxy.errors import APIError
 
 

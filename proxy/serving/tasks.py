@@ -12,7 +12,8 @@ import anyio
 
 from aggregation.fewshot import GenerationConfig
 from aggregation.prompts import TaskPrompt
-from proxy.config import DEFAULT_PROMPT_TOKENS, Config, TaskConfig
+from proxy.config import Config
+from proxy.task_config import DEFAULT_PROMPT_TOKENS, TaskConfig, stored_task
 from proxy.errors import APIError
 from proxy.store.base import DatasetMeta, Store
 
@@ -36,7 +37,7 @@ class TaskRegistry:
         out: dict[str, TaskConfig] = {}
         for name, spec in self.store.list_tasks().items():
             try:
-                out[name] = TaskConfig.model_validate(spec)
+                out[name] = stored_task(spec)
             except ValueError:
                 continue  # a spec written by a newer version: skip rather than fail every request
         return out

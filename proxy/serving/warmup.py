@@ -29,7 +29,7 @@ from aggregation.quantile import WidthRelease, width_event
 from aggregation.sources.timing import TimedSource
 from aggregation.units import unit_pools
 from proxy.budget import BudgetService
-from proxy.config import TaskConfig
+from proxy.task_config import TaskConfig
 from proxy.errors import APIError
 from proxy.logs import log_event
 from proxy.metrics import Metrics

@@ -14,7 +14,7 @@ import math
 import time
 from typing import Any, Callable
 
-from proxy.config import TaskConfig
+from proxy.task_config import stored_task
 from proxy.errors import APIError
 from proxy.logs import log_event
 from proxy.metrics import Metrics
@@ -132,7 +132,7 @@ class WarmupExecutor:
             log_event("warmup.started", warmup_id=wid, task=task_name)
 
         try:
-            task = TaskConfig.model_validate(rec["task_spec"])
+            task = stored_task(rec["task_spec"])
             try:
                 meta = self.store.get_dataset(rec["dataset_id"])
             except NotFound:

@@ -36,7 +36,7 @@ from typing import Any, Awaitable, Callable
 
 import anyio
 
-from proxy.config import TaskConfig
+from proxy.task_config import TaskConfig
 from proxy.errors import APIError
 from proxy.logs import log_event
 from proxy.serving.warmup import Prepared, Warmup

@@ -16,7 +16,7 @@ from typing import Any
 
 from aggregation.prompts import Example, TaskPrompt
 from aggregation.quantile import WIDTH_QUANTILE, WidthRelease, derived_width
-from proxy.config import DEFAULT_PROMPT_TOKENS, TaskConfig
+from proxy.task_config import DEFAULT_PROMPT_TOKENS, TaskConfig
 from proxy.errors import APIError
 from proxy.serving.generators import TokenCounting
 
