@@ -96,7 +96,9 @@ SECRETS = ("Traceback", "<html", "<pre", "db_password", "credentials.yaml", "han
 def test_upstream_error_pages_are_withheld(kind: str, status: int, stream: bool) -> None:
     with FakeUpstream(FakeOptions(fault="html_error", fail_status=status)) as fake:
         with pytest.raises(UpstreamError) as info:
-            run(_attempt(make_upstream(kind, fake.base_url), stream))
+            # A generous timeout: the first litellm call of a busy machine can take seconds, and a
+            # timeout (504) is not what this test is about.
+            run(_attempt(make_upstream(kind, fake.base_url, timeout=60.0), stream))
     err = info.value
     assert err.status == (502 if status >= 500 else status)
     assert not any(s in err.message for s in SECRETS), err.message

@@ -25,10 +25,10 @@ CLIENT = {"Authorization": f"Bearer {CLIENT_KEY}"}
 INTERNALS = re.compile(r"litellm|OpenAIException|[A-Z][a-z]+(Error|Exception)\b|HTTP 500|aiohttp|httpx")
 
 
-def make_upstream(kind: str, base_url: str, retries: int = 0, max_retry_wait: float = 8.0) -> Any:
+def make_upstream(kind: str, base_url: str, retries: int = 0, max_retry_wait: float = 8.0, timeout: float = 5.0) -> Any:
     entry = {"model_name": "m", "fast_path": _FAST_PATH[kind],
              "litellm_params": {"model": "openai/fake-model", "api_base": base_url}}
-    return build_upstream(entry, None, 5.0, retries, backoff=0.01, max_retry_wait=max_retry_wait)
+    return build_upstream(entry, None, timeout, retries, backoff=0.01, max_retry_wait=max_retry_wait)
 
 
 async def _attempt(up: Any, stream: bool) -> Any:
