@@ -16,6 +16,7 @@
 #   prefix   only the first P tokens private (P = 2, 4, 6; words with g = 1 and 3, aliases with g = 3 and 5,
 #            M = 10 and 20; aliases with g = 3 in resample mode; trec and the unseen mapping with g = 3, P = 4;
 #            aliases, g = 3: resample with M = 20, P = 4 and fixed with M = 30, N = 1, P = 3)
+#   defaults the default configuration of a new task on trec, the unseen mapping and trec-opaque at 1, 4, inf
 #   prefix-clusters  aliases, g = 3, P = 4 inside 16 and 4 DP clusters; aliases, g = 5, P = 4, M = 20
 #   precision  the plain words cell at epsilon inf with the int8 and the bfloat16 generator (2 seeds each;
 #            both slower than float32 on this CPU, docs/sources.md)
@@ -148,6 +149,11 @@ for stage in "$@"; do
         --num-subsets 20
       cell opaque-fixed-alias-c0-g3-p3-m30n1 trec-opaque alias 0 dp fixed 1,4 --guidance 3 --private-tokens 3 \
         --num-subsets 30 --shots-per-subset 1 ;;
+    defaults)  # the default configuration of a new task (aliases, guidance 3, P = 4) on all three datasets,
+      # epsilon 1, 4, inf (run with GRID_SEEDS=10: 120 demonstrations per cell on trec-opaque)
+      cell trec-fixed-alias-c0-g3-p4 trec alias 0 dp fixed 1,4,inf --guidance 3 --private-tokens 4
+      cell unseen-fixed-alias-c0-g3-p4 "$(unseen_mapping)" alias 0 dp fixed 1,4,inf --guidance 3 --private-tokens 4
+      cell opaque-fixed-alias-c0-g3-p4 trec-opaque alias 0 dp fixed 1,4,inf --guidance 3 --private-tokens 4 ;;
     prefix-clusters)  # the private prefix inside DP clusters (parallel composition), and the two epsilon-4 levers together
       cell opaque-fixed-alias-c16dp-g3-p4 trec-opaque alias 16 dp fixed 1,4,inf --guidance 3 --private-tokens 4
       cell opaque-fixed-alias-c4dp-g3-p4 trec-opaque alias 4 dp fixed 1,4 --guidance 3 --private-tokens 4
@@ -160,6 +166,6 @@ for stage in "$@"; do
           --out "$OUT/opaque-fixed-word-c0-${p##*:}"
       done ;;
     width) WIDTH=256 cell "opaque-fixed-$HINT-c$K$METHOD-w256" trec-opaque "$HINT" "$K" "$METHOD" fixed inf ;;
-    *) echo "unknown stage $stage (ceiling, finite, modes, trec, guidance, prefix, prefix-clusters, precision, width; or: one HINT K METHOD MODE [BLOCK])" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (ceiling, finite, modes, trec, guidance, prefix, prefix-clusters, defaults, precision, width; or: one HINT K METHOD MODE [BLOCK])" >&2; exit 2 ;;
   esac
 done
