@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from proxy.task_config import LOCAL_ALIASES, LOCAL_MODEL_NAME, NAME_RE, Strict, TaskConfig
+from proxy.task_config import LOCAL_ALIASES, LOCAL_MODEL_NAME, ModelName, Strict, TaskConfig
 
 
 class ConfigError(ValueError):
@@ -31,15 +31,8 @@ class ModelEntry(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model_name: str
+    model_name: ModelName
     litellm_params: dict[str, Any]
-
-    @field_validator("model_name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError("model_name must be 1-128 characters of letters, digits and ._:/-")
-        return v
 
     @field_validator("litellm_params")
     @classmethod

@@ -14,7 +14,7 @@ import math
 import re
 from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 #: Name under which the built-in local model is exposed (and how tasks refer to it).
 LOCAL_MODEL_NAME = "local/smollm2"
@@ -29,7 +29,17 @@ DEFAULT_PRIVATE_TOKENS = 4
 #: What a stored spec without these generation fields meant: the behaviour before each existed.
 LEGACY_GENERATION = {"label_hint": "word", "guidance": 1.0, "private_tokens": None}
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+def _model_name(v: str) -> str:
+    if not _NAME_RE.match(v):
+        raise ValueError("must be 1-128 characters of letters, digits and ._:/-")
+    return v
+
+
+#: What clients send as ``model``: a task's name or a ``model_list`` entry's ``model_name``.
+ModelName = Annotated[str, AfterValidator(_model_name)]
 
 
 class Strict(BaseModel):
@@ -122,7 +132,7 @@ class GenerationSettings(Strict):
 class TaskConfig(Strict):
     """A task: an exposed model name whose requests get DP demonstrations injected."""
 
-    name: str
+    name: ModelName
     upstream: str = LOCAL_MODEL_NAME
     #: Model whose next-token distributions generate the demonstrations: None = the local model,
     #: or the ``model_name`` of an OpenAI-compatible ``model_list`` entry.
@@ -145,13 +155,6 @@ class TaskConfig(Strict):
     #: task's label words: the one the built-in local model scores highest after the prompt, as the
     #: evaluation scores them; proxy/upstreams/labels.py). ``label`` needs a local upstream.
     answer: Literal["text", "label"] = "text"
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError("name must be 1-128 characters of letters, digits and ._:/-")
-        return v
 
     @field_validator("epsilon")
     @classmethod
