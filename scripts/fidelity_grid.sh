@@ -151,9 +151,9 @@ for stage in "$@"; do
         --num-subsets 30 --shots-per-subset 1 ;;
     defaults)  # the default configuration of a new task (aliases, guidance 3, P = 4) on all three datasets,
       # epsilon 1, 4, inf (run with GRID_SEEDS=10: 120 demonstrations per cell on trec-opaque)
+      cell opaque-fixed-alias-c0-g3-p4 trec-opaque alias 0 dp fixed 1,4,inf --guidance 3 --private-tokens 4
       cell trec-fixed-alias-c0-g3-p4 trec alias 0 dp fixed 1,4,inf --guidance 3 --private-tokens 4
-      cell unseen-fixed-alias-c0-g3-p4 "$(unseen_mapping)" alias 0 dp fixed 1,4,inf --guidance 3 --private-tokens 4
-      cell opaque-fixed-alias-c0-g3-p4 trec-opaque alias 0 dp fixed 1,4,inf --guidance 3 --private-tokens 4 ;;
+      cell unseen-fixed-alias-c0-g3-p4 "$(unseen_mapping)" alias 0 dp fixed 1,4,inf --guidance 3 --private-tokens 4 ;;
     prefix-clusters)  # the private prefix inside DP clusters (parallel composition), and the two epsilon-4 levers together
       cell opaque-fixed-alias-c16dp-g3-p4 trec-opaque alias 16 dp fixed 1,4,inf --guidance 3 --private-tokens 4
       cell opaque-fixed-alias-c4dp-g3-p4 trec-opaque alias 4 dp fixed 1,4 --guidance 3 --private-tokens 4
