@@ -82,8 +82,12 @@ def test_the_registry_reads_stored_tasks_with_their_old_settings(tmp_path):
     old, new = anyio.run(both)
     assert old is not None and new is not None
     assert (old.generation.label_hint, old.generation.guidance, old.generation.private_tokens) == ("word", 1.0, None)
-    registry._loaded_at = float("-inf")  # re-read both from the store, as another replica would
-    old_again, new_again = anyio.run(lambda: registry.get("old")), anyio.run(lambda: registry.get("new"))
+
+    async def reread() -> tuple[TaskConfig | None, TaskConfig | None]:
+        await registry.refresh(force=True)  # re-read both from the store, as another replica would
+        return await registry.get("old"), await registry.get("new")
+
+    old_again, new_again = anyio.run(reread)
     assert old_again == old
     assert new_again is not None and new_again.generation.label_hint == "alias"
     assert (new_again.generation.guidance, new_again.generation.private_tokens) == (3.0, 4)
