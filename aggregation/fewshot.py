@@ -149,6 +149,8 @@ def generate_demonstration(
             assert public is not None
             clip = float(label_plan.clip) if private_step else 0.0  # type: ignore[arg-type]
             tau = float(label_plan.temperature or config.temperature or 1.0)
+            if not private_step and config.public_temperature is not None:
+                tau = float(config.public_temperature)  # no private row is read at this step
             # (At epsilon = infinity C is infinite; the candidates stay the public top k.)
             candidates, public_lp = _prior_candidates(public, vocab, config.top_k, 0.0 if math.isinf(clip) else clip)
             private_lp = None

@@ -55,6 +55,10 @@ class GenerationConfig:
     #: Public-prior mechanism: guidance ``g`` scales each prompt's private-minus-public shift
     #: before the clip (classifier-free guidance); the per-token bound ``4C/(M tau)`` is unchanged.
     guidance: float = 1.0
+    #: Public-prior mechanism: temperature of the tokens decoded from the public prompt alone (after
+    #: the private prefix, every token of an epsilon-0 demonstration). They read no private row, so
+    #: this is free of the accounting that ties ``tau`` to ``C``; None = ``temperature``.
+    public_temperature: float | None = None
     public_only: bool = False  # epsilon 0: public prompt only, no private data read
     #: Token budget of one prompt. Examples that do not fit are left out of that prompt (a function
     #: of its own subset only, so the sensitivity argument is unchanged). In ``fixed`` mode on a
@@ -81,6 +85,11 @@ class GenerationConfig:
             raise ValueError("temperature must be a positive finite number")
         if not (self.guidance > 0 and math.isfinite(self.guidance)):
             raise ValueError("guidance must be a positive finite number")
+        if self.public_temperature is not None:
+            if not (self.public_temperature > 0 and math.isfinite(self.public_temperature)):
+                raise ValueError("public_temperature must be a positive finite number")
+            if self.mechanism != "public_prior":
+                raise ValueError("public_temperature applies to the public_prior mechanism only")
         if self.mechanism != "public_prior" and self.guidance != 1.0:
             raise ValueError("guidance applies to the public_prior mechanism only")
         if self.mechanism == "public_prior" and self.sigma is not None:

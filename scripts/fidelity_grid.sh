@@ -38,8 +38,9 @@ cell() {  # NAME DATASET HINT K METHOD MODES EPSILONS [extra dpicl eval options]
   echo "== $name: $dataset hint=$hint clusters=$k/$method modes=$modes epsilons=$eps $*"
   # The reference rows (zero-shot, epsilon 0, real examples) do not depend on clustering or mode:
   # take them from the plain fixed-mode cell of the same dataset and hint when it exists.
-  local ref="$OUT/${name%%-*}-fixed-$hint-c0" block=null same=() prev="" a
+  local ref="$OUT/${name%%-*}-fixed-$hint-c0" block=null same=() prev="" a own=""
   for a in "$@"; do  # the options that do not change the reference rows
+    [ "$a" = --public-temperature ] && own=1  # it changes the epsilon-0 row: run this cell's own
     [ "$prev" = --block-tokens ] && block=$a
     [ "$prev" = --guidance ] && same+=("guidance=$a")
     [ "$prev" = --num-subsets ] && same+=("num_subsets=$a")
@@ -47,7 +48,7 @@ cell() {  # NAME DATASET HINT K METHOD MODES EPSILONS [extra dpicl eval options]
     [ "$prev" = --private-tokens ] && same+=("private_tokens=$a")
     prev=$a
   done
-  if [ "$OUT/$name" != "$ref" ] && [ -s "$ref/runs.csv" ] && [ "$WIDTH" = 104 ]; then
+  if [ "$OUT/$name" != "$ref" ] && [ -s "$ref/runs.csv" ] && [ "$WIDTH" = 104 ] && [ -z "$own" ]; then
     python scripts/grid_reference.py "$ref" "$OUT/$name" "clusters=$k" "clustering=$method" "block_tokens=$block" \
       "${same[@]}"
   fi

@@ -51,6 +51,9 @@ class EvalSettings:
     #: Public-prior guidance ``g``: each prompt's private-minus-public shift is scaled by it before
     #: the clip (the per-token bound is unchanged; docs/privacy.md).
     guidance: float = 1.0
+    #: Temperature of the public tokens (after the private prefix; every token of the epsilon-0
+    #: row). None: the mechanism's ``tau``. It changes the epsilon-0 row too.
+    public_temperature: float | None = None
     calibrate: bool = False  # which accuracy the plot shows; both are always computed
     #: Demonstrations per label and seed that the fidelity metric scores (each an independent draw
     #: of a one-per-label set at the row's epsilon; the first set is also the ICL set). 0 = off.
@@ -71,13 +74,15 @@ class EvalSettings:
         # Refused here rather than silently dropped when the runs are made.
         if self.guidance != 1.0 and self.mechanism != "public_prior":
             raise ValueError("guidance applies to the public_prior mechanism only")
+        if self.public_temperature is not None and self.mechanism != "public_prior":
+            raise ValueError("public_temperature applies to the public_prior mechanism only")
 
     def generation(self, mode: str, epsilon: float) -> GenerationConfig:
         return GenerationConfig(mode=mode, mechanism=self.mechanism,  # type: ignore[arg-type]
                                 num_subsets=self.num_subsets, shots_per_subset=self.shots_per_subset,
                                 max_tokens=self.max_tokens, private_tokens=self.private_tokens,
                                 top_k=self.top_k, epsilon=epsilon,
-                                guidance=self.guidance,
+                                guidance=self.guidance, public_temperature=self.public_temperature,
                                 block_tokens=self.block_tokens if mode == "block" else None,
                                 max_prompt_tokens=self.max_prompt_tokens)
 
