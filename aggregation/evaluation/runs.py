@@ -223,6 +223,8 @@ def settings_record(settings: EvalSettings, dataset: str) -> dict:
         record.pop("label_hint")
     if record.get("guidance") == 1.0:  # likewise: directories from before guidance
         record.pop("guidance")
+    if record.get("temperature") == 1.0:  # likewise
+        record.pop("temperature")
     if record.get("public_temperature") is None:  # likewise: directories from before the option
         record.pop("public_temperature", None)
     if record.get("private_tokens") is None:  # likewise: directories from before the option

@@ -54,6 +54,8 @@ class EvalSettings:
     #: Temperature of the public tokens (after the private prefix; every token of the epsilon-0
     #: row). None: the mechanism's ``tau``. It changes the epsilon-0 row too.
     public_temperature: float | None = None
+    #: Public prior: sampling temperature ``tau`` of the private tokens (C is calibrated to it).
+    temperature: float = 1.0
     calibrate: bool = False  # which accuracy the plot shows; both are always computed
     #: Demonstrations per label and seed that the fidelity metric scores (each an independent draw
     #: of a one-per-label set at the row's epsilon; the first set is also the ICL set). 0 = off.
@@ -83,6 +85,7 @@ class EvalSettings:
                                 max_tokens=self.max_tokens, private_tokens=self.private_tokens,
                                 top_k=self.top_k, epsilon=epsilon,
                                 guidance=self.guidance, public_temperature=self.public_temperature,
+                                temperature=self.temperature,
                                 block_tokens=self.block_tokens if mode == "block" else None,
                                 max_prompt_tokens=self.max_prompt_tokens)
 

@@ -33,6 +33,7 @@ def eval_command(
     max_prompt_tokens: int = typer.Option(256, "--max-prompt-tokens", min=16, help="Public width every private prompt is padded to (a task's generation.max_prompt_tokens; 'auto' derives 89 for TREC at N=2)."),
     label_hint: str = typer.Option("word", "--label-hint", help="What generation shows for a label: word (its label word) or alias (neutral 'type A', 'type B', ... over the task's labels); scored demonstrations keep the words."),
     guidance: float = typer.Option(1.0, "--guidance", help="Public-prior guidance g > 0: each prompt's private-minus-public shift is scaled by g before the clip C (classifier-free guidance; the epsilon of a token is unchanged)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Public prior: sampling temperature tau of the private tokens; the clip C is calibrated to it (epsilon per token 4C/(M tau))."),
     public_temperature: Optional[float] = typer.Option(None, "--public-temperature", help="Public prior: temperature of the tokens decoded from the public prompt alone (after the private prefix; the epsilon-0 row); free of privacy cost (default: the mechanism's tau, 1)."),
     clusters: int = typer.Option(0, "--clusters", min=0, help="K private clusters per label (0 = off): each DP demonstration is drawn from its label's largest noisy cluster; the clustering is charged on the label (docs/privacy.md)."),
     clustering: ClusteringOpt = typer.Option(ClusteringOpt.dp, "--clustering", help="Centroids of --clusters: dp (DP k-means on MiniLM embeddings) or public (embeddings of epsilon-0 demonstrations, no privacy cost)."),
@@ -70,6 +71,10 @@ def eval_command(
         _fail("--guidance must be a positive finite number")
     if guidance != 1.0 and mechanism is not MechanismOpt.public_prior:
         _fail("--guidance applies to the public_prior mechanism only")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        _fail("--temperature must be a positive finite number")
+    if temperature != 1.0 and mechanism is not MechanismOpt.public_prior:
+        _fail("--temperature applies to the public_prior mechanism only")
     if public_temperature is not None and not (public_temperature > 0 and math.isfinite(public_temperature)):
         _fail("--public-temperature must be a positive finite number")
     if public_temperature is not None and mechanism is not MechanismOpt.public_prior:
@@ -92,6 +97,7 @@ def eval_command(
         label_hint=label_hint,
         guidance=guidance,
         public_temperature=public_temperature,
+        temperature=temperature,
         calibrate=calibrate,
         fidelity_demos=preset.fidelity_demos if fidelity_demos is None else fidelity_demos,
         precision=precision.value,
