@@ -40,7 +40,7 @@ cell() {  # NAME DATASET HINT K METHOD MODES EPSILONS [extra dpicl eval options]
   # take them from the plain fixed-mode cell of the same dataset and hint when it exists.
   local ref="$OUT/${name%%-*}-fixed-$hint-c0" block=null same=() prev="" a own=""
   for a in "$@"; do  # the options that do not change the reference rows
-    case $a in --public-temperature|--temperature) own=1 ;; esac  # it changes the epsilon-0 row: run this cell's own
+    case $a in --public-temperature|--temperature|--model|--precision) own=1 ;; esac  # they change the epsilon-0 row: run its own
     [ "$prev" = --block-tokens ] && block=$a
     [ "$prev" = --guidance ] && same+=("guidance=$a")
     [ "$prev" = --num-subsets ] && same+=("num_subsets=$a")

@@ -381,6 +381,11 @@ def test_resume_keeps_finished_runs_and_refuses_other_settings(tmp_path):
 
     with pytest.raises(icl_eval.ResumeError, match="max_tokens"):
         icl_eval.load_finished(tmp_path, replace(more, max_tokens=3), "toy")
+    # The model generates and scores every run: another one does not resume these (the default,
+    # SmolLM2, is left out of settings.json, so directories from before the field still resume).
+    assert "model" not in stored
+    with pytest.raises(icl_eval.ResumeError, match="model"):
+        icl_eval.load_finished(tmp_path, replace(more, model="gemma3-270m"), "toy")
     (tmp_path / "settings.json").unlink()
     with pytest.raises(icl_eval.ResumeError, match="no settings.json"):
         icl_eval.load_finished(tmp_path, more, "toy")
@@ -656,3 +661,11 @@ def test_run_eval_without_dp_rows_runs_the_reference_rows_only(tmp_path):
                             log=lambda s: None)
     assert [r.row for r in out.runs] == [icl_eval.ZERO_SHOT, icl_eval.PUBLIC, icl_eval.REAL]
     assert icl_eval.load_finished(tmp_path, settings, "toy")[0] == out.runs
+
+
+def test_cli_records_one_name_per_shipped_model():
+    from proxy.cli.evaluate import _model_name
+
+    assert {_model_name(m) for m in (None, "", "SmolLM2", "local", "SmolLM2-135M-Instruct")} == {"smollm2"}
+    assert {_model_name(m) for m in ("gemma3-270m", "Gemma", "gemma-3-270m")} == {"gemma3-270m"}
+    assert _model_name("/models/mine") == "/models/mine"

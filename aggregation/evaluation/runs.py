@@ -223,6 +223,8 @@ def settings_record(settings: EvalSettings, dataset: str) -> dict:
         record.pop("label_hint")
     if record.get("guidance") == 1.0:  # likewise: directories from before guidance
         record.pop("guidance")
+    if record.get("model") == "smollm2":  # likewise: directories from before the model was recorded
+        record.pop("model")
     if record.get("temperature") == 1.0:  # likewise
         record.pop("temperature")
     if record.get("public_temperature") is None:  # likewise: directories from before the option

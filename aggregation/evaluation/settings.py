@@ -62,6 +62,9 @@ class EvalSettings:
     fidelity_demos: int = 4
     #: Records taken out of the pool (never private, never tested) to train the fidelity evaluator.
     evaluator_records: int = 1200
+    #: The local model (``smollm2``, ``gemma3-270m`` or a model directory): it generates the
+    #: demonstrations and scores the ICL questions, so a resumed directory must keep it.
+    model: str = "smollm2"
     #: Numeric precision of the local model that generates the demonstrations (ICL scoring stays float32).
     precision: str = "float32"
     #: Private clusters per label (0 = off): DP rows draw each demonstration from the label's

@@ -104,6 +104,7 @@ def eval_command(
         clusters=clusters,
         clustering=clustering.value,
         max_prompt_tokens=max_prompt_tokens,
+        model=_model_name(model),
     )
     if clusters and accuracy:
         from aggregation.embeddings import minilm_path
@@ -165,3 +166,13 @@ def eval_command(
 def register(app: typer.Typer) -> None:
     """Add ``eval`` to the ``dpicl`` app."""
     app.command("eval")(eval_command)
+
+
+def _model_name(model: str | None) -> str:
+    """The name settings.json records: one spelling per shipped model, a directory as given."""
+    from aggregation.sources.models import GEMMA3_ALIASES, SMOLLM2_ALIASES
+
+    key = (model or "").strip().lower()
+    if key in SMOLLM2_ALIASES:
+        return "smollm2"
+    return "gemma3-270m" if key in GEMMA3_ALIASES else str(model)
