@@ -23,8 +23,21 @@ from aggregation.evaluation import read_runs
 from aggregation.evaluation.settings import DP, PUBLIC, REAL, eps_text
 
 
+def _reference(settings: dict) -> str:
+    """What the reference rows of a directory depend on beyond the dataset and hint: the model and the
+    temperature of the public tokens ("" for SmolLM2 at 1)."""
+    model = settings.get("model", "smollm2")
+    public_tau = settings.get("public_temperature")
+    public_tau = float(settings.get("temperature", 1.0) if public_tau is None else public_tau)
+    tags = ([model] if model != "smollm2" else []) + ([f"public τ {public_tau:g}"] if public_tau != 1.0 else [])
+    return ", ".join(tags)
+
+
 def _config(settings: dict, mode: str) -> dict:
     k = settings.get("clusters", 0)
+    tau = float(settings.get("temperature", 1.0))
+    public_tau = settings.get("public_temperature")
+    model = settings.get("model", "smollm2")
     block = settings.get("block_tokens") or 4
     g = float(settings.get("guidance", 1.0))
     precision = settings.get("precision", "float32")
@@ -34,7 +47,10 @@ def _config(settings: dict, mode: str) -> dict:
                  + (f", {precision}" if precision != "float32" else "")
                  + (f", M={settings['num_subsets']}" if settings.get("num_subsets", 10) != 10 else "")
                  + (f", N={settings['shots_per_subset']}" if settings.get("shots_per_subset", 2) != 2 else "")
-                 + (f", P={settings['private_tokens']}" if settings.get("private_tokens") else "")),
+                 + (f", P={settings['private_tokens']}" if settings.get("private_tokens") else "")
+                 + (f", τ {tau:g}" if tau != 1.0 else "")
+                 + (f", public τ {float(public_tau):g}" if public_tau is not None else "")
+                 + (f", {model}" if model != "smollm2" else "")),
         "hint": settings.get("label_hint", "word"),
         "clusters": f"{k} {settings.get('clustering', 'dp')}" if k else "off",
         "width": settings.get("max_prompt_tokens", 256),
@@ -67,12 +83,13 @@ def rows(grid: Path) -> list[dict]:
                 groups[(r.row, r.mode, r.epsilon)].append(r)
         for (row, mode, eps), rs in groups.items():
             p, n = _pooled(rs)
-            cfg = _config(settings, mode) if row == DP else {**_config(settings, "fixed"), "mode": "-", "clusters": "-"}
+            cfg = (_config(settings, mode) if row == DP
+                   else {**_config(settings, "fixed"), "mode": _reference(settings) or "-", "clusters": "-"})
             seed_deltas = [r.fidelity - public[r.seed].fidelity for r in rs if r.seed in public and row != PUBLIC]
             diff = p - p0 if row != PUBLIC else math.nan
             se = math.sqrt(p * (1 - p) / n + p0 * (1 - p0) / n0) if n and n0 and row != PUBLIC else math.nan
             totals = [r.epsilon_total for r in rs if math.isfinite(r.epsilon_total)]
-            out.append({**cfg, "dir": d.name, "row": row, "epsilon": eps,
+            out.append({**cfg, "dir": d.name, "row": row, "epsilon": eps, "reference": _reference(settings),
                         "epsilon_total": sum(totals) / len(totals) if totals else math.inf,
                         "fidelity": p, "n": n, "diff": diff, "beyond": bool(diff - 2 * se > 0) if se == se else None,
                         "better": sum(x > 0 for x in seed_deltas), "seeds": len(rs),
@@ -91,10 +108,11 @@ def markdown(table: list[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     seen = set()
     order = sorted(table, key=lambda r: (r["dataset"], r["row"] != PUBLIC, r["row"] != REAL, r["hint"], r["mode"],
-                                        r["clusters"], r["width"], r["epsilon"]))
+                                        r["clusters"], r["width"], r["epsilon"], -r["n"]))
     for r in order:
         if r["row"] != DP:
-            key = (r["dataset"], r["row"], r["hint"] if r["row"] == PUBLIC else "")
+            # (Real examples are scored by the evaluator alone: no model or temperature changes them.)
+            key = (r["dataset"], r["row"], *((r["hint"], r["mode"]) if r["row"] == PUBLIC else ()))
             if key in seen:
                 continue
             seen.add(key)
@@ -123,16 +141,19 @@ def plot(table: list[dict], path: Path) -> None:
     for ax, hint in zip(axes, ("word", "alias")):
         lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
         # The reference rows of the cell with the most demonstrations (some cells ran fewer seeds).
-        base = sorted((r for r in table if r["dataset"] == "trec-opaque" and r["row"] == PUBLIC and r["hint"] == hint),
+        # (Cells whose reference rows differ, another model or public temperature, are left out.)
+        base = sorted((r for r in table if r["dataset"] == "trec-opaque" and r["row"] == PUBLIC and r["hint"] == hint
+                       and not r["reference"]),
                       key=lambda r: -r["n"])
         for r in table:
             if (r["dataset"] == "trec-opaque" and r["row"] == DP and r["hint"] == hint and r["epsilon"] in xs
-                    and r["width"] != 256):
+                    and r["width"] != 256 and not r["reference"]):
                 lines[f"{r['mode']}, clusters {r['clusters']}"].append((xs[r["epsilon"]], 100 * r["fidelity"]))
         for name, pts in sorted(lines.items()):
             pts = sorted(pts + [(0, 100 * b["fidelity"]) for b in base[:1]])
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
-        real = sorted((r for r in table if r["dataset"] == "trec-opaque" and r["row"] == REAL), key=lambda r: -r["n"])
+        real = sorted((r for r in table if r["dataset"] == "trec-opaque" and r["row"] == REAL and not r["reference"]),
+                      key=lambda r: -r["n"])
         if real:
             ax.axhline(100 * real[0]["fidelity"], color="grey", linestyle="--", label="real examples")
         ax.set_xticks(list(xs.values()), ["0", "1", "4", "∞"])
