@@ -18,6 +18,8 @@
 #            aliases, g = 3: resample with M = 20, P = 4 and fixed with M = 30, N = 1, P = 3)
 #   defaults the default configuration of a new task on trec, the unseen mapping and trec-opaque at 1, 4, inf
 #   prefix-clusters  aliases, g = 3, P = 4 inside 16 and 4 DP clusters; aliases, g = 5, P = 4, M = 20
+#   levers   the default configuration with other public / private temperatures, N = 4, and the Gemma 3 270M
+#            generator (trec-opaque)
 #   precision  the plain words cell at epsilon inf with the int8 and the bfloat16 generator (2 seeds each;
 #            both slower than float32 on this CPU, docs/sources.md)
 #
@@ -160,6 +162,21 @@ for stage in "$@"; do
       cell opaque-fixed-alias-c4dp-g3-p4 trec-opaque alias 4 dp fixed 1,4 --guidance 3 --private-tokens 4
       cell opaque-fixed-alias-c0-g5-p4-m20 trec-opaque alias 0 dp fixed 1,4 --guidance 5 --private-tokens 4 \
         --num-subsets 20 ;;
+    levers)  # what else might lift the default's ceiling (trec-opaque; these cells run their own reference rows
+      # where a temperature or the model changes them): public tokens at temperature 0.5; private tokens at
+      # 0.25 (near argmax) with the public ones at 1; N = 4 shots per prompt (width 192 fits them); the
+      # Gemma 3 270M generator (trec-opaque with GRID_SEEDS=10; trec and the unseen mapping with 5)
+      cell opaque-fixed-alias-c0-g3-p4-pt0.5 trec-opaque alias 0 dp fixed inf --guidance 3 --private-tokens 4 \
+        --public-temperature 0.5
+      cell opaque-fixed-alias-c0-g3-t0.25-p4 trec-opaque alias 0 dp fixed inf --guidance 3 --temperature 0.25 \
+        --public-temperature 1 --private-tokens 4
+      WIDTH=192 cell opaque-fixed-alias-c0-g3-p4-n4 trec-opaque alias 0 dp fixed inf,4 --guidance 3 --private-tokens 4 \
+        --shots-per-subset 4
+      cell opaque-fixed-alias-c0-g3-p4-gemma trec-opaque alias 0 dp fixed inf,4,1 --guidance 3 --private-tokens 4 \
+        --model gemma3-270m
+      cell trec-fixed-alias-c0-g3-p4-gemma trec alias 0 dp fixed 1,4,inf --guidance 3 --private-tokens 4 --model gemma3-270m
+      cell unseen-fixed-alias-c0-g3-p4-gemma "$(unseen_mapping)" alias 0 dp fixed 1,4,inf --guidance 3 --private-tokens 4 \
+        --model gemma3-270m ;;
     precision)  # the precision changes the epsilon-0 row too, so these directories run their own references
       for p in int8:int8 bfloat16:bf16; do
         dpicl eval --dataset trec-opaque --quick --seeds 2 --n-test 50 --fidelity-demos 2 --label-hint word \
@@ -167,6 +184,6 @@ for stage in "$@"; do
           --out "$OUT/opaque-fixed-word-c0-${p##*:}"
       done ;;
     width) WIDTH=256 cell "opaque-fixed-$HINT-c$K$METHOD-w256" trec-opaque "$HINT" "$K" "$METHOD" fixed inf ;;
-    *) echo "unknown stage $stage (ceiling, finite, modes, trec, guidance, prefix, prefix-clusters, defaults, precision, width; or: one HINT K METHOD MODE [BLOCK])" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (ceiling, finite, modes, trec, guidance, prefix, prefix-clusters, defaults, levers, precision, width; or: one HINT K METHOD MODE [BLOCK])" >&2; exit 2 ;;
   esac
 done
