@@ -79,11 +79,10 @@ class EvalSettings:
         # Refused here rather than silently dropped when the runs are made.
         if self.guidance != 1.0 and self.mechanism != "public_prior":
             raise ValueError("guidance applies to the public_prior mechanism only")
-        for name, value in (("temperature", self.temperature), ("public_temperature", self.public_temperature)):
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a positive finite number")
-        if (self.public_temperature is not None or self.temperature != 1.0) and self.mechanism != "public_prior":
-            raise ValueError("temperature and public_temperature apply to the public_prior mechanism only")
+        # (The generator ignores tau outside the public prior; a value that would be dropped is refused.)
+        if self.temperature != 1.0 and self.mechanism != "public_prior":
+            raise ValueError("temperature applies to the public_prior mechanism only")
+        self.generation("fixed", 1.0).validate()  # the generator's own checks, at creation
 
     def generation(self, mode: str, epsilon: float) -> GenerationConfig:
         return GenerationConfig(mode=mode, mechanism=self.mechanism,  # type: ignore[arg-type]

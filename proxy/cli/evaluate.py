@@ -71,41 +71,36 @@ def eval_command(
         _fail("--guidance must be a positive finite number")
     if guidance != 1.0 and mechanism is not MechanismOpt.public_prior:
         _fail("--guidance applies to the public_prior mechanism only")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        _fail("--temperature must be a positive finite number")
-    if temperature != 1.0 and mechanism is not MechanismOpt.public_prior:
-        _fail("--temperature applies to the public_prior mechanism only")
-    if public_temperature is not None and not (public_temperature > 0 and math.isfinite(public_temperature)):
-        _fail("--public-temperature must be a positive finite number")
-    if public_temperature is not None and mechanism is not MechanismOpt.public_prior:
-        _fail("--public-temperature applies to the public_prior mechanism only")
     if not accuracy and not audit:
         _fail("nothing to do: --no-accuracy without --audit")
-    settings = replace(
-        preset,
-        seeds=tuple(range(seeds)) if seeds else preset.seeds,
-        n_test=n_test or preset.n_test,
-        epsilons=eps if dp else (),
-        modes=mode_list,
-        mechanism=mechanism.value,
-        num_subsets=num_subsets,
-        shots_per_subset=shots_per_subset,
-        max_tokens=max_tokens,
-        private_tokens=private_tokens,
-        top_k=top_k or None,
-        block_tokens=block_tokens if "block" in mode_list else None,
-        label_hint=label_hint,
-        guidance=guidance,
-        public_temperature=public_temperature,
-        temperature=temperature,
-        calibrate=calibrate,
-        fidelity_demos=preset.fidelity_demos if fidelity_demos is None else fidelity_demos,
-        precision=precision.value,
-        clusters=clusters,
-        clustering=clustering.value,
-        max_prompt_tokens=max_prompt_tokens,
-        model=_model_name(model),
-    )
+    try:  # EvalSettings refuses what the generator would (temperatures, their mechanism)
+        settings = replace(
+            preset,
+            seeds=tuple(range(seeds)) if seeds else preset.seeds,
+            n_test=n_test or preset.n_test,
+            epsilons=eps if dp else (),
+            modes=mode_list,
+            mechanism=mechanism.value,
+            num_subsets=num_subsets,
+            shots_per_subset=shots_per_subset,
+            max_tokens=max_tokens,
+            private_tokens=private_tokens,
+            top_k=top_k or None,
+            block_tokens=block_tokens if "block" in mode_list else None,
+            label_hint=label_hint,
+            guidance=guidance,
+            public_temperature=public_temperature,
+            temperature=temperature,
+            calibrate=calibrate,
+            fidelity_demos=preset.fidelity_demos if fidelity_demos is None else fidelity_demos,
+            precision=precision.value,
+            clusters=clusters,
+            clustering=clustering.value,
+            max_prompt_tokens=max_prompt_tokens,
+            model=_model_name(model),
+        )
+    except ValueError as exc:
+        _fail(str(exc))
     if clusters and accuracy:
         from aggregation.embeddings import minilm_path
 
