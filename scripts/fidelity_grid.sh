@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The decision table of README "Fidelity against epsilon" (issue 19): every cell is one
+# The decision table of docs/fidelity-grid.md (issue 19; its deciding rows in README "Fidelity and
+# accuracy against epsilon"): every cell is one
 # `dpicl eval` directory under docs/eval/grid, run with --resume so a stopped grid continues
 # where it stopped; scripts/grid_table.py turns the directories into the table.
 #
 #   bash scripts/fidelity_grid.sh STAGE [STAGE ...]
 #
-# Stages (run in this order on 2 idle cores; minutes measured on this machine, see the README):
+# Stages (run in this order on 2 idle cores; minutes measured on this machine, see docs/fidelity-grid.md):
 #   ceiling  trec-opaque, fixed mode, words/aliases x clusters off/4/16 x dp/public, epsilon inf
 #   finite   the same grid at epsilon 1 and 4
 #   modes    the chosen configuration in resample and block k = 2, 4, 8 (epsilon 1, 4, inf)
@@ -20,6 +21,8 @@
 #   prefix-clusters  aliases, g = 3, P = 4 inside 16 and 4 DP clusters; aliases, g = 5, P = 4, M = 20
 #   levers   the default configuration with other public / private temperatures, N = 4, and the Gemma 3 270M
 #            generator (trec-opaque)
+#   alone    one prompt of real examples, no aggregation (M = 1, N = 2 and 6, epsilon inf); the default with
+#            M = 5 at inf and M = 20 at 1, 4, inf
 #   precision  the plain words cell at epsilon inf with the int8 and the bfloat16 generator (2 seeds each;
 #            both slower than float32 on this CPU, docs/sources.md)
 #
@@ -177,6 +180,14 @@ for stage in "$@"; do
       cell trec-fixed-alias-c0-g3-p4-gemma trec alias 0 dp fixed 1,4,inf --guidance 3 --private-tokens 4 --model gemma3-270m
       cell unseen-fixed-alias-c0-g3-p4-gemma "$(unseen_mapping)" alias 0 dp fixed 1,4,inf --guidance 3 --private-tokens 4 \
         --model gemma3-270m ;;
+    alone)  # what the generator writes from real examples with no aggregation (M = 1, epsilon inf: not private),
+      # against the default's aggregate of ten prompts; and the default with five and twenty prompts
+      cell opaque-fixed-alias-c0-m1 trec-opaque alias 0 dp fixed inf --num-subsets 1
+      cell opaque-fixed-alias-c0-g3-p4-m1 trec-opaque alias 0 dp fixed inf --num-subsets 1 --guidance 3 --private-tokens 4
+      cell opaque-fixed-alias-c0-g3-p4-m5 trec-opaque alias 0 dp fixed inf --num-subsets 5 --guidance 3 --private-tokens 4
+      WIDTH=256 cell opaque-fixed-alias-c0-n6-m1 trec-opaque alias 0 dp fixed inf --num-subsets 1 --shots-per-subset 6
+      cell opaque-fixed-alias-c0-g3-p4-m20 trec-opaque alias 0 dp fixed 1,4,inf --guidance 3 --private-tokens 4 \
+        --num-subsets 20 ;;
     precision)  # the precision changes the epsilon-0 row too, so these directories run their own references
       for p in int8:int8 bfloat16:bf16; do
         dpicl eval --dataset trec-opaque --quick --seeds 2 --n-test 50 --fidelity-demos 2 --label-hint word \
@@ -184,6 +195,6 @@ for stage in "$@"; do
           --out "$OUT/opaque-fixed-word-c0-${p##*:}"
       done ;;
     width) WIDTH=256 cell "opaque-fixed-$HINT-c$K$METHOD-w256" trec-opaque "$HINT" "$K" "$METHOD" fixed inf ;;
-    *) echo "unknown stage $stage (ceiling, finite, modes, trec, guidance, prefix, prefix-clusters, defaults, levers, precision, width; or: one HINT K METHOD MODE [BLOCK])" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (ceiling, finite, modes, trec, guidance, prefix, prefix-clusters, defaults, levers, alone, precision, width; or: one HINT K METHOD MODE [BLOCK])" >&2; exit 2 ;;
   esac
 done
