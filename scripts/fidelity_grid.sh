@@ -168,7 +168,7 @@ for stage in "$@"; do
     levers)  # what else might lift the default's ceiling (trec-opaque; these cells run their own reference rows
       # where a temperature or the model changes them): public tokens at temperature 0.5; private tokens at
       # 0.25 (near argmax) with the public ones at 1; N = 4 shots per prompt (width 192 fits them); the
-      # Gemma 3 270M generator (trec-opaque with GRID_SEEDS=10; trec and the unseen mapping with 5)
+      # Gemma 3 270M generator (its three cells were run with GRID_SEEDS=10)
       cell opaque-fixed-alias-c0-g3-p4-pt0.5 trec-opaque alias 0 dp fixed inf --guidance 3 --private-tokens 4 \
         --public-temperature 0.5
       cell opaque-fixed-alias-c0-g3-t0.25-p4 trec-opaque alias 0 dp fixed inf --guidance 3 --temperature 0.25 \
