@@ -22,7 +22,7 @@
 #   levers   the default configuration with other public / private temperatures, N = 4, and the Gemma 3 270M
 #            generator (trec-opaque)
 #   alone    one prompt of real examples, no aggregation (M = 1, N = 2 and 6, epsilon inf); the default with
-#            M = 5 at inf and M = 20 at 1, 4, inf
+#            M = 5 at inf and M = 20 at 1, 4, inf (and at 1, 4 on trec and the unseen mapping)
 #   precision  the plain words cell at epsilon inf with the int8 and the bfloat16 generator (2 seeds each;
 #            both slower than float32 on this CPU, docs/sources.md)
 #
@@ -187,6 +187,9 @@ for stage in "$@"; do
       cell opaque-fixed-alias-c0-g3-p4-m5 trec-opaque alias 0 dp fixed inf --num-subsets 5 --guidance 3 --private-tokens 4
       WIDTH=256 cell opaque-fixed-alias-c0-n6-m1 trec-opaque alias 0 dp fixed inf --num-subsets 1 --shots-per-subset 6
       cell opaque-fixed-alias-c0-g3-p4-m20 trec-opaque alias 0 dp fixed 1,4,inf --guidance 3 --private-tokens 4 \
+        --num-subsets 20
+      cell trec-fixed-alias-c0-g3-p4-m20 trec alias 0 dp fixed 1,4 --guidance 3 --private-tokens 4 --num-subsets 20
+      cell unseen-fixed-alias-c0-g3-p4-m20 "$(unseen_mapping)" alias 0 dp fixed 1,4 --guidance 3 --private-tokens 4 \
         --num-subsets 20 ;;
     precision)  # the precision changes the epsilon-0 row too, so these directories run their own references
       for p in int8:int8 bfloat16:bf16; do
