@@ -76,10 +76,7 @@ class EvalSettings:
     max_prompt_tokens: int = 256
 
     def __post_init__(self) -> None:
-        # Refused here rather than silently dropped when the runs are made.
-        if self.guidance != 1.0 and self.mechanism != "public_prior":
-            raise ValueError("guidance applies to the public_prior mechanism only")
-        # (The generator ignores tau outside the public prior; a value that would be dropped is refused.)
+        # The generator ignores tau outside the public prior: refused here rather than silently dropped.
         if self.temperature != 1.0 and self.mechanism != "public_prior":
             raise ValueError("temperature applies to the public_prior mechanism only")
         self.generation("fixed", 1.0).validate()  # the generator's own checks, at creation

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -67,13 +66,9 @@ def eval_command(
         _fail("--modes takes resample, fixed and/or block")
     if label_hint not in ("word", "alias"):
         _fail("--label-hint takes word or alias")
-    if not (guidance > 0 and math.isfinite(guidance)):
-        _fail("--guidance must be a positive finite number")
-    if guidance != 1.0 and mechanism is not MechanismOpt.public_prior:
-        _fail("--guidance applies to the public_prior mechanism only")
     if not accuracy and not audit:
         _fail("nothing to do: --no-accuracy without --audit")
-    try:  # EvalSettings refuses what the generator would (temperatures, their mechanism)
+    try:  # EvalSettings refuses what the generator would (guidance, temperatures, their mechanism)
         settings = replace(
             preset,
             seeds=tuple(range(seeds)) if seeds else preset.seeds,
